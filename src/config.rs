@@ -1,0 +1,559 @@
+//! Configuration: a TOML file, then `ROOMCAST_*` environment overrides, then CLI flags.
+//!
+//! Everything the service reads at start-up lives in [`Config`]. Validation happens once, here,
+//! so that an invalid setting is refused before anything listens, with a message naming the key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// What a configuration problem is, always naming the key it concerns.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+impl ConfigError {
+    pub fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub websocket: WebSocketConfig,
+    pub kafka: KafkaConfig,
+    pub auth: AuthConfig,
+    pub log: LogConfig,
+    /// Routes, one per topic. Empty means the two default routes.
+    #[serde(rename = "route", skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Public listener: `/ws` and the demo page.
+    pub listen: String,
+    /// Admin listener: metrics, health, readiness, stats. Never exposed on the ingress.
+    pub admin_listen: String,
+    /// Name of this replica, sent in the welcome frame and used in the consumer group id.
+    pub name: String,
+    /// Browser origins allowed to open a WebSocket; empty allows any origin.
+    pub allowed_origins: Vec<String>,
+    pub max_connections: usize,
+    /// How long SIGTERM spends closing clients (in paced batches) before exiting.
+    pub drain_seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebSocketConfig {
+    /// Seconds between server pings.
+    pub heartbeat_seconds: u64,
+    /// A peer silent for this long is closed.
+    pub idle_timeout_seconds: u64,
+    pub max_message_bytes: usize,
+    pub max_frame_bytes: usize,
+    pub read_buffer_bytes: usize,
+    pub write_buffer_bytes: usize,
+    /// Frames queued for one connection before it is closed as a slow consumer (4008).
+    pub queue_frames: usize,
+    /// Bytes queued for one connection before it is closed as a slow consumer (4008).
+    pub queue_bytes: usize,
+    /// Past this many queued frames, `low` priority frames are shed.
+    pub shed_low_priority_after: usize,
+    pub max_rooms_per_connection: usize,
+    /// Malformed client frames tolerated before the connection is closed with 1008.
+    pub max_bad_frames: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// Consumer group id prefix; the replica name is appended (see docs/OPERATIONS.md).
+    pub group_prefix: String,
+    /// Seconds between metadata checks for new topics and partitions.
+    pub metadata_refresh_seconds: u64,
+    /// Every other key is handed to librdkafka unchanged (security.protocol, sasl.*, ssl.*).
+    #[serde(flatten)]
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Algorithm {
+    HS256,
+    HS384,
+    HS512,
+    RS256,
+    RS384,
+    RS512,
+    ES256,
+    ES384,
+    EdDSA,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Pinned: a token signed with any other algorithm is refused.
+    pub algorithm: Algorithm,
+    /// HMAC secret for the HS* algorithms.
+    pub secret: Option<String>,
+    /// PEM public key for the RS*, ES* and EdDSA algorithms.
+    pub public_key_file: Option<PathBuf>,
+    pub audience: Option<String>,
+    pub issuer: Option<String>,
+    pub leeway_seconds: u64,
+    /// Permission name (from the token's `perms`) to the room patterns it grants.
+    pub perms: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter such as `info` or `roomcast=debug,rdkafka=warn`.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub topic: String,
+    pub event: String,
+    pub rooms: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Send the record's room list to recipients (off: it could tell one user who else got it).
+    #[serde(default)]
+    pub expose_rooms: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "0.0.0.0:8080".into(),
+            admin_listen: "0.0.0.0:9090".into(),
+            name: std::env::var("HOSTNAME").unwrap_or_else(|_| "roomcast".into()),
+            allowed_origins: Vec::new(),
+            max_connections: 100_000,
+            drain_seconds: 5.0,
+        }
+    }
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            heartbeat_seconds: 25,
+            idle_timeout_seconds: 60,
+            max_message_bytes: 64 * 1024,
+            max_frame_bytes: 64 * 1024,
+            read_buffer_bytes: 4 * 1024,
+            write_buffer_bytes: 16 * 1024,
+            queue_frames: 1024,
+            queue_bytes: 4 * 1024 * 1024,
+            shed_low_priority_after: 256,
+            max_rooms_per_connection: 256,
+            max_bad_frames: 10,
+        }
+    }
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            group_prefix: "roomcast".into(),
+            metadata_refresh_seconds: 10,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            algorithm: Algorithm::HS256,
+            secret: None,
+            public_key_file: None,
+            audience: None,
+            issuer: None,
+            leeway_seconds: 5,
+            perms: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// The two routes that work with no configuration: the formats the existing producers use.
+pub fn default_routes() -> Vec<RouteConfig> {
+    vec![
+        RouteConfig {
+            topic: "entity-updates".into(),
+            event: "{feature}.{entity}.{action}".into(),
+            rooms: vec![
+                "feature:{feature}".into(),
+                "feature:{feature}:entity:{entity}".into(),
+                "{entity}:{data.id}".into(),
+            ],
+            priority: Some("{meta.priority}".into()),
+            tenant: Some("{meta.tenantId}".into()),
+            expose_rooms: false,
+        },
+        RouteConfig {
+            topic: "task-updates".into(),
+            event: "task:update".into(),
+            rooms: vec!["user:{userId}".into(), "task:{taskId}".into()],
+            priority: None,
+            tenant: None,
+            expose_rooms: false,
+        },
+    ]
+}
+
+/// Overrides given on the command line; they win over the file and the environment.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub admin_listen: Option<String>,
+    pub brokers: Option<String>,
+}
+
+impl Config {
+    /// File (if any), then environment, then flags; validated.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let config = Config::assemble(file, overrides)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// File (if any), then environment, then flags; not validated yet.
+    pub fn assemble(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut config = match file {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        config.apply_env(std::env::vars())?;
+        config.apply_overrides(overrides);
+        if config.routes.is_empty() {
+            config.routes = default_routes();
+        }
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Applies `ROOMCAST_*` variables. `ROOMCAST_KAFKA_<NAME>` sets librdkafka's `<name>` with
+    /// `_` read as `.`, so `ROOMCAST_KAFKA_SASL_PASSWORD` sets `sasl.password`.
+    pub fn apply_env(
+        &mut self,
+        vars: impl Iterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
+        for (name, value) in vars {
+            let Some(key) = name.strip_prefix("ROOMCAST_") else {
+                continue;
+            };
+            match key {
+                "LISTEN" => self.server.listen = value,
+                "ADMIN_LISTEN" => self.server.admin_listen = value,
+                "SERVER_NAME" => self.server.name = value,
+                "ALLOWED_ORIGINS" => {
+                    self.server.allowed_origins = split_list(&value);
+                }
+                "MAX_CONNECTIONS" => {
+                    self.server.max_connections = parse_env(&name, &value)?;
+                }
+                "DRAIN_SECONDS" => self.server.drain_seconds = parse_env(&name, &value)?,
+                "KAFKA_BROKERS" => self.kafka.brokers = value,
+                "KAFKA_GROUP_PREFIX" => self.kafka.group_prefix = value,
+                "JWT_SECRET" => self.auth.secret = Some(value),
+                "JWT_PUBLIC_KEY_FILE" => self.auth.public_key_file = Some(value.into()),
+                "JWT_ALGORITHM" => {
+                    self.auth.algorithm =
+                        toml::Value::String(value.clone()).try_into().map_err(|_| {
+                            ConfigError::invalid(&name, format!("unknown algorithm {value:?}"))
+                        })?;
+                }
+                "JWT_AUDIENCE" => self.auth.audience = Some(value),
+                "JWT_ISSUER" => self.auth.issuer = Some(value),
+                "LOG" => self.log.level = value,
+                "LOG_FORMAT" => {
+                    self.log.format = match value.as_str() {
+                        "json" => LogFormat::Json,
+                        "text" => LogFormat::Text,
+                        _ => return Err(ConfigError::invalid(&name, "expected text or json")),
+                    }
+                }
+                other => {
+                    if let Some(prop) = other.strip_prefix("KAFKA_") {
+                        let prop = prop.to_ascii_lowercase().replace('_', ".");
+                        self.kafka.properties.insert(prop, value);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn apply_overrides(&mut self, o: &Overrides) {
+        if let Some(v) = &o.listen {
+            self.server.listen = v.clone();
+        }
+        if let Some(v) = &o.admin_listen {
+            self.server.admin_listen = v.clone();
+        }
+        if let Some(v) = &o.brokers {
+            self.kafka.brokers = v.clone();
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        parse_addr("server.listen", &self.server.listen)?;
+        parse_addr("server.admin_listen", &self.server.admin_listen)?;
+        if self.server.name.is_empty() {
+            return Err(ConfigError::invalid("server.name", "must not be empty"));
+        }
+        if self.server.max_connections == 0 || self.server.max_connections > 10_000_000 {
+            return Err(ConfigError::invalid(
+                "server.max_connections",
+                "must be between 1 and 10000000",
+            ));
+        }
+        if !(self.server.drain_seconds >= 0.0 && self.server.drain_seconds <= 3600.0) {
+            return Err(ConfigError::invalid(
+                "server.drain_seconds",
+                "must be between 0 and 3600",
+            ));
+        }
+        self.validate_websocket()?;
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(ConfigError::invalid("kafka.brokers", "must not be empty"));
+        }
+        for reserved in ["bootstrap.servers", "group.id", "enable.auto.offset.store"] {
+            if self.kafka.properties.contains_key(reserved) {
+                return Err(ConfigError::invalid(
+                    format!("kafka.{reserved}"),
+                    "is set by roomcast itself (use kafka.brokers / kafka.group_prefix)",
+                ));
+            }
+        }
+        self.validate_auth()?;
+        for (i, r) in self.routes.iter().enumerate() {
+            crate::route::Route::from_config(r)
+                .map_err(|e| ConfigError::invalid(format!("route[{i}] ({})", r.topic), e))?;
+        }
+        for (i, a) in self.routes.iter().enumerate() {
+            if self.routes[..i].iter().any(|b| b.topic == a.topic) {
+                return Err(ConfigError::invalid(
+                    format!("route[{i}].topic"),
+                    format!("topic {:?} has two routes", a.topic),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_websocket(&self) -> Result<(), ConfigError> {
+        let ws = &self.websocket;
+        let positive = [
+            ("websocket.heartbeat_seconds", ws.heartbeat_seconds as usize),
+            (
+                "websocket.idle_timeout_seconds",
+                ws.idle_timeout_seconds as usize,
+            ),
+            ("websocket.max_message_bytes", ws.max_message_bytes),
+            ("websocket.max_frame_bytes", ws.max_frame_bytes),
+            ("websocket.read_buffer_bytes", ws.read_buffer_bytes),
+            ("websocket.queue_frames", ws.queue_frames),
+            ("websocket.queue_bytes", ws.queue_bytes),
+            (
+                "websocket.max_rooms_per_connection",
+                ws.max_rooms_per_connection,
+            ),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::invalid(key, "must be > 0"));
+            }
+        }
+        if ws.idle_timeout_seconds <= ws.heartbeat_seconds {
+            return Err(ConfigError::invalid(
+                "websocket.idle_timeout_seconds",
+                "must be longer than websocket.heartbeat_seconds",
+            ));
+        }
+        if ws.shed_low_priority_after > ws.queue_frames {
+            return Err(ConfigError::invalid(
+                "websocket.shed_low_priority_after",
+                "must not exceed websocket.queue_frames",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        crate::auth::Authenticator::from_config(&self.auth).map(|_| ())
+    }
+
+    /// The effective configuration as TOML, with every secret replaced.
+    pub fn redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        if shown.auth.secret.is_some() {
+            shown.auth.secret = Some("<hidden>".into());
+        }
+        for (key, value) in shown.kafka.properties.iter_mut() {
+            if is_secret_property(key) {
+                *value = "<hidden>".into();
+            }
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+fn is_secret_property(key: &str) -> bool {
+    ["password", "secret", "key.pem", "token"]
+        .iter()
+        .any(|s| key.contains(s))
+}
+
+fn split_list(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+fn parse_env<T: std::str::FromStr>(name: &str, value: &str) -> Result<T, ConfigError> {
+    value
+        .parse()
+        .map_err(|_| ConfigError::invalid(name, format!("cannot parse {value:?}")))
+}
+
+pub fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value
+        .parse()
+        .map_err(|_| ConfigError::invalid(key, format!("{value:?} is not a host:port address")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hs_config() -> Config {
+        let mut c = Config::default();
+        c.auth.secret = Some("s3cret-s3cret-s3cret".into());
+        c.routes = default_routes();
+        c
+    }
+
+    #[test]
+    fn kafka_properties_pass_through_and_env_maps_underscores() {
+        let mut c =
+            Config::from_toml("[kafka]\nbrokers = \"b:1\"\n\"security.protocol\" = \"SASL_SSL\"\n")
+                .unwrap();
+        c.apply_env([("ROOMCAST_KAFKA_SASL_PASSWORD".to_string(), "pw".to_string())].into_iter())
+            .unwrap();
+        assert_eq!(c.kafka.brokers, "b:1");
+        assert_eq!(c.kafka.properties["security.protocol"], "SASL_SSL");
+        assert_eq!(c.kafka.properties["sasl.password"], "pw");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let mut c = hs_config();
+        c.server.listen = "nowhere".into();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("server.listen:"));
+
+        let mut c = hs_config();
+        c.auth.secret = None;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("auth.secret:"));
+
+        let mut c = hs_config();
+        c.routes[1].rooms.clear();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.starts_with("route[1] (task-updates):"), "{err}");
+
+        let err = Config::from_toml("[server]\nlisten_typo = \"x\"\n").unwrap_err();
+        assert!(err.contains("listen_typo"), "{err}");
+    }
+
+    #[test]
+    fn env_errors_name_the_variable() {
+        let mut c = hs_config();
+        let err = c
+            .apply_env([("ROOMCAST_MAX_CONNECTIONS".into(), "many".into())].into_iter())
+            .unwrap_err();
+        assert!(err.to_string().starts_with("ROOMCAST_MAX_CONNECTIONS:"));
+    }
+
+    #[test]
+    fn redaction_hides_secrets() {
+        let mut c = hs_config();
+        c.kafka
+            .properties
+            .insert("sasl.password".into(), "hunter2".into());
+        let shown = c.redacted_toml();
+        assert!(!shown.contains("hunter2"));
+        assert!(!shown.contains("s3cret"));
+        assert!(shown.contains("<hidden>"));
+    }
+}

@@ -1,0 +1,38 @@
+//! Kafka side: client configuration and the consumer that feeds the hub.
+//!
+//! Broadcast mode: every replica reads every partition of the routed topics, by explicit
+//! assignment rather than a shared group, so each replica can deliver every record to its own
+//! subscribers. The group id (`<group_prefix>.<server name>`) is used only to commit offsets,
+//! which makes each replica's position and lag visible to standard Kafka tooling.
+
+pub mod consumer;
+
+use rdkafka::ClientConfig;
+
+use crate::config::KafkaConfig;
+
+/// The consumer group a replica commits under.
+pub fn group_id(c: &KafkaConfig, server_name: &str) -> String {
+    format!("{}.{}", c.group_prefix, server_name)
+}
+
+/// librdkafka settings: roomcast's own, then every `kafka.*` key from config unchanged.
+pub fn client_config(c: &KafkaConfig, group_id: &str) -> ClientConfig {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &c.brokers)
+        .set("group.id", group_id)
+        .set("client.id", group_id)
+        // Offsets are stored only after a record has been handed to the registry.
+        .set("enable.auto.offset.store", "false")
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "5000")
+        // Bound librdkafka's prefetch per partition (default 64 MiB).
+        .set("queued.max.messages.kbytes", "8192")
+        .set("fetch.wait.max.ms", "100")
+        .set("statistics.interval.ms", "5000")
+        .set("enable.partition.eof", "false");
+    for (key, value) in &c.properties {
+        cc.set(key, value);
+    }
+    cc
+}

@@ -1,0 +1,107 @@
+//! roomcast: reads records from Kafka, works out which rooms each is for, and pushes it to the
+//! WebSocket connections subscribed to those rooms.
+//!
+//! [`serve`] wires the parts together and runs them until shutdown; see docs/ARCHITECTURE.md
+//! for the map.
+
+pub mod auth;
+pub mod config;
+pub mod demo;
+pub mod http;
+pub mod kafka;
+pub mod metrics;
+pub mod pattern;
+pub mod position;
+pub mod registry;
+pub mod route;
+pub mod shutdown;
+pub mod ws;
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tracing::info;
+
+use crate::auth::Authenticator;
+use crate::config::{Config, ConfigError};
+use crate::kafka::consumer::{ConsumerError, KafkaConsumer};
+use crate::metrics::Metrics;
+use crate::position::PartitionTable;
+use crate::shutdown::Stages;
+use crate::ws::Hub;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Kafka(#[from] ConsumerError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("demo: {0}")]
+    Demo(String),
+}
+
+/// Binds a listener and tells the address it got (the port may have been 0).
+async fn bind(key: &str, value: &str) -> Result<(TcpListener, SocketAddr), Error> {
+    let addr = config::parse_addr(key, value)?;
+    let bind_error = |source| Error::Bind { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let local = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, local))
+}
+
+/// Runs the service until `stop` resolves, then drains and returns.
+pub async fn serve(
+    config: Config,
+    demo_token: Option<String>,
+    stop: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new());
+    let partitions = Arc::new(PartitionTable::default());
+    let auth = Authenticator::from_config(&config.auth)?;
+    let hub = Arc::new(Hub::new(config.clone(), auth, metrics, partitions));
+    let discovered = Arc::new(AtomicBool::new(false));
+    let consumer = KafkaConsumer::new(&config, hub.clone(), discovered.clone())?;
+
+    let (public, public_addr) = bind("server.listen", &config.server.listen).await?;
+    let (admin, admin_addr) = bind("server.admin_listen", &config.server.admin_listen).await?;
+    info!(public = %public_addr, admin = %admin_addr, server = %config.server.name, "listening");
+
+    let stages = Stages::new();
+    let consuming = tokio::spawn(consumer.run(stages.stop_consuming.subscribe()));
+    let public_router = http::public_router(hub.clone(), demo_token);
+    let public_task = tokio::spawn(
+        axum::serve(public, public_router)
+            .with_graceful_shutdown(shutdown::wait(stages.stop_accepting.subscribe()))
+            .into_future(),
+    );
+    let admin_state = http::AdminState {
+        hub: hub.clone(),
+        discovered,
+    };
+    let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
+    let admin_task = tokio::spawn(
+        axum::serve(admin, http::admin_router(admin_state))
+            .with_graceful_shutdown(shutdown::wait(admin_stopped))
+            .into_future(),
+    );
+
+    stop.await;
+    let window = Duration::from_secs_f64(config.server.drain_seconds);
+    stages.drain(&hub, window).await;
+    let _ = consuming.await;
+    let _ = admin_stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(1), public_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
+    info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,125 @@
+//! The `roomcast` binary: `serve`, `demo` and `check-config`. Errors become `anyhow` here, at
+//! the edge, and a message naming what is wrong.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use roomcast::config::{Config, LogFormat, Overrides};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "roomcast",
+    version,
+    about = "Kafka-to-WebSocket fan-out by rooms"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct Common {
+    /// TOML configuration file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Public listener address (overrides server.listen and ROOMCAST_LISTEN).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Admin listener address (overrides server.admin_listen and ROOMCAST_ADMIN_LISTEN).
+    #[arg(long)]
+    admin_listen: Option<String>,
+    /// Kafka bootstrap servers (overrides kafka.brokers and ROOMCAST_KAFKA_BROKERS).
+    #[arg(long)]
+    brokers: Option<String>,
+}
+
+impl Common {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            listen: self.listen.clone(),
+            admin_listen: self.admin_listen.clone(),
+            brokers: self.brokers.clone(),
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service.
+    Serve(Common),
+    /// Run the service on an embedded Kafka with a demo producer and page.
+    Demo(Common),
+    /// Validate a configuration and print the effective one, secrets hidden.
+    CheckConfig(Common),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("roomcast: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::CheckConfig(c) => {
+            let config = Config::load(c.config.as_deref(), &c.overrides())?;
+            print!("{}", config.redacted_toml());
+            eprintln!("configuration is valid");
+            Ok(())
+        }
+        Command::Serve(c) => {
+            let config = Config::load(c.config.as_deref(), &c.overrides())?;
+            init_logging(&config)?;
+            block_on(roomcast::serve(config, None, roomcast::shutdown::signal()))
+        }
+        Command::Demo(c) => {
+            let mut overrides = c.overrides();
+            overrides
+                .listen
+                .get_or_insert_with(|| "127.0.0.1:8080".into());
+            overrides
+                .admin_listen
+                .get_or_insert_with(|| "127.0.0.1:9090".into());
+            let config = Config::assemble(c.config.as_deref(), &overrides)?;
+            init_logging(&config)?;
+            block_on(roomcast::demo::run(config, roomcast::shutdown::signal()))
+        }
+    }
+}
+
+/// Runs the service on a multi-threaded runtime whose shutdown is bounded: a blocking call
+/// stuck on an unreachable broker must not keep the process alive.
+fn block_on(
+    service: impl std::future::Future<Output = Result<(), roomcast::Error>>,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("roomcast")
+        .build()
+        .context("cannot start the runtime")?;
+    let result = runtime.block_on(service);
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    result.map_err(Into::into)
+}
+
+fn init_logging(config: &Config) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(&config.log.level)
+        .with_context(|| format!("log.level: invalid filter {:?}", config.log.level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+    Ok(())
+}

@@ -1,0 +1,184 @@
+//! The metric set, exported at the admin listener's `/metrics`.
+//!
+//! Names start with `roomcast_`, use base units, and counters end in `_total`. No label ever
+//! carries a room, user or connection id: labels are bounded sets (topic, partition, reason,
+//! close code), so cardinality does not grow with traffic.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections: IntGauge,
+    pub connections_opened: IntCounter,
+    pub connections_closed: IntCounterVec,
+    pub handshake_failures: IntCounterVec,
+    pub subscriptions: IntCounterVec,
+    pub client_frames_rejected: IntCounterVec,
+    pub rooms: IntGauge,
+    pub records_consumed: IntCounterVec,
+    pub records_malformed: IntCounterVec,
+    pub deliveries: IntCounter,
+    pub frames_shed: IntCounter,
+    pub slow_consumer_closes: IntCounter,
+    pub record_latency: Histogram,
+    pub partition_offset: IntGaugeVec,
+    pub partition_high_watermark: IntGaugeVec,
+    pub partition_lag: IntGaugeVec,
+    pub assigned_partitions: IntGauge,
+    pub ready: IntGauge,
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("process collector");
+        let latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "roomcast_record_latency_seconds",
+                "Time from a record's Kafka timestamp until it is queued for its recipients.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+        )
+        .expect("valid histogram");
+        r.register(Box::new(latency.clone()))
+            .expect("unique metric");
+        Metrics {
+            connections: gauge(&r, "roomcast_connections", "Open WebSocket connections."),
+            connections_opened: counter(
+                &r,
+                "roomcast_connections_opened_total",
+                "WebSocket connections accepted.",
+            ),
+            connections_closed: counter_vec(
+                &r,
+                "roomcast_connections_closed_total",
+                "WebSocket connections closed, by close code.",
+                &["code"],
+            ),
+            handshake_failures: counter_vec(
+                &r,
+                "roomcast_handshake_failures_total",
+                "Upgrade requests refused, by reason.",
+                &["reason"],
+            ),
+            subscriptions: counter_vec(
+                &r,
+                "roomcast_subscriptions_total",
+                "Room subscription requests, by result.",
+                &["result"],
+            ),
+            client_frames_rejected: counter_vec(
+                &r,
+                "roomcast_client_frames_rejected_total",
+                "Client frames refused, by reason.",
+                &["reason"],
+            ),
+            rooms: gauge(&r, "roomcast_rooms", "Rooms with at least one member."),
+            records_consumed: counter_vec(
+                &r,
+                "roomcast_records_consumed_total",
+                "Kafka records read, by topic.",
+                &["topic"],
+            ),
+            records_malformed: counter_vec(
+                &r,
+                "roomcast_records_malformed_total",
+                "Kafka records skipped because they could not be routed, by topic and reason.",
+                &["topic", "reason"],
+            ),
+            deliveries: counter(
+                &r,
+                "roomcast_deliveries_total",
+                "Event frames queued for a connection.",
+            ),
+            frames_shed: counter(
+                &r,
+                "roomcast_frames_shed_total",
+                "Low-priority frames dropped for connections past their soft queue limit.",
+            ),
+            slow_consumer_closes: counter(
+                &r,
+                "roomcast_slow_consumer_closes_total",
+                "Connections closed with 4008 because their queue was full.",
+            ),
+            record_latency: latency,
+            partition_offset: gauge_vec(
+                &r,
+                "roomcast_kafka_partition_offset",
+                "Next offset this replica will read, per partition.",
+                &["topic", "partition"],
+            ),
+            partition_high_watermark: gauge_vec(
+                &r,
+                "roomcast_kafka_partition_high_watermark",
+                "Latest known high watermark, per partition.",
+                &["topic", "partition"],
+            ),
+            partition_lag: gauge_vec(
+                &r,
+                "roomcast_kafka_consumer_lag",
+                "Records behind the high watermark, per partition.",
+                &["topic", "partition"],
+            ),
+            assigned_partitions: gauge(
+                &r,
+                "roomcast_kafka_assigned_partitions",
+                "Partitions this replica reads.",
+            ),
+            ready: gauge(
+                &r,
+                "roomcast_ready",
+                "1 when the replica is ready to serve (caught up, not draining).",
+            ),
+            registry: r,
+        }
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("text encoding is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,227 @@
+//! The room registry: which connections are in which rooms, and the reverse.
+//!
+//! It knows neither Kafka nor WebSocket: a member is any cloneable peer handle, and delivery is
+//! a synchronous callback run while the room's shard is read-locked. No guard ever lives across
+//! an `.await`, because nothing here is async.
+//!
+//! Rooms live in a tenant's namespace: the key is built from the tenant and the room name in a
+//! way no pair of other names can reproduce, so a record of tenant A can never reach a
+//! connection of tenant B whatever the rooms are called.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+
+use crate::pattern::EventFilter;
+
+pub type ConnId = u64;
+
+/// A room's registry key: the tenant's length first, so `("a:b", "c")` and `("a", "b:c")` differ.
+fn room_key(tenant: Option<&str>, room: &str) -> Box<str> {
+    let tenant = tenant.unwrap_or("");
+    format!("{}:{tenant}/{room}", tenant.len()).into_boxed_str()
+}
+
+struct Member<P> {
+    peer: P,
+    filter: Option<Arc<EventFilter>>,
+}
+
+pub struct Registry<P> {
+    rooms: DashMap<Box<str>, HashMap<ConnId, Member<P>>>,
+    joined: DashMap<ConnId, HashSet<Box<str>>>,
+}
+
+impl<P> Default for Registry<P> {
+    fn default() -> Self {
+        Registry {
+            rooms: DashMap::new(),
+            joined: DashMap::new(),
+        }
+    }
+}
+
+impl<P: Clone> Registry<P> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `conn` to a room, or replaces its event filter there. True if it was not a member.
+    pub fn join(
+        &self,
+        conn: ConnId,
+        tenant: Option<&str>,
+        room: &str,
+        peer: &P,
+        filter: Option<Arc<EventFilter>>,
+    ) -> bool {
+        let key = room_key(tenant, room);
+        let member = Member {
+            peer: peer.clone(),
+            filter,
+        };
+        let fresh = self
+            .rooms
+            .entry(key.clone())
+            .or_default()
+            .insert(conn, member)
+            .is_none();
+        self.joined.entry(conn).or_default().insert(key);
+        fresh
+    }
+
+    /// Removes `conn` from a room; an emptied room is dropped. True if it was a member.
+    pub fn leave(&self, conn: ConnId, tenant: Option<&str>, room: &str) -> bool {
+        let key = room_key(tenant, room);
+        if let Some(mut rooms) = self.joined.get_mut(&conn) {
+            rooms.remove(&key);
+        }
+        self.remove_member(&key, conn)
+    }
+
+    /// Removes `conn` from every room it is in.
+    pub fn leave_all(&self, conn: ConnId) {
+        if let Some((_, keys)) = self.joined.remove(&conn) {
+            for key in keys {
+                self.remove_member(&key, conn);
+            }
+        }
+    }
+
+    fn remove_member(&self, key: &str, conn: ConnId) -> bool {
+        match self.rooms.entry(key.into()) {
+            Entry::Occupied(mut room) => {
+                let was = room.get_mut().remove(&conn).is_some();
+                if room.get().is_empty() {
+                    room.remove();
+                }
+                was
+            }
+            Entry::Vacant(_) => false,
+        }
+    }
+
+    /// Calls `deliver` once per connection that is in at least one of `rooms` (of `tenant`)
+    /// with a filter admitting `event`. Returns how many connections were reached.
+    pub fn for_each_recipient(
+        &self,
+        tenant: Option<&str>,
+        rooms: &[String],
+        event: &str,
+        mut deliver: impl FnMut(&P),
+    ) -> usize {
+        let admits = |m: &Member<P>| m.filter.as_ref().is_none_or(|f| f.matches(event));
+        if let [room] = rooms {
+            let Some(members) = self.rooms.get(&room_key(tenant, room)) else {
+                return 0;
+            };
+            let mut reached = 0;
+            for member in members.values().filter(|m| admits(m)) {
+                deliver(&member.peer);
+                reached += 1;
+            }
+            return reached;
+        }
+        let mut seen: HashSet<ConnId> = HashSet::new();
+        for room in rooms {
+            let Some(members) = self.rooms.get(&room_key(tenant, room)) else {
+                continue;
+            };
+            for (conn, member) in members.iter() {
+                if admits(member) && seen.insert(*conn) {
+                    deliver(&member.peer);
+                }
+            }
+        }
+        seen.len()
+    }
+
+    pub fn room_count(&self) -> usize {
+        self.rooms.len()
+    }
+
+    pub fn member_count(&self, tenant: Option<&str>, room: &str) -> usize {
+        self.rooms
+            .get(&room_key(tenant, room))
+            .map_or(0, |members| members.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reached(r: &Registry<u64>, tenant: Option<&str>, rooms: &[&str], event: &str) -> Vec<u64> {
+        let rooms: Vec<String> = rooms.iter().map(|s| s.to_string()).collect();
+        let mut got = Vec::new();
+        let n = r.for_each_recipient(tenant, &rooms, event, |p| got.push(*p));
+        assert_eq!(n, got.len());
+        got.sort();
+        got
+    }
+
+    #[test]
+    fn a_connection_in_several_target_rooms_is_reached_once() {
+        let r = Registry::new();
+        r.join(1, None, "user:1", &1, None);
+        r.join(1, None, "task:9", &1, None);
+        r.join(2, None, "task:9", &2, None);
+        assert_eq!(reached(&r, None, &["user:1", "task:9"], "e"), [1, 2]);
+        assert_eq!(reached(&r, None, &["user:1"], "e"), [1]);
+        assert_eq!(reached(&r, None, &["nobody"], "e"), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn tenants_never_see_each_other() {
+        let r = Registry::new();
+        r.join(1, Some("a"), "task:1", &1, None);
+        r.join(2, Some("b"), "task:1", &2, None);
+        r.join(3, None, "task:1", &3, None);
+        r.join(4, Some("a:b"), "c", &4, None);
+        assert_eq!(reached(&r, Some("a"), &["task:1"], "e"), [1]);
+        assert_eq!(reached(&r, Some("b"), &["task:1"], "e"), [2]);
+        assert_eq!(reached(&r, None, &["task:1"], "e"), [3]);
+        assert_eq!(reached(&r, Some("a"), &["b:c"], "e"), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn filters_apply_per_membership() {
+        let r = Registry::new();
+        let only_deleted = Arc::new(EventFilter::parse(&["users.*.deleted".into()]).unwrap());
+        r.join(1, None, "feature:users", &1, Some(only_deleted));
+        r.join(2, None, "feature:users", &2, None);
+        assert_eq!(
+            reached(&r, None, &["feature:users"], "users.user.created"),
+            [2]
+        );
+        assert_eq!(
+            reached(&r, None, &["feature:users"], "users.user.deleted"),
+            [1, 2]
+        );
+        // Another membership without a filter lets the record through once.
+        r.join(1, None, "user:1", &1, None);
+        assert_eq!(
+            reached(&r, None, &["feature:users", "user:1"], "users.user.created"),
+            [1, 2]
+        );
+    }
+
+    #[test]
+    fn empty_rooms_are_removed() {
+        let r = Registry::new();
+        assert!(r.join(1, None, "a", &1, None));
+        assert!(!r.join(1, None, "a", &1, None));
+        r.join(1, None, "b", &1, None);
+        r.join(2, None, "b", &2, None);
+        assert_eq!(r.room_count(), 2);
+        assert!(r.leave(1, None, "a"));
+        assert!(!r.leave(1, None, "a"));
+        assert_eq!(r.room_count(), 1);
+        r.leave_all(1);
+        assert_eq!(r.member_count(None, "b"), 1);
+        r.leave_all(2);
+        assert_eq!(r.room_count(), 0);
+    }
+}

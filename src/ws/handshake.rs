@@ -1,0 +1,238 @@
+//! The `/ws` handshake: every refusal happens here, as a plain HTTP answer before the upgrade.
+//!
+//! Order of checks: draining (503), a well-formed upgrade request (400), Origin (403), token
+//! (401), connection limit (503). The token may come from `Authorization: Bearer`, from the
+//! `bearer.<jwt>` subprotocol, or from `?token=`; it is never logged.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
+use tracing::{debug, warn};
+
+use super::protocol::SUBPROTOCOL;
+use super::{session, Hub};
+use crate::config;
+
+/// A refused upgrade: status, bounded reason (for metrics) and the short body.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub reason: &'static str,
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (self.status, format!("{}\n", self.reason)).into_response()
+    }
+}
+
+fn refuse(status: StatusCode, reason: &'static str) -> Refusal {
+    Refusal { status, reason }
+}
+
+pub async fn upgrade(State(hub): State<Arc<Hub>>, mut req: Request) -> Response {
+    let accepted = match check(&hub, req.headers(), req.uri().query()) {
+        Ok(a) => a,
+        Err(refusal) => {
+            hub.metrics
+                .handshake_failures
+                .with_label_values(&[refusal.reason])
+                .inc();
+            debug!(reason = refusal.reason, "upgrade refused");
+            return refusal.into_response();
+        }
+    };
+    let Ok(permit) = hub.limit.clone().try_acquire_owned() else {
+        let refusal = refuse(StatusCode::SERVICE_UNAVAILABLE, "too_many_connections");
+        hub.metrics
+            .handshake_failures
+            .with_label_values(&[refusal.reason])
+            .inc();
+        return refusal.into_response();
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let ws_config = websocket_config(&hub.config.websocket);
+    let identity = accepted.identity;
+    let session_hub = hub.clone();
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let io = TokioIo::new(upgraded);
+                let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config)).await;
+                session::run(session_hub, ws, identity, permit).await;
+            }
+            Err(e) => warn!(error = %e, "upgrade failed"),
+        }
+    });
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(&accepted.accept_key) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if accepted.roomcast_protocol {
+        headers.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(SUBPROTOCOL),
+        );
+    }
+    response
+}
+
+struct Accepted {
+    identity: crate::auth::Identity,
+    accept_key: String,
+    roomcast_protocol: bool,
+}
+
+fn check(hub: &Hub, headers: &HeaderMap, query: Option<&str>) -> Result<Accepted, Refusal> {
+    if hub.is_draining() {
+        return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "draining"));
+    }
+    let key = upgrade_key(headers)?;
+    check_origin(&hub.config.server.allowed_origins, headers)?;
+    let protocols = offered_protocols(headers);
+    let token = bearer_header(headers)
+        .or_else(|| {
+            protocols
+                .iter()
+                .find_map(|p| p.strip_prefix("bearer."))
+                .map(String::from)
+        })
+        .or_else(|| query_token(query))
+        .unwrap_or_default();
+    let identity = hub
+        .auth
+        .authenticate(&token)
+        .map_err(|e| refuse(StatusCode::UNAUTHORIZED, e.reason()))?;
+    Ok(Accepted {
+        identity,
+        accept_key: derive_accept_key(key.as_bytes()),
+        roomcast_protocol: protocols.iter().any(|p| p == SUBPROTOCOL),
+    })
+}
+
+fn upgrade_key(headers: &HeaderMap) -> Result<String, Refusal> {
+    let has = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+                .unwrap_or(false)
+        })
+    };
+    let bad = || refuse(StatusCode::BAD_REQUEST, "not_a_websocket_upgrade");
+    if !has(header::CONNECTION, "upgrade") || !has(header::UPGRADE, "websocket") {
+        return Err(bad());
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
+        return Err(bad());
+    }
+    headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(String::from)
+        .ok_or_else(bad)
+}
+
+fn check_origin(allowed: &[String], headers: &HeaderMap) -> Result<(), Refusal> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        // Not a browser: origins only guard against other sites' pages.
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or("");
+    if allowed.is_empty() || allowed.iter().any(|a| a == "*" || a == origin) {
+        Ok(())
+    } else {
+        Err(refuse(StatusCode::FORBIDDEN, "origin_not_allowed"))
+    }
+}
+
+fn offered_protocols(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+fn bearer_header(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_string())
+}
+
+fn query_token(query: Option<&str>) -> Option<String> {
+    query?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("token="))
+        .map(String::from)
+}
+
+/// Every tungstenite limit, set explicitly: its defaults (64 MiB messages, 128 KiB buffers,
+/// an unbounded write buffer) are meant for trusted peers.
+pub fn websocket_config(c: &config::WebSocketConfig) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(c.read_buffer_bytes)
+        .write_buffer_size(c.write_buffer_bytes)
+        .max_write_buffer_size(c.write_buffer_bytes + c.queue_bytes + c.max_message_bytes)
+        .max_message_size(Some(c.max_message_bytes))
+        .max_frame_size(Some(c.max_frame_bytes))
+        .accept_unmasked_frames(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_sources() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer abc.def"),
+        );
+        assert_eq!(bearer_header(&h).as_deref(), Some("abc.def"));
+        assert_eq!(
+            query_token(Some("x=1&token=t.o.k")).as_deref(),
+            Some("t.o.k")
+        );
+        assert_eq!(query_token(Some("x=1")), None);
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("roomcast.v1, bearer.a.b.c"),
+        );
+        assert_eq!(offered_protocols(&h), ["roomcast.v1", "bearer.a.b.c"]);
+    }
+
+    #[test]
+    fn origins() {
+        let mut h = HeaderMap::new();
+        assert!(check_origin(&["https://app".into()], &h).is_ok());
+        h.insert(header::ORIGIN, HeaderValue::from_static("https://evil"));
+        assert!(check_origin(&[], &h).is_ok());
+        assert_eq!(
+            check_origin(&["https://app".into()], &h)
+                .unwrap_err()
+                .status,
+            StatusCode::FORBIDDEN
+        );
+    }
+}

@@ -1,0 +1,114 @@
+//! WebSocket side: the [`Hub`] that sessions and the consumer share, the handshake, the
+//! per-connection session, and the wire protocol.
+
+pub mod handshake;
+pub mod outbox;
+pub mod protocol;
+pub mod session;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::sync::Semaphore;
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::position::PartitionTable;
+use crate::registry::{ConnId, Registry};
+use crate::route::Routed;
+use outbox::{Delivery, Peer};
+use protocol::{close, Frame};
+
+/// Everything a session needs and the consumer delivers into.
+pub struct Hub {
+    pub config: Arc<Config>,
+    pub auth: Authenticator,
+    pub metrics: Arc<Metrics>,
+    pub partitions: Arc<PartitionTable>,
+    pub registry: Registry<Peer>,
+    pub sessions: DashMap<ConnId, Peer>,
+    /// Bounds open connections; a session holds one permit for its whole life.
+    pub limit: Arc<Semaphore>,
+    draining: AtomicBool,
+    next_id: AtomicU64,
+}
+
+impl Hub {
+    pub fn new(
+        config: Arc<Config>,
+        auth: Authenticator,
+        metrics: Arc<Metrics>,
+        partitions: Arc<PartitionTable>,
+    ) -> Hub {
+        let limit = Arc::new(Semaphore::new(config.server.max_connections));
+        Hub {
+            config,
+            auth,
+            metrics,
+            partitions,
+            registry: Registry::new(),
+            sessions: DashMap::new(),
+            limit,
+            draining: AtomicBool::new(false),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    pub fn next_connection_id(&self) -> ConnId {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Queues one routed record's frame for every connection in its rooms. Never waits.
+    pub fn deliver(&self, routed: &Routed<'_>, frame: &Frame) -> usize {
+        let mut queued = 0;
+        self.registry.for_each_recipient(
+            routed.tenant.as_deref(),
+            &routed.rooms,
+            &routed.event,
+            |peer| match peer.deliver(frame, routed.priority) {
+                Delivery::Queued => queued += 1,
+                Delivery::Shed => self.metrics.frames_shed.inc(),
+                Delivery::Overflow => self.metrics.slow_consumer_closes.inc(),
+                Delivery::Closed => {}
+            },
+        );
+        self.metrics.deliveries.inc_by(queued as u64);
+        queued
+    }
+
+    /// Starts draining: no new connections, and every open one is closed with 1001 in paced
+    /// batches spread over `window`, so clients do not all reconnect at the same instant.
+    pub async fn drain(&self, window: Duration) {
+        self.draining.store(true, Ordering::Release);
+        let peers: Vec<Peer> = self.sessions.iter().map(|e| e.value().clone()).collect();
+        if peers.is_empty() {
+            return;
+        }
+        let tick = Duration::from_millis(50);
+        let ticks = (window.as_millis() / tick.as_millis()).max(1) as usize;
+        let per_tick = peers.len().div_ceil(ticks);
+        for (i, batch) in peers.chunks(per_tick).enumerate() {
+            if i > 0 {
+                tokio::time::sleep(tick).await;
+            }
+            for peer in batch {
+                peer.close(close::GOING_AWAY, "server shutting down", true);
+            }
+        }
+    }
+
+    /// Waits until every session has ended, or `timeout` passes. True if all ended.
+    pub async fn sessions_ended(&self, timeout: Duration) -> bool {
+        let all = self.config.server.max_connections as u32;
+        tokio::time::timeout(timeout, self.limit.acquire_many(all))
+            .await
+            .is_ok()
+    }
+}

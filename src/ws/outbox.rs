@@ -1,0 +1,197 @@
+//! The outbox: one connection's bounded queue of frames, and its close signal.
+//!
+//! The consumer and the session's reader put frames in with [`Peer::deliver`], which never
+//! waits: a full queue closes the connection with 4008 instead of slowing anyone down. The
+//! session's writer is the only reader of the queue.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+
+use super::protocol::{close, Frame};
+use crate::registry::ConnId;
+use crate::route::Priority;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseRequest {
+    pub code: u16,
+    pub reason: &'static str,
+    /// Send what is already queued before the close frame (drain), or drop it (4008).
+    pub flush: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Queued,
+    /// Low priority, and the queue is past its soft limit.
+    Shed,
+    /// The queue was full: the connection is being closed with 4008.
+    Overflow,
+    /// The connection is already closing.
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub frames: usize,
+    pub bytes: usize,
+    pub shed_low_after: usize,
+}
+
+struct Shared {
+    id: ConnId,
+    tx: mpsc::Sender<Frame>,
+    queued_bytes: AtomicUsize,
+    close: watch::Sender<Option<CloseRequest>>,
+    limits: Limits,
+}
+
+/// A handle on one connection's outbox; cheap to clone.
+#[derive(Clone)]
+pub struct Peer(Arc<Shared>);
+
+/// The writer's end of the outbox.
+pub struct Inbox {
+    pub rx: mpsc::Receiver<Frame>,
+    pub peer: Peer,
+}
+
+impl Peer {
+    pub fn new(id: ConnId, limits: Limits) -> (Peer, Inbox) {
+        let (tx, rx) = mpsc::channel(limits.frames);
+        let (close, _) = watch::channel(None);
+        let peer = Peer(Arc::new(Shared {
+            id,
+            tx,
+            queued_bytes: AtomicUsize::new(0),
+            close,
+            limits,
+        }));
+        let inbox = Inbox {
+            rx,
+            peer: peer.clone(),
+        };
+        (peer, inbox)
+    }
+
+    pub fn id(&self) -> ConnId {
+        self.0.id
+    }
+
+    /// Queues a frame without waiting.
+    pub fn deliver(&self, frame: &Frame, priority: Priority) -> Delivery {
+        let s = &*self.0;
+        if s.close.borrow().is_some() {
+            return Delivery::Closed;
+        }
+        let queued_frames = s.limits.frames - s.tx.capacity();
+        if priority == Priority::Low && queued_frames >= s.limits.shed_low_after {
+            return Delivery::Shed;
+        }
+        let len = frame.len();
+        if s.queued_bytes.fetch_add(len, Ordering::AcqRel) + len > s.limits.bytes {
+            s.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+            return self.overflow();
+        }
+        match s.tx.try_send(frame.clone()) {
+            Ok(()) => Delivery::Queued,
+            Err(e) => {
+                s.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+                match e {
+                    mpsc::error::TrySendError::Full(_) => self.overflow(),
+                    mpsc::error::TrySendError::Closed(_) => Delivery::Closed,
+                }
+            }
+        }
+    }
+
+    /// Queues a reply to the client (ok, error, pong), in order with events.
+    pub fn reply(&self, frame: Frame) {
+        self.deliver(&frame, Priority::Critical);
+    }
+
+    fn overflow(&self) -> Delivery {
+        if self.close(
+            close::SLOW_CONSUMER,
+            "slow consumer: resume to catch up",
+            false,
+        ) {
+            Delivery::Overflow
+        } else {
+            Delivery::Closed
+        }
+    }
+
+    /// Asks the session to close. The first request wins; true if this one did.
+    pub fn close(&self, code: u16, reason: &'static str, flush: bool) -> bool {
+        self.0.close.send_if_modified(|current| {
+            if current.is_some() {
+                return false;
+            }
+            *current = Some(CloseRequest {
+                code,
+                reason,
+                flush,
+            });
+            true
+        })
+    }
+
+    pub fn close_request(&self) -> Option<CloseRequest> {
+        self.0.close.borrow().clone()
+    }
+
+    pub fn close_signal(&self) -> watch::Receiver<Option<CloseRequest>> {
+        self.0.close.subscribe()
+    }
+
+    /// Called by the writer once frames have left.
+    pub fn sent(&self, bytes: usize) {
+        self.0.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            frames: 4,
+            bytes: 100,
+            shed_low_after: 2,
+        }
+    }
+
+    #[test]
+    fn full_queue_closes_with_4008_and_sheds_low_first() {
+        let (peer, mut inbox) = Peer::new(1, limits());
+        let f = Frame::from("0123456789");
+        assert_eq!(peer.deliver(&f, Priority::Low), Delivery::Queued);
+        assert_eq!(peer.deliver(&f, Priority::Normal), Delivery::Queued);
+        assert_eq!(peer.deliver(&f, Priority::Low), Delivery::Shed);
+        assert_eq!(peer.deliver(&f, Priority::Normal), Delivery::Queued);
+        assert_eq!(peer.deliver(&f, Priority::Normal), Delivery::Queued);
+        assert_eq!(peer.deliver(&f, Priority::Normal), Delivery::Overflow);
+        assert_eq!(peer.close_request().unwrap().code, close::SLOW_CONSUMER);
+        assert_eq!(peer.deliver(&f, Priority::Normal), Delivery::Closed);
+        assert_eq!(inbox.rx.try_recv().unwrap(), f);
+    }
+
+    #[test]
+    fn byte_limit_applies() {
+        let (peer, _inbox) = Peer::new(1, limits());
+        let big = Frame::from("x".repeat(60));
+        assert_eq!(peer.deliver(&big, Priority::Normal), Delivery::Queued);
+        assert_eq!(peer.deliver(&big, Priority::Normal), Delivery::Overflow);
+    }
+
+    #[test]
+    fn first_close_wins() {
+        let (peer, _inbox) = Peer::new(1, limits());
+        assert!(peer.close(close::GOING_AWAY, "drain", true));
+        assert!(!peer.close(close::SLOW_CONSUMER, "slow", false));
+        assert_eq!(peer.close_request().unwrap().code, close::GOING_AWAY);
+    }
+}

@@ -1,0 +1,236 @@
+//! Wire protocol v1: the only place that knows the JSON of frames.
+//!
+//! Server frames are encoded once into a [`Frame`] (shared, immutable bytes); every recipient
+//! gets a cheap clone. An event frame splices the record's value in as is: it was checked to be
+//! JSON when routed, so no recipient ever pays for re-serialization.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::route::Routed;
+
+pub const PROTOCOL_VERSION: u32 = 1;
+pub const SUBPROTOCOL: &str = "roomcast.v1";
+
+/// One encoded server frame, shared by every connection it goes to.
+pub type Frame = Utf8Bytes;
+
+/// Close codes the server uses (DESIGN: wire protocol).
+pub mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const UNSUPPORTED: u16 = 1003;
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const INTERNAL: u16 = 1011;
+    pub const TOKEN: u16 = 4001;
+    pub const FORBIDDEN: u16 = 4003;
+    pub const SLOW_CONSUMER: u16 = 4008;
+    pub const TOO_MANY: u16 = 4029;
+}
+
+/// A frame sent by a client.
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ClientFrame {
+    Subscribe {
+        #[serde(default)]
+        id: Option<Value>,
+        #[serde(default)]
+        rooms: Vec<String>,
+        /// Seed compatibility: `features: ["users"]` means room `feature:users`.
+        #[serde(default)]
+        features: Vec<String>,
+        #[serde(default)]
+        events: Option<Vec<String>>,
+        #[serde(default)]
+        token: Option<String>,
+    },
+    Unsubscribe {
+        #[serde(default)]
+        id: Option<Value>,
+        #[serde(default)]
+        rooms: Vec<String>,
+        #[serde(default)]
+        features: Vec<String>,
+    },
+    Ping {
+        #[serde(default)]
+        id: Option<Value>,
+    },
+    Refresh {
+        #[serde(default)]
+        id: Option<Value>,
+        token: String,
+    },
+}
+
+impl ClientFrame {
+    pub fn parse(text: &str) -> Result<ClientFrame, String> {
+        serde_json::from_str(text).map_err(|e| e.to_string())
+    }
+}
+
+/// Rooms named by `rooms` plus the seed-style `features`.
+pub fn requested_rooms(rooms: Vec<String>, features: Vec<String>) -> Vec<String> {
+    let mut all = rooms;
+    all.extend(features.into_iter().map(|f| format!("feature:{f}")));
+    all
+}
+
+/// A room name a client may ask for: printable, bounded, no control characters.
+pub fn valid_room_name(room: &str) -> bool {
+    !room.is_empty() && room.len() <= 200 && !room.chars().any(char::is_control)
+}
+
+/// Encodes an event frame for a routed record.
+pub fn event(routed: &Routed<'_>) -> Result<Frame, std::str::Utf8Error> {
+    let payload = std::str::from_utf8(routed.payload)?;
+    let event = Value::from(routed.event.as_str()).to_string();
+    let mut out = String::with_capacity(payload.len() + event.len() + 96);
+    out.push_str("{\"type\":\"event\",\"event\":");
+    out.push_str(&event);
+    out.push_str(",\"pos\":");
+    out.push_str(&Value::from(routed.position.to_string()).to_string());
+    if let Some(ts) = routed.timestamp_ms {
+        out.push_str(",\"ts\":");
+        out.push_str(&ts.to_string());
+    }
+    if routed.expose_rooms {
+        out.push_str(",\"rooms\":");
+        out.push_str(&Value::from(routed.rooms.clone()).to_string());
+    }
+    out.push_str(",\"payload\":");
+    out.push_str(payload.trim());
+    out.push('}');
+    Ok(Frame::from(out))
+}
+
+pub struct Welcome<'a> {
+    pub connection: u64,
+    pub user: &'a str,
+    pub tenant: Option<&'a str>,
+    pub rooms: &'a [String],
+    pub heartbeat_seconds: u64,
+    pub positions: &'a BTreeMap<String, i64>,
+    pub server: &'a str,
+}
+
+pub fn welcome(w: &Welcome<'_>) -> Frame {
+    to_frame(json!({
+        "type": "welcome",
+        "connection": w.connection.to_string(),
+        "user": w.user,
+        "tenant": w.tenant,
+        "rooms": w.rooms,
+        "heartbeat": w.heartbeat_seconds,
+        "positions": w.positions,
+        "server": w.server,
+        "protocol": PROTOCOL_VERSION,
+    }))
+}
+
+pub fn ok(id: &Option<Value>, rooms: Option<&[String]>) -> Frame {
+    let mut v = json!({"type": "ok", "id": id});
+    if let Some(rooms) = rooms {
+        v["rooms"] = json!(rooms);
+    }
+    to_frame(v)
+}
+
+pub fn error(id: &Option<Value>, code: &str, room: Option<&str>, message: &str) -> Frame {
+    let mut v = json!({"type": "error", "id": id, "code": code, "message": message});
+    if let Some(room) = room {
+        v["room"] = json!(room);
+    }
+    to_frame(v)
+}
+
+pub fn pong(id: &Option<Value>) -> Frame {
+    to_frame(json!({"type": "pong", "id": id}))
+}
+
+fn to_frame(v: Value) -> Frame {
+    Frame::from(v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::{Position, Priority};
+
+    #[test]
+    fn event_frame_splices_the_payload() {
+        let routed = Routed {
+            event: "users.user.deleted".into(),
+            rooms: vec!["feature:users".into()],
+            tenant: None,
+            priority: Priority::Normal,
+            position: Position {
+                topic: "entity-updates".into(),
+                partition: 3,
+                offset: 1234,
+            },
+            timestamp_ms: Some(1_763_880_000_123),
+            payload: br#" {"a":[1,"\u00e9"]} "#,
+            expose_rooms: false,
+        };
+        let frame = event(&routed).unwrap();
+        assert_eq!(
+            frame.as_str(),
+            r#"{"type":"event","event":"users.user.deleted","pos":"entity-updates:3:1234","ts":1763880000123,"payload":{"a":[1,"\u00e9"]}}"#
+        );
+        let with_rooms = event(&Routed {
+            expose_rooms: true,
+            ..routed
+        })
+        .unwrap();
+        let v: Value = serde_json::from_str(with_rooms.as_str()).unwrap();
+        assert_eq!(v["rooms"], json!(["feature:users"]));
+    }
+
+    #[test]
+    fn client_frames_parse() {
+        let f = ClientFrame::parse(
+            r#"{"type":"subscribe","id":7,"rooms":["task:9"],"events":["users.*"]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            f,
+            ClientFrame::Subscribe {
+                id: Some(json!(7)),
+                rooms: vec!["task:9".into()],
+                features: vec![],
+                events: Some(vec!["users.*".into()]),
+                token: None
+            }
+        );
+        let seed =
+            ClientFrame::parse(r#"{"type":"subscribe","features":["users","rbac"]}"#).unwrap();
+        let ClientFrame::Subscribe {
+            rooms, features, ..
+        } = seed
+        else {
+            panic!("not a subscribe")
+        };
+        assert_eq!(
+            requested_rooms(rooms, features),
+            ["feature:users", "feature:rbac"]
+        );
+        assert!(ClientFrame::parse(r#"{"type":"dance"}"#).is_err());
+        assert!(ClientFrame::parse("{").is_err());
+        assert!(ClientFrame::parse(r#"{"type":"refresh"}"#).is_err());
+    }
+
+    #[test]
+    fn room_names_are_checked() {
+        assert!(valid_room_name("task:9"));
+        assert!(!valid_room_name(""));
+        assert!(!valid_room_name("a\u{1}b"));
+        assert!(!valid_room_name(&"x".repeat(201)));
+    }
+}
