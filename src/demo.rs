@@ -9,7 +9,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::auth::{now_secs, sign_hs256, Claims};
 use crate::config::{default_routes, Algorithm, Config};
@@ -46,7 +46,6 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()>) -> Result<(
         .set("linger.ms", "0")
         .create()
         .map_err(|e| Error::Demo(format!("producer: {e}")))?;
-    info!("demo: open the page at http://{}/", config.server.listen);
     let publishing = tokio::spawn(publish(producer));
     let served = crate::serve(config, Some(token), stop).await;
     publishing.abort();

@@ -75,6 +75,9 @@ pub async fn serve(
     let (public, public_addr) = bind("server.listen", &config.server.listen).await?;
     let (admin, admin_addr) = bind("server.admin_listen", &config.server.admin_listen).await?;
     info!(public = %public_addr, admin = %admin_addr, server = %config.server.name, "listening");
+    if demo_token.is_some() {
+        info!("demo page: http://{public_addr}/");
+    }
 
     let stages = Stages::new();
     let consuming = tokio::spawn(consumer.run(stages.stop_consuming.subscribe()));
