@@ -180,9 +180,9 @@ impl Session {
                     self.on_frame(frame);
                     true
                 }
-                Err(e) => self.bad_frame(&format!("invalid frame: {e}")),
+                Err(e) => self.bad_frame(&None, &format!("invalid frame: {e}")),
             },
-            Message::Binary(_) => self.bad_frame("binary frames are not supported"),
+            Message::Binary(_) => self.bad_frame(&None, "binary frames are not supported"),
             Message::Close(_) => {
                 self.peer.close(close::NORMAL, "", true);
                 false
@@ -191,11 +191,11 @@ impl Session {
         }
     }
 
-    fn bad_frame(&mut self, message: &str) -> bool {
+    fn bad_frame(&mut self, id: &Option<Value>, message: &str) -> bool {
         self.reject("bad_frame");
         self.bad_frames += 1;
         self.peer
-            .reply(protocol::error(&None, "bad_request", None, message));
+            .reply(protocol::error(id, "bad_request", None, message));
         if self.bad_frames > self.hub.config.websocket.max_bad_frames {
             self.peer
                 .close(close::POLICY, "too many malformed frames", true);
@@ -244,13 +244,13 @@ impl Session {
         token: Option<String>,
     ) {
         if rooms.is_empty() {
-            self.bad_frame("subscribe names no rooms");
+            self.bad_frame(id, "subscribe names no rooms");
             return;
         }
         let filter = match events.map(|e| EventFilter::parse(&e)).transpose() {
             Ok(f) => f.map(Arc::new),
             Err(e) => {
-                self.bad_frame(&format!("events: {e}"));
+                self.bad_frame(id, &format!("events: {e}"));
                 return;
             }
         };

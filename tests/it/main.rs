@@ -1,0 +1,8 @@
+//! Integration tests: the real `roomcast` binary against a real Apache Kafka broker, with real
+//! WebSocket clients. One test binary; one module per area.
+
+mod auth;
+mod delivery;
+mod ops;
+mod protocol;
+mod support;

@@ -1,0 +1,160 @@
+//! Operations: metrics that promtool accepts, health endpoints, drain on SIGTERM, config checks.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn metrics_pass_promtool_and_carry_no_identity_labels() {
+    let topic = unique("metrics");
+    create_topic(&topic, 2).await;
+    let server = Server::start(&task_route(&topic), "").await;
+    let mut c = server.connect(&token("met", &[])).await;
+    Producer::new()
+        .send_json(&topic, json!({"taskId": "1", "userId": "met"}))
+        .await;
+    c.events(1).await;
+    let metrics = server.metrics().await;
+    for name in [
+        "roomcast_connections 1",
+        "roomcast_deliveries_total 1",
+        "roomcast_kafka_assigned_partitions 2",
+        "roomcast_ready 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == name),
+            "missing {name:?} in\n{metrics}"
+        );
+    }
+    assert!(metrics.contains(&format!(
+        "roomcast_kafka_consumer_lag{{partition=\"0\",topic=\"{topic}\"}}"
+    )));
+
+    let labels = label_names(&metrics);
+    let allowed = ["code", "le", "partition", "reason", "result", "topic"];
+    for name in labels.keys() {
+        assert!(
+            allowed.contains(&name.as_str()),
+            "unexpected label {name:?}"
+        );
+    }
+
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (scripts/test installs it)");
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn health_and_stats() {
+    let topic = unique("health");
+    create_topic(&topic, 3).await;
+    let server = Server::start(&task_route(&topic), "").await;
+    assert_eq!(http_get(&server.admin, "/healthz").await.unwrap().0, 200);
+    assert_eq!(http_get(&server.admin, "/readyz").await.unwrap().0, 200);
+    let (status, body) = http_get(&server.admin, "/stats").await.unwrap();
+    assert_eq!(status, 200);
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(stats["ready"], true);
+    assert_eq!(stats["partitions"].as_array().unwrap().len(), 3);
+    // The admin endpoints are not on the public listener, and /ws is not on the admin one.
+    assert_eq!(http_get(&server.public, "/metrics").await.unwrap().0, 404);
+    assert_eq!(http_get(&server.admin, "/ws").await.unwrap().0, 404);
+}
+
+#[tokio::test]
+async fn healthz_does_not_depend_on_kafka() {
+    // A broker address where nothing listens: liveness holds, readiness does not.
+    let dir = TempDir::new();
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+         [kafka]\nbrokers = \"127.0.0.1:1\"\n[auth]\nsecret = \"{SECRET}\"\n"
+    );
+    let path = dir.0.join("c.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut server = Server::spawn(&path, &[]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(http_get(&server.admin, "/healthz").await.unwrap().0, 200);
+    assert_eq!(http_get(&server.admin, "/readyz").await.unwrap().0, 503);
+    // Exits in bounded time even though Kafka never answered.
+    let started = Instant::now();
+    server.sigterm();
+    let status = server.wait_exit(Duration::from_secs(15)).expect("exited");
+    assert!(status.success(), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+#[tokio::test]
+async fn sigterm_closes_clients_with_1001_and_exits() {
+    let topic = unique("drain");
+    create_topic(&topic, 1).await;
+    let mut server = Server::start(&task_route(&topic), "").await;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(server.connect(&token(&format!("d{i}"), &[])).await);
+    }
+    let started = Instant::now();
+    server.sigterm();
+    for c in &mut clients {
+        let close = c.close_frame().await.expect("a close frame");
+        assert_eq!(u16::from(close.code), 1001);
+    }
+    let status = server.wait_exit(Duration::from_secs(15)).expect("exited");
+    assert!(status.success(), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
+
+#[tokio::test]
+async fn check_config_prints_the_effective_config_without_secrets() {
+    let dir = TempDir::new();
+    let path = dir.0.join("ok.toml");
+    std::fs::write(
+        &path,
+        format!("[auth]\nsecret = \"{SECRET}\"\n[kafka]\n\"sasl.password\" = \"hunter2\"\n"),
+    )
+    .unwrap();
+    let out = Command::new(binary())
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let shown = String::from_utf8(out.stdout).unwrap();
+    assert!(shown.contains("entity-updates"), "default routes shown");
+    assert!(!shown.contains("hunter2") && !shown.contains(SECRET));
+
+    let bad = dir.0.join("bad.toml");
+    std::fs::write(
+        &bad,
+        format!("[auth]\nsecret = \"{SECRET}\"\n[websocket]\nqueue_frames = 0\n"),
+    )
+    .unwrap();
+    let out = Command::new(binary())
+        .args(["serve", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("websocket.queue_frames"), "{err}");
+}
