@@ -149,3 +149,53 @@ async fn a_disallowed_origin_gets_403() {
     let c = Client::connect_request(request("https://app.example")).await;
     assert_eq!(c.expect("allowed origin").welcome["user"], "o");
 }
+
+/// Public-key algorithms: the server holds only the public key; the algorithm is pinned, so
+/// an HS256 token signed with the public key's bytes (the classic confusion attack) fails.
+async fn public_key_mode(algorithm: jsonwebtoken::Algorithm, name: &str) {
+    let keys = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/keys");
+    let public = keys.join(format!("{name}-public.pem"));
+    let private = std::fs::read(keys.join(format!("{name}-private.pem"))).unwrap();
+    let topic = unique(name);
+    create_topic(&topic, 1).await;
+    let alg = format!("{algorithm:?}");
+    let env = [
+        ("ROOMCAST_JWT_ALGORITHM", alg.as_str()),
+        ("ROOMCAST_JWT_PUBLIC_KEY_FILE", public.to_str().unwrap()),
+    ];
+    let server = Server::start_with(&task_route(&topic), "", &env).await;
+    let key = match algorithm {
+        jsonwebtoken::Algorithm::ES256 => EncodingKey::from_ec_pem(&private).unwrap(),
+        _ => EncodingKey::from_rsa_pem(&private).unwrap(),
+    };
+    let good = encode(
+        &Header::new(algorithm),
+        &claims("pk", now_secs() + 600),
+        &key,
+    )
+    .unwrap();
+    let c = server.connect(&good).await;
+    assert_eq!(c.welcome["user"], "pk");
+
+    let public_bytes = std::fs::read(&public).unwrap();
+    let confused = encode(
+        &Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims("pk", now_secs() + 600),
+        &EncodingKey::from_secret(&public_bytes),
+    )
+    .unwrap();
+    assert_eq!(
+        refused(&server, &confused).await,
+        (401, "wrong_algorithm".into())
+    );
+}
+
+#[tokio::test]
+async fn es256_tokens_are_verified_with_the_public_key() {
+    public_key_mode(jsonwebtoken::Algorithm::ES256, "es256").await;
+}
+
+#[tokio::test]
+async fn rs256_tokens_are_verified_with_the_public_key() {
+    public_key_mode(jsonwebtoken::Algorithm::RS256, "rs256").await;
+}

@@ -74,7 +74,6 @@ async fn invalid_utf8_closes_with_1007() {
     c.send_raw(Message::Frame(frame)).await;
     let close = c.close_frame().await.expect("close frame");
     assert_eq!(u16::from(close.code), 1007);
-    let _ = Duration::ZERO;
 }
 
 #[tokio::test]
@@ -105,4 +104,23 @@ async fn an_expiring_token_closes_with_4001_unless_refreshed() {
         .send_json(&topic, json!({"taskId": "1", "userId": "exp"}))
         .await;
     assert_eq!(refreshed.events(1).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_silent_peer_is_closed_and_a_live_one_is_kept() {
+    let topic = unique("silent");
+    create_topic(&topic, 1).await;
+    let extra = "[websocket]\nheartbeat_seconds = 1\nidle_timeout_seconds = 2\n";
+    let server = Server::start(&task_route(&topic), extra).await;
+    let mut silent = server.connect(&token("quiet", &[])).await;
+    let mut live = server.connect(&token("chatty", &[])).await;
+    assert_eq!(live.welcome["heartbeat"], 1);
+    // The live client reads, so its library answers the server's pings with pongs.
+    live.expect_silence(Duration::from_secs(3)).await;
+    // The silent one never read: no pong went out, so the server gave up on it.
+    let close = silent.close_frame().await.expect("close frame");
+    assert_eq!(u16::from(close.code), 1001);
+    assert_eq!(close.reason.as_str(), "heartbeat timeout");
+    live.send(json!({"type": "ping", "id": 1})).await;
+    assert_eq!(live.frame().await.unwrap()["type"], "pong");
 }
