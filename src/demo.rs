@@ -48,7 +48,9 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()>) -> Result<(
         .map_err(|e| Error::Demo(format!("producer: {e}")))?;
     let publishing = tokio::spawn(publish(producer));
     let served = crate::serve(config, Some(token), stop).await;
+    // Drop the producer before the mock cluster it talks to.
     publishing.abort();
+    let _ = publishing.await;
     served
 }
 
