@@ -39,6 +39,7 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     pub kafka: KafkaConfig,
     pub auth: AuthConfig,
+    pub resume: ResumeConfig,
     pub log: LogConfig,
     /// Routes, one per topic. Empty means the two default routes.
     #[serde(rename = "route", skip_serializing_if = "Vec::is_empty")]
@@ -126,6 +127,24 @@ pub struct AuthConfig {
     pub perms: BTreeMap<String, Vec<String>>,
 }
 
+/// Nothing lost: the replay buffer, replay from Kafka, and position watermarks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResumeConfig {
+    /// Bytes of recent records kept in memory for replay, shared by all partitions.
+    pub buffer_bytes: usize,
+    /// Records older than this leave the buffer; it is also the window read back at start.
+    pub buffer_max_age_seconds: u64,
+    /// Gaps older than this are not replayed from Kafka: the client gets `resync`.
+    pub max_age_seconds: u64,
+    /// Partitions read back from Kafka at the same time, across all clients.
+    pub kafka_concurrency: usize,
+    /// Largest range of offsets one partition of one resume may read from Kafka.
+    pub max_replay_records: i64,
+    /// Seconds between `positions` watermark frames.
+    pub positions_interval_seconds: f64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
@@ -208,6 +227,19 @@ impl Default for AuthConfig {
             issuer: None,
             leeway_seconds: 5,
             perms: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for ResumeConfig {
+    fn default() -> Self {
+        ResumeConfig {
+            buffer_bytes: 64 * 1024 * 1024,
+            buffer_max_age_seconds: 300,
+            max_age_seconds: 3600,
+            kafka_concurrency: 4,
+            max_replay_records: 100_000,
+            positions_interval_seconds: 5.0,
         }
     }
 }
@@ -375,6 +407,7 @@ impl Config {
             ));
         }
         self.validate_websocket()?;
+        self.validate_resume()?;
         if self.kafka.brokers.trim().is_empty() {
             return Err(ConfigError::invalid("kafka.brokers", "must not be empty"));
         }
@@ -435,6 +468,29 @@ impl Config {
             return Err(ConfigError::invalid(
                 "websocket.shed_low_priority_after",
                 "must not exceed websocket.queue_frames",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_resume(&self) -> Result<(), ConfigError> {
+        let r = &self.resume;
+        if r.kafka_concurrency == 0 {
+            return Err(ConfigError::invalid(
+                "resume.kafka_concurrency",
+                "must be > 0",
+            ));
+        }
+        if r.max_replay_records <= 0 {
+            return Err(ConfigError::invalid(
+                "resume.max_replay_records",
+                "must be > 0",
+            ));
+        }
+        if !(r.positions_interval_seconds >= 0.05 && r.positions_interval_seconds <= 3600.0) {
+            return Err(ConfigError::invalid(
+                "resume.positions_interval_seconds",
+                "must be between 0.05 and 3600",
             ));
         }
         Ok(())

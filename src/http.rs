@@ -73,6 +73,9 @@ fn refresh_gauges(s: &AdminState) {
     let m = &s.hub.metrics;
     m.rooms.set(s.hub.registry.room_count() as i64);
     m.ready.set(s.is_ready() as i64);
+    let (bytes, records) = s.hub.replay.usage();
+    m.replay_buffer_bytes.set(bytes as i64);
+    m.replay_buffer_records.set(records as i64);
     for ((topic, partition), p) in s.hub.partitions.snapshot() {
         let labels = [topic.as_str(), &partition.to_string()];
         m.partition_offset

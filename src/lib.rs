@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod pattern;
 pub mod position;
 pub mod registry;
+pub mod replay;
 pub mod route;
 pub mod shutdown;
 pub mod ws;

@@ -2,16 +2,21 @@
 //!
 //! The consumer writes, everyone else reads: the welcome frame takes a snapshot, readiness asks
 //! whether every partition has been read up to the head it had when it was assigned, and
-//! `/stats` and `/metrics` show offsets and lag.
+//! `/stats` and `/metrics` show offsets and lag. Lookups by `&str` topic allocate nothing,
+//! since the consumer touches this table for every record.
 
 use std::collections::BTreeMap;
 use std::sync::RwLock;
+
+/// `{"topic:partition": offset}`: everything up to and including the offset is covered.
+pub type PositionMap = BTreeMap<String, i64>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PartitionState {
     /// The next offset to read: everything before it has been handed to the registry.
     pub next_offset: i64,
-    /// The partition's head when it was assigned; readiness waits until it is reached.
+    /// The partition's head when it was assigned. Records before it only warm the replay
+    /// buffer; readiness waits until it is reached.
     pub assigned_head: i64,
     /// The latest known high watermark.
     pub high_watermark: i64,
@@ -23,9 +28,11 @@ impl PartitionState {
     }
 }
 
+type Table = BTreeMap<String, BTreeMap<i32, PartitionState>>;
+
 #[derive(Debug, Default)]
 pub struct PartitionTable {
-    partitions: RwLock<BTreeMap<(String, i32), PartitionState>>,
+    partitions: RwLock<Table>,
 }
 
 impl PartitionTable {
@@ -35,29 +42,44 @@ impl PartitionTable {
             assigned_head: head,
             high_watermark: head,
         };
-        self.write().insert((topic.to_string(), partition), state);
+        self.write()
+            .entry(topic.to_string())
+            .or_default()
+            .insert(partition, state);
+    }
+
+    pub fn get(&self, topic: &str, partition: i32) -> Option<PartitionState> {
+        self.read().get(topic)?.get(&partition).copied()
     }
 
     /// Records that `offset` has been handed to the registry.
     pub fn advance(&self, topic: &str, partition: i32, offset: i64) {
-        if let Some(p) = self.write().get_mut(&(topic.to_string(), partition)) {
-            p.next_offset = p.next_offset.max(offset + 1);
+        if let Some(p) = self
+            .write()
+            .get_mut(topic)
+            .and_then(|t| t.get_mut(&partition))
+        {
+            p.next_offset = offset + 1;
             p.high_watermark = p.high_watermark.max(p.next_offset);
         }
     }
 
     pub fn set_high_watermark(&self, topic: &str, partition: i32, high: i64) {
-        if let Some(p) = self.write().get_mut(&(topic.to_string(), partition)) {
+        if let Some(p) = self
+            .write()
+            .get_mut(topic)
+            .and_then(|t| t.get_mut(&partition))
+        {
             p.high_watermark = high.max(p.next_offset);
         }
     }
 
     pub fn is_assigned(&self, topic: &str, partition: i32) -> bool {
-        self.read().contains_key(&(topic.to_string(), partition))
+        self.get(topic, partition).is_some()
     }
 
     pub fn len(&self) -> usize {
-        self.read().len()
+        self.read().values().map(BTreeMap::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -68,28 +90,41 @@ impl PartitionTable {
     pub fn caught_up(&self) -> bool {
         self.read()
             .values()
+            .flat_map(BTreeMap::values)
             .all(|p| p.next_offset >= p.assigned_head)
     }
 
     pub fn snapshot(&self) -> Vec<((String, i32), PartitionState)> {
-        self.read().iter().map(|(k, v)| (k.clone(), *v)).collect()
-    }
-
-    /// `{"topic:partition": last offset handed out}`, -1 where nothing has been read.
-    pub fn delivered_map(&self) -> BTreeMap<String, i64> {
         self.read()
             .iter()
-            .map(|((t, p), s)| (format!("{t}:{p}"), s.next_offset - 1))
+            .flat_map(|(t, ps)| ps.iter().map(move |(p, s)| ((t.clone(), *p), *s)))
             .collect()
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<(String, i32), PartitionState>> {
+    /// The last offset handed out per partition, -1 where nothing has been read.
+    pub fn delivered_map(&self) -> PositionMap {
+        self.read()
+            .iter()
+            .flat_map(|(t, ps)| {
+                ps.iter()
+                    .map(move |(p, s)| (format!("{t}:{p}"), s.next_offset - 1))
+            })
+            .collect()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
         self.partitions.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<(String, i32), PartitionState>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
         self.partitions.write().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Splits `topic:partition` (topics cannot contain ':').
+pub fn parse_partition_key(key: &str) -> Option<(&str, i32)> {
+    let (topic, partition) = key.rsplit_once(':')?;
+    Some((topic, partition.parse().ok()?))
 }
 
 #[cfg(test)]
@@ -109,6 +144,17 @@ mod tests {
         let map = t.delivered_map();
         assert_eq!(map["a:0"], 6);
         assert_eq!(map["a:1"], -1);
-        assert_eq!(t.snapshot()[0].1.lag(), 3);
+        assert_eq!(t.get("a", 0).unwrap().lag(), 3);
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn partition_keys() {
+        assert_eq!(
+            parse_partition_key("task-updates:3"),
+            Some(("task-updates", 3))
+        );
+        assert_eq!(parse_partition_key("nope"), None);
+        assert_eq!(parse_partition_key("t:x"), None);
     }
 }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{CommitMode, Consumer as _, ConsumerContext, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::watch;
@@ -22,6 +22,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::position::PartitionTable;
+use crate::replay::Entry;
 use crate::route::{Record, Route};
 use crate::ws::protocol;
 use crate::ws::Hub;
@@ -87,11 +88,13 @@ impl RateLimitedLog {
 
 pub struct KafkaConsumer {
     consumer: Arc<StreamConsumer<Context>>,
-    routes: HashMap<String, Route>,
+    routes: Arc<HashMap<String, Route>>,
     hub: Arc<Hub>,
     partitions: Arc<PartitionTable>,
     metrics: Arc<Metrics>,
     refresh: Duration,
+    positions_every: Duration,
+    warm_window: Duration,
     discovered: Arc<AtomicBool>,
     malformed_log: RateLimitedLog,
     error_log: RateLimitedLog,
@@ -109,14 +112,7 @@ impl KafkaConsumer {
         };
         let consumer: StreamConsumer<Context> =
             super::client_config(&config.kafka, &group).create_with_context(context)?;
-        let routes = config
-            .routes
-            .iter()
-            .map(|r| {
-                let route = Route::from_config(r).expect("routes are validated with the config");
-                (r.topic.clone(), route)
-            })
-            .collect();
+        let routes = hub.routes.clone();
         info!(group = %group, "kafka consumer created");
         Ok(KafkaConsumer {
             consumer: Arc::new(consumer),
@@ -125,6 +121,8 @@ impl KafkaConsumer {
             metrics: hub.metrics.clone(),
             hub,
             refresh: Duration::from_secs(config.kafka.metadata_refresh_seconds.max(1)),
+            positions_every: Duration::from_secs_f64(config.resume.positions_interval_seconds),
+            warm_window: Duration::from_secs(config.resume.buffer_max_age_seconds),
             discovered,
             malformed_log: RateLimitedLog::new(Duration::from_secs(1)),
             error_log: RateLimitedLog::new(Duration::from_secs(5)),
@@ -135,10 +133,14 @@ impl KafkaConsumer {
     pub async fn run(self, stop: watch::Receiver<bool>) {
         let mut refresh = tokio::time::interval(self.refresh);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watermark = tokio::time::interval(self.positions_every);
+        watermark.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_positions = Default::default();
         loop {
             tokio::select! {
                 _ = crate::shutdown::wait(stop.clone()) => break,
                 _ = refresh.tick() => self.discover().await,
+                _ = watermark.tick() => self.hub.broadcast_positions(&mut last_positions),
                 message = self.consumer.recv() => match message {
                     Ok(m) => self.process(&m),
                     Err(e) => {
@@ -158,8 +160,9 @@ impl KafkaConsumer {
         let topics: Vec<String> = self.routes.keys().cloned().collect();
         let partitions = self.partitions.clone();
         let initial = !self.discovered.load(Ordering::Acquire);
+        let window = self.warm_window;
         let found = tokio::task::spawn_blocking(move || {
-            new_partitions(&consumer, &topics, &partitions, initial)
+            new_partitions(&consumer, &topics, &partitions, initial, window)
         })
         .await;
         let new = match found {
@@ -202,31 +205,37 @@ impl KafkaConsumer {
     }
 
     fn process(&self, m: &BorrowedMessage<'_>) {
-        let (topic, partition, offset) = (m.topic(), m.partition(), m.offset());
+        let record = super::record(m);
+        let (topic, partition, offset) = (record.topic, record.partition, record.offset);
         self.metrics
             .records_consumed
             .with_label_values(&[topic])
             .inc();
-        if let Some(route) = self.routes.get(topic) {
-            let headers = m
-                .headers()
-                .map(|hs| {
-                    hs.iter()
-                        .filter_map(|h| h.value.map(|v| (h.key, v)))
-                        .collect()
-                })
-                .unwrap_or_default();
-            let record = Record {
-                topic,
-                partition,
-                offset,
-                timestamp_ms: m.timestamp().to_millis(),
-                value: m.payload(),
-                headers,
+        {
+            let _cut = self.hub.cut();
+            let Some(state) = self.partitions.get(topic, partition) else {
+                return;
             };
-            self.route_and_deliver(route, &record);
+            if offset < state.next_offset {
+                // The log went back (a recreated topic): what was buffered is another log's.
+                warn!(
+                    topic,
+                    partition,
+                    offset,
+                    expected = state.next_offset,
+                    "offset reset"
+                );
+                self.hub.replay.reset(topic, partition, offset);
+            }
+            // Below the head at assignment: read back only to warm the replay buffer.
+            let live = offset >= state.assigned_head;
+            let entry = self
+                .routes
+                .get(topic)
+                .and_then(|route| self.route(route, &record, live));
+            self.hub.replay.push(topic, partition, offset, entry);
+            self.partitions.advance(topic, partition, offset);
         }
-        self.partitions.advance(topic, partition, offset);
         if let Err(e) = self.consumer.store_offset_from_message(m) {
             if let Some(skipped) = self.error_log.admit() {
                 warn!(error = %e, skipped, "cannot store offset");
@@ -234,25 +243,38 @@ impl KafkaConsumer {
         }
     }
 
-    fn route_and_deliver(&self, route: &Route, record: &Record<'_>) {
+    /// Routes and encodes a record, hands it out if `live`, and returns it for the buffer.
+    fn route(&self, route: &Route, record: &Record<'_>, live: bool) -> Option<Entry> {
         let routed = match route.apply(record) {
             Ok(r) => r,
-            Err(e) => return self.malformed(record, e.reason(), &e.to_string()),
+            Err(e) => {
+                self.malformed(record, e.reason(), &e.to_string());
+                return None;
+            }
         };
         let frame = match protocol::event(&routed) {
             Ok(f) => f,
-            Err(e) => return self.malformed(record, "not_utf8", &e.to_string()),
+            Err(e) => {
+                self.malformed(record, "not_utf8", &e.to_string());
+                return None;
+            }
         };
-        self.hub.deliver(&routed, &frame);
-        if let Some(ts) = record.timestamp_ms {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(ts);
-            self.metrics
-                .record_latency
-                .observe((now - ts).max(0) as f64 / 1000.0);
+        if live {
+            self.hub.deliver(&routed, &frame);
+            self.observe_latency(record.timestamp_ms);
         }
+        Some(Entry::new(&routed, &frame))
+    }
+
+    fn observe_latency(&self, timestamp_ms: Option<i64>) {
+        let Some(ts) = timestamp_ms else { return };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(ts);
+        self.metrics
+            .record_latency
+            .observe((now - ts).max(0) as f64 / 1000.0);
     }
 
     fn malformed(&self, record: &Record<'_>, reason: &'static str, detail: &str) {
@@ -303,6 +325,7 @@ fn new_partitions(
     topics: &[String],
     assigned: &PartitionTable,
     initial: bool,
+    warm_window: Duration,
 ) -> Result<Vec<NewPartition>, rdkafka::error::KafkaError> {
     let mut new = Vec::new();
     for topic in topics {
@@ -321,7 +344,14 @@ fn new_partitions(
                 continue;
             }
             let (low, high) = consumer.fetch_watermarks(topic, p.id(), METADATA_TIMEOUT)?;
-            let start = if initial { high } else { low };
+            // At start, read back the replay window (to warm the buffer) and go live at the
+            // head; a partition that appears later is read from its beginning, since all of
+            // its records arrived after this replica started.
+            let start = if initial {
+                window_start(consumer, topic, p.id(), warm_window)?.clamp(low, high)
+            } else {
+                low
+            };
             new.push(NewPartition {
                 topic: topic.clone(),
                 partition: p.id(),
@@ -331,6 +361,32 @@ fn new_partitions(
         }
     }
     Ok(new)
+}
+
+/// The first offset of `partition` whose record is younger than `window`; the head if none.
+fn window_start(
+    consumer: &StreamConsumer<Context>,
+    topic: &str,
+    partition: i32,
+    window: Duration,
+) -> Result<i64, rdkafka::error::KafkaError> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(
+        topic,
+        partition,
+        Offset::Offset(now_ms - window.as_millis() as i64),
+    )?;
+    let found = consumer.offsets_for_times(tpl, METADATA_TIMEOUT)?;
+    Ok(
+        match found.find_partition(topic, partition).map(|p| p.offset()) {
+            Some(Offset::Offset(o)) => o,
+            _ => i64::MAX,
+        },
+    )
 }
 
 #[cfg(test)]

@@ -6,10 +6,33 @@
 //! which makes each replica's position and lag visible to standard Kafka tooling.
 
 pub mod consumer;
+pub mod replay;
 
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::ClientConfig;
 
 use crate::config::KafkaConfig;
+use crate::route::Record;
+
+/// The routing view of a Kafka message, borrowing from it.
+pub fn record<'a>(m: &'a BorrowedMessage<'a>) -> Record<'a> {
+    let headers = m
+        .headers()
+        .map(|hs| {
+            hs.iter()
+                .filter_map(|h| h.value.map(|v| (h.key, v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Record {
+        topic: m.topic(),
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp_ms: m.timestamp().to_millis(),
+        value: m.payload(),
+        headers,
+    }
+}
 
 /// The consumer group a replica commits under.
 pub fn group_id(c: &KafkaConfig, server_name: &str) -> String {
@@ -30,7 +53,10 @@ pub fn client_config(c: &KafkaConfig, group_id: &str) -> ClientConfig {
         .set("queued.max.messages.kbytes", "8192")
         .set("fetch.wait.max.ms", "100")
         .set("statistics.interval.ms", "5000")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        // An out-of-range position (a recreated topic) restarts from the beginning: nothing
+        // lost, and the offset going back tells the consumer to reset that partition.
+        .set("auto.offset.reset", "earliest");
     for (key, value) in &c.properties {
         cc.set(key, value);
     }

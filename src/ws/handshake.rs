@@ -60,13 +60,14 @@ pub async fn upgrade(State(hub): State<Arc<Hub>>, mut req: Request) -> Response 
     let on_upgrade = hyper::upgrade::on(&mut req);
     let ws_config = websocket_config(&hub.config.websocket);
     let identity = accepted.identity;
+    let resume = query_flag(req.uri().query(), "resume");
     let session_hub = hub.clone();
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
                 let io = TokioIo::new(upgraded);
                 let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config)).await;
-                session::run(session_hub, ws, identity, permit).await;
+                session::run(session_hub, ws, identity, permit, resume).await;
             }
             Err(e) => warn!(error = %e, "upgrade failed"),
         }
@@ -186,6 +187,14 @@ fn query_token(query: Option<&str>) -> Option<String> {
         .map(String::from)
 }
 
+/// True when the query has `name` with no value, `1` or `true`.
+fn query_flag(query: Option<&str>, name: &str) -> bool {
+    query.unwrap_or("").split('&').any(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        key == name && matches!(value, "" | "1" | "true")
+    })
+}
+
 /// Every tungstenite limit, set explicitly: its defaults (64 MiB messages, 128 KiB buffers,
 /// an unbounded write buffer) are meant for trusted peers.
 pub fn websocket_config(c: &config::WebSocketConfig) -> WebSocketConfig {
@@ -215,6 +224,10 @@ mod tests {
             Some("t.o.k")
         );
         assert_eq!(query_token(Some("x=1")), None);
+        assert!(query_flag(Some("token=a&resume=1"), "resume"));
+        assert!(query_flag(Some("resume"), "resume"));
+        assert!(!query_flag(Some("resume=0"), "resume"));
+        assert!(!query_flag(None, "resume"));
         h.insert(
             header::SEC_WEBSOCKET_PROTOCOL,
             HeaderValue::from_static("roomcast.v1, bearer.a.b.c"),

@@ -5,9 +5,11 @@ pub mod handshake;
 pub mod outbox;
 pub mod protocol;
 pub mod session;
+pub mod writer;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -15,10 +17,12 @@ use tokio::sync::Semaphore;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::kafka::replay::KafkaReplay;
 use crate::metrics::Metrics;
-use crate::position::PartitionTable;
+use crate::position::{PartitionTable, PositionMap};
 use crate::registry::{ConnId, Registry};
-use crate::route::Routed;
+use crate::replay::{self, ReplayBuffer};
+use crate::route::{Priority, Route, Routed};
 use outbox::{Delivery, Peer};
 use protocol::{close, Frame};
 
@@ -28,8 +32,15 @@ pub struct Hub {
     pub auth: Authenticator,
     pub metrics: Arc<Metrics>,
     pub partitions: Arc<PartitionTable>,
+    pub routes: Arc<HashMap<String, Route>>,
     pub registry: Registry<Peer>,
     pub sessions: DashMap<ConnId, Peer>,
+    pub replay: ReplayBuffer,
+    pub kafka_replay: KafkaReplay,
+    /// Held by the consumer while it hands one record out and advances its position, and by
+    /// whoever joins rooms and takes a position snapshot that must match them: so a snapshot
+    /// and a join always fall between two records, never in the middle of one.
+    cut: Mutex<()>,
     /// Bounds open connections; a session holds one permit for its whole life.
     pub limit: Arc<Semaphore>,
     draining: AtomicBool,
@@ -44,13 +55,41 @@ impl Hub {
         partitions: Arc<PartitionTable>,
     ) -> Hub {
         let limit = Arc::new(Semaphore::new(config.server.max_connections));
+        let routes: Arc<HashMap<String, Route>> = Arc::new(
+            config
+                .routes
+                .iter()
+                .map(|r| {
+                    let route =
+                        Route::from_config(r).expect("routes are validated with the config");
+                    (r.topic.clone(), route)
+                })
+                .collect(),
+        );
+        let r = &config.resume;
+        let replay = ReplayBuffer::new(replay::Limits {
+            bytes: r.buffer_bytes,
+            max_age: Duration::from_secs(r.buffer_max_age_seconds),
+        });
+        let group = crate::kafka::group_id(&config.kafka, &config.server.name);
+        let kafka_replay = KafkaReplay::new(
+            crate::kafka::client_config(&config.kafka, &format!("{group}.replay")),
+            routes.clone(),
+            r.kafka_concurrency,
+            Duration::from_secs(r.max_age_seconds),
+            r.max_replay_records,
+        );
         Hub {
             config,
             auth,
             metrics,
             partitions,
+            routes,
             registry: Registry::new(),
             sessions: DashMap::new(),
+            replay,
+            kafka_replay,
+            cut: Mutex::new(()),
             limit,
             draining: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
@@ -63,6 +102,29 @@ impl Hub {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// See the `cut` field.
+    pub fn cut(&self) -> MutexGuard<'_, ()> {
+        self.cut.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends every live connection a `positions` watermark, if positions moved since `last`.
+    /// Called from the consumer's loop, between records, so the watermark is queued behind
+    /// every record it covers.
+    pub fn broadcast_positions(&self, last: &mut PositionMap) {
+        let _cut = self.cut();
+        let now = self.partitions.delivered_map();
+        if now == *last {
+            return;
+        }
+        let frame = protocol::positions(&now);
+        for peer in self.sessions.iter() {
+            if peer.is_live() {
+                peer.deliver(&frame, Priority::Critical);
+            }
+        }
+        *last = now;
     }
 
     /// Queues one routed record's frame for every connection in its rooms. Never waits.

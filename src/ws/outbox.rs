@@ -4,14 +4,23 @@
 //! waits: a full queue closes the connection with 4008 instead of slowing anyone down. The
 //! session's writer is the only reader of the queue.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 
 use super::protocol::{close, Frame};
 use crate::registry::ConnId;
+use crate::replay::ResumePlan;
 use crate::route::Priority;
+
+/// What the writer takes from the queue.
+pub enum Outgoing {
+    Frame(Frame),
+    /// Replay what the connection missed, right here in the stream: everything queued after
+    /// this item is newer than the plan's cut.
+    Resume(Box<ResumePlan>),
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloseRequest {
@@ -41,7 +50,9 @@ pub struct Limits {
 
 struct Shared {
     id: ConnId,
-    tx: mpsc::Sender<Frame>,
+    tx: mpsc::Sender<Outgoing>,
+    /// Receives position watermarks (false while a resume is pending).
+    live: AtomicBool,
     queued_bytes: AtomicUsize,
     close: watch::Sender<Option<CloseRequest>>,
     limits: Limits,
@@ -53,7 +64,7 @@ pub struct Peer(Arc<Shared>);
 
 /// The writer's end of the outbox.
 pub struct Inbox {
-    pub rx: mpsc::Receiver<Frame>,
+    pub rx: mpsc::Receiver<Outgoing>,
     pub peer: Peer,
 }
 
@@ -64,6 +75,7 @@ impl Peer {
         let peer = Peer(Arc::new(Shared {
             id,
             tx,
+            live: AtomicBool::new(false),
             queued_bytes: AtomicUsize::new(0),
             close,
             limits,
@@ -94,7 +106,7 @@ impl Peer {
             s.queued_bytes.fetch_sub(len, Ordering::AcqRel);
             return self.overflow();
         }
-        match s.tx.try_send(frame.clone()) {
+        match s.tx.try_send(Outgoing::Frame(frame.clone())) {
             Ok(()) => Delivery::Queued,
             Err(e) => {
                 s.queued_bytes.fetch_sub(len, Ordering::AcqRel);
@@ -109,6 +121,26 @@ impl Peer {
     /// Queues a reply to the client (ok, error, pong), in order with events.
     pub fn reply(&self, frame: Frame) {
         self.deliver(&frame, Priority::Critical);
+    }
+
+    /// Queues a replay at this point of the stream.
+    pub fn resume(&self, plan: ResumePlan) {
+        if self
+            .0
+            .tx
+            .try_send(Outgoing::Resume(Box::new(plan)))
+            .is_err()
+        {
+            self.overflow();
+        }
+    }
+
+    pub fn set_live(&self) {
+        self.0.live.store(true, Ordering::Release);
+    }
+
+    pub fn is_live(&self) -> bool {
+        self.0.live.load(Ordering::Acquire)
     }
 
     fn overflow(&self) -> Delivery {
@@ -152,6 +184,12 @@ impl Peer {
     }
 }
 
+/// Resolves once a close has been requested. The guard `wait_for` returns is not `Send`, so
+/// it is dropped here rather than inside a caller's `select!`.
+pub async fn closed(signal: &mut watch::Receiver<Option<CloseRequest>>) {
+    let _ = signal.wait_for(Option::is_some).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,7 +214,7 @@ mod tests {
         assert_eq!(peer.deliver(&f, Priority::Normal), Delivery::Overflow);
         assert_eq!(peer.close_request().unwrap().code, close::SLOW_CONSUMER);
         assert_eq!(peer.deliver(&f, Priority::Normal), Delivery::Closed);
-        assert_eq!(inbox.rx.try_recv().unwrap(), f);
+        assert!(matches!(inbox.rx.try_recv().unwrap(), Outgoing::Frame(got) if got == f));
     }
 
     #[test]

@@ -58,6 +58,20 @@ pub enum ClientFrame {
         #[serde(default)]
         features: Vec<String>,
     },
+    /// Subscribe to `rooms` as of `positions`: replay what was missed, then go live.
+    Resume {
+        #[serde(default)]
+        id: Option<Value>,
+        positions: BTreeMap<String, i64>,
+        #[serde(default)]
+        rooms: Vec<String>,
+        #[serde(default)]
+        features: Vec<String>,
+        #[serde(default)]
+        events: Option<Vec<String>>,
+        #[serde(default)]
+        token: Option<String>,
+    },
     Ping {
         #[serde(default)]
         id: Option<Value>,
@@ -140,6 +154,24 @@ pub fn ok(id: &Option<Value>, rooms: Option<&[String]>) -> Frame {
         v["rooms"] = json!(rooms);
     }
     to_frame(v)
+}
+
+/// The answer to a resume, after the replayed events.
+pub fn resumed(id: &Option<Value>, rooms: &[String], replayed: usize, source: &str) -> Frame {
+    to_frame(json!({
+        "type": "ok", "id": id, "rooms": rooms, "replayed": replayed, "source": source,
+    }))
+}
+
+/// A watermark: everything up to these positions has been delivered or does not concern
+/// the connection. It travels through the connection's queue, behind what it covers.
+pub fn positions(positions: &BTreeMap<String, i64>) -> Frame {
+    to_frame(json!({"type": "positions", "positions": positions}))
+}
+
+/// The gap cannot be replayed: the client must refetch its state.
+pub fn resync(reason: &str) -> Frame {
+    to_frame(json!({"type": "resync", "reason": reason}))
 }
 
 pub fn error(id: &Option<Value>, code: &str, room: Option<&str>, message: &str) -> Frame {

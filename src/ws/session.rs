@@ -1,45 +1,48 @@
 //! A session: one authenticated WebSocket connection from welcome to close.
 //!
-//! Two tasks share the socket. The writer drains the outbox, sending every queued frame in one
-//! write followed by one flush, and pings on the heartbeat. The reader handles client frames,
-//! watches for silence and token expiry, and keeps reading while closing so the close
-//! handshake runs to its end. Neither ever waits on the consumer, nor the consumer on them.
+//! Two tasks share the socket. The writer (see `writer.rs`) drains the outbox. The reader,
+//! here, handles client frames, watches for silence and token expiry, and keeps reading while
+//! closing so the close handshake runs to its end. Neither ever waits on the consumer, nor the
+//! consumer on them.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::stream::SplitStream;
+use futures_util::StreamExt;
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{sleep_until, timeout, Instant};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info_span, Instrument};
 
-use super::outbox::{Inbox, Limits, Peer};
+use super::outbox::{closed, Limits, Peer};
 use super::protocol::{self, close, ClientFrame, Welcome};
-use super::Hub;
+use super::{writer, Hub};
 use crate::auth::{now_secs, Identity};
 use crate::pattern::{EventFilter, Pattern};
+use crate::position::PositionMap;
 use crate::registry::ConnId;
+use crate::replay::{ResumePlan, Selection};
 
-/// How long a closing session keeps reading for the peer's close reply.
+/// How long a closing session keeps reading for the peer's close reply, and then waits for
+/// its writer (which may be stuck on a peer that stopped reading).
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
-/// Frames the writer takes from the queue for one write.
-const BATCH: usize = 256;
 
 struct Session {
     id: ConnId,
     hub: Arc<Hub>,
     identity: Identity,
     peer: Peer,
-    rooms: HashSet<String>,
+    /// Joined rooms and their event filters.
+    rooms: HashMap<String, Option<Arc<EventFilter>>>,
     bad_frames: u32,
+    /// Set when the client asked to resume (`?resume=1`): the welcome's positions, and no room
+    /// joined yet, until its first frame.
+    awaiting_resume: Option<PositionMap>,
 }
 
 /// Runs a session to its end. The permit is released when it returns.
@@ -48,6 +51,7 @@ pub async fn run<S>(
     ws: WebSocketStream<S>,
     identity: Identity,
     permit: OwnedSemaphorePermit,
+    resume_requested: bool,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -69,20 +73,27 @@ pub async fn run<S>(
             hub: hub.clone(),
             identity,
             peer: peer.clone(),
-            rooms: HashSet::new(),
+            rooms: HashMap::new(),
             bad_frames: 0,
+            awaiting_resume: None,
         };
-        hub.sessions.insert(id, peer.clone());
         hub.metrics.connections.inc();
         hub.metrics.connections_opened.inc();
-        session.welcome();
-        let writer = tokio::spawn(write_loop(sink, inbox, heartbeat).in_current_span());
+        session.welcome(resume_requested);
+        let mut writer =
+            tokio::spawn(writer::run(hub.clone(), sink, inbox, heartbeat).in_current_span());
         session.read_loop(stream).await;
         // The reader is done: make sure the writer stops too, then forget the connection.
         peer.close(close::NORMAL, "", false);
         hub.registry.leave_all(id);
         hub.sessions.remove(&id);
-        let code = writer.await.unwrap_or(close::INTERNAL);
+        let code = match timeout(CLOSE_GRACE, &mut writer).await {
+            Ok(done) => done.unwrap_or(close::INTERNAL),
+            Err(_) => {
+                writer.abort();
+                writer::ABNORMAL
+            }
+        };
         hub.metrics.connections.dec();
         hub.metrics
             .connections_closed
@@ -95,9 +106,12 @@ pub async fn run<S>(
 }
 
 impl Session {
-    /// The welcome goes first in the queue, and the position snapshot is taken before the
-    /// rooms are joined: a record read in between is then claimed by neither, never by both.
-    fn welcome(&mut self) {
+    /// The welcome goes first in the queue. Its positions and the joining of the user's own
+    /// rooms happen under the hub's cut, so every record after the positions is delivered
+    /// live and none before it is. A resuming client joins nothing until its resume.
+    fn welcome(&mut self, resume_requested: bool) {
+        let hub = self.hub.clone();
+        let _cut = hub.cut();
         let positions = self.hub.partitions.delivered_map();
         let rooms = self.identity.own_rooms();
         let frame = protocol::welcome(&Welcome {
@@ -110,9 +124,15 @@ impl Session {
             server: &self.hub.config.server.name,
         });
         self.peer.reply(frame);
-        for room in rooms {
-            self.join(&room, None);
+        if resume_requested {
+            self.awaiting_resume = Some(positions);
+        } else {
+            for room in rooms {
+                self.join(&room, None);
+            }
+            self.peer.set_live();
         }
+        hub.sessions.insert(self.id, self.peer.clone());
     }
 
     async fn read_loop<S>(&mut self, mut stream: SplitStream<WebSocketStream<S>>)
@@ -213,7 +233,29 @@ impl Session {
     }
 
     fn on_frame(&mut self, frame: ClientFrame) {
+        if let Some(welcome_positions) = self.awaiting_resume.take() {
+            if let ClientFrame::Resume {
+                id,
+                positions,
+                rooms,
+                features,
+                events,
+                token,
+            } = frame
+            {
+                let rooms = protocol::requested_rooms(rooms, features);
+                return self.resume(&id, positions, rooms, events, token, welcome_positions);
+            }
+            // Anything else first: resume from the welcome, then carry on.
+            self.start_resume(None, welcome_positions, Vec::new(), None);
+        }
         match frame {
+            ClientFrame::Resume { id, .. } => {
+                self.bad_frame(
+                    &id,
+                    "resume must be the first frame of a connection opened with ?resume=1",
+                );
+            }
             ClientFrame::Subscribe {
                 id,
                 rooms,
@@ -254,6 +296,23 @@ impl Session {
                 return;
             }
         };
+        let Some(admitted) = self.admit_all(id, rooms, token) else {
+            return;
+        };
+        for room in &admitted {
+            self.join(room, filter.clone());
+        }
+        self.peer.reply(protocol::ok(id, Some(&admitted)));
+    }
+
+    /// Checks each room against the identity and the subscription token; replies with an
+    /// error for each refused room. None (after a final error) if the token is refused.
+    fn admit_all(
+        &mut self,
+        id: &Option<Value>,
+        rooms: Vec<String>,
+        token: Option<String>,
+    ) -> Option<Vec<String>> {
         let grants = match token.map(|t| self.hub.auth.subscription_grants(&self.identity, &t)) {
             None => Vec::new(),
             Some(Ok(g)) => g,
@@ -262,16 +321,13 @@ impl Session {
                 let message = format!("subscription token refused: {e}");
                 self.peer
                     .reply(protocol::error(id, "invalid_token", None, &message));
-                return;
+                return None;
             }
         };
-        let mut joined = Vec::new();
+        let mut admitted = Vec::new();
         for room in rooms {
             match self.admit(&room, &grants) {
-                Ok(()) => {
-                    self.join(&room, filter.clone());
-                    joined.push(room);
-                }
+                Ok(()) => admitted.push(room),
                 Err((code, message)) => {
                     self.count_subscriptions(code, 1);
                     self.peer
@@ -279,8 +335,65 @@ impl Session {
                 }
             }
         }
-        self.count_subscriptions("ok", joined.len());
-        self.peer.reply(protocol::ok(id, Some(&joined)));
+        self.count_subscriptions("ok", admitted.len());
+        Some(admitted)
+    }
+
+    /// A resume request: the user's own rooms plus `rooms`, as of `after`.
+    fn resume(
+        &mut self,
+        id: &Option<Value>,
+        after: PositionMap,
+        rooms: Vec<String>,
+        events: Option<Vec<String>>,
+        token: Option<String>,
+        welcome_positions: PositionMap,
+    ) {
+        let filter = match events.map(|e| EventFilter::parse(&e)).transpose() {
+            Ok(f) => f.map(Arc::new),
+            Err(e) => {
+                self.awaiting_resume = Some(welcome_positions);
+                self.bad_frame(id, &format!("events: {e}"));
+                return;
+            }
+        };
+        let Some(admitted) = self.admit_all(id, rooms, token) else {
+            self.awaiting_resume = Some(welcome_positions);
+            return;
+        };
+        self.start_resume(Some(id.clone()), after, admitted, filter);
+    }
+
+    /// Joins the rooms under the cut and queues the replay of `(after, cut]` in their place.
+    fn start_resume(
+        &mut self,
+        id: Option<Option<Value>>,
+        after: PositionMap,
+        extra: Vec<String>,
+        filter: Option<Arc<EventFilter>>,
+    ) {
+        let hub = self.hub.clone();
+        let _cut = hub.cut();
+        let mut joined = self.identity.own_rooms();
+        for room in &joined {
+            self.join(room, None);
+        }
+        for room in extra {
+            self.join(&room, filter.clone());
+            joined.push(room);
+        }
+        let plan = ResumePlan {
+            id,
+            after,
+            cut: hub.partitions.delivered_map(),
+            selection: Selection {
+                tenant: self.identity.tenant.clone(),
+                rooms: self.rooms.clone(),
+            },
+            rooms: joined,
+        };
+        self.peer.resume(plan);
+        self.peer.set_live();
     }
 
     fn admit(&self, room: &str, grants: &[Pattern]) -> Result<(), (&'static str, &'static str)> {
@@ -294,7 +407,7 @@ impl Session {
             return Err(("forbidden", "not allowed to join this room"));
         }
         let max = self.hub.config.websocket.max_rooms_per_connection;
-        if self.rooms.len() >= max && !self.rooms.contains(room) {
+        if self.rooms.len() >= max && !self.rooms.contains_key(room) {
             return Err(("too_many_rooms", "room limit for this connection reached"));
         }
         Ok(())
@@ -304,15 +417,15 @@ impl Session {
         let tenant = self.identity.tenant.as_deref();
         self.hub
             .registry
-            .join(self.id, tenant, room, &self.peer, filter);
-        self.rooms.insert(room.to_string());
+            .join(self.id, tenant, room, &self.peer, filter.clone());
+        self.rooms.insert(room.to_string(), filter);
     }
 
     fn unsubscribe(&mut self, id: &Option<Value>, rooms: Vec<String>) {
         let tenant = self.identity.tenant.as_deref();
         let mut left = Vec::new();
         for room in rooms {
-            if self.rooms.remove(&room) {
+            if self.rooms.remove(&room).is_some() {
                 self.hub.registry.leave(self.id, tenant, &room);
                 left.push(room);
             }
@@ -350,76 +463,4 @@ impl Session {
             .with_label_values(&[result])
             .inc_by(n as u64);
     }
-}
-
-/// Drains the outbox into the socket: every frame queued at that moment in one write, then one
-/// flush. Returns the close code sent, or 1006 when the socket broke first.
-async fn write_loop<S>(
-    mut sink: SplitSink<WebSocketStream<S>, Message>,
-    mut inbox: Inbox,
-    heartbeat: Duration,
-) -> u16
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut closing = inbox.peer.close_signal();
-    let mut batch = Vec::with_capacity(16);
-    let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
-    loop {
-        tokio::select! {
-            biased;
-            _ = closed(&mut closing) => break,
-            n = inbox.rx.recv_many(&mut batch, BATCH) => {
-                if n == 0 || send_batch(&mut sink, &mut batch, &inbox.peer).await.is_err() {
-                    return 1006;
-                }
-            }
-            _ = ping.tick() => {
-                if sink.send(Message::Ping(Default::default())).await.is_err() {
-                    return 1006;
-                }
-            }
-        }
-    }
-    let request = inbox
-        .peer
-        .close_request()
-        .expect("woken by a close request");
-    if request.flush {
-        while let Ok(frame) = inbox.rx.try_recv() {
-            batch.push(frame);
-        }
-        let _ = send_batch(&mut sink, &mut batch, &inbox.peer).await;
-    }
-    let frame = CloseFrame {
-        code: CloseCode::from(request.code),
-        reason: request.reason.into(),
-    };
-    match sink.send(Message::Close(Some(frame))).await {
-        Ok(()) => request.code,
-        Err(_) => 1006,
-    }
-}
-
-/// Resolves once a close has been requested. The guard `wait_for` returns is not `Send`, so
-/// it is dropped here rather than inside a `select!`.
-async fn closed(signal: &mut tokio::sync::watch::Receiver<Option<super::outbox::CloseRequest>>) {
-    let _ = signal.wait_for(Option::is_some).await;
-}
-
-async fn send_batch<S>(
-    sink: &mut SplitSink<WebSocketStream<S>, Message>,
-    batch: &mut Vec<protocol::Frame>,
-    peer: &Peer,
-) -> Result<(), WsError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut bytes = 0;
-    for frame in batch.drain(..) {
-        bytes += frame.len();
-        sink.feed(Message::Text(frame)).await?;
-    }
-    peer.sent(bytes);
-    sink.flush().await
 }

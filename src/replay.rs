@@ -1,0 +1,383 @@
+//! The replay buffer: the recent records of every partition, kept as the frames already
+//! encoded for live delivery, so a reconnecting client can be given what it missed without
+//! touching Kafka.
+//!
+//! Each partition keeps a contiguous window of offsets `[start, end)`: every offset in it was
+//! read, and the routed ones are kept with their rooms. The window is bounded by bytes and by
+//! age; what falls out must come from Kafka instead. A [`Selection`] says which records a
+//! connection would have received: same tenant, a shared room, and a filter that admits the
+//! event.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::kafka::replay::KafkaReplay;
+use crate::pattern::EventFilter;
+use crate::position::{parse_partition_key, PositionMap};
+use crate::route::Routed;
+use crate::ws::protocol::Frame;
+
+/// One routed record, as kept for replay.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub offset: i64,
+    pub tenant: Option<Box<str>>,
+    pub rooms: Box<[Box<str>]>,
+    pub event: Box<str>,
+    pub frame: Frame,
+    at: Instant,
+}
+
+impl Entry {
+    pub fn new(routed: &Routed<'_>, frame: &Frame) -> Entry {
+        Entry {
+            offset: routed.position.offset,
+            tenant: routed.tenant.as_deref().map(Into::into),
+            rooms: routed.rooms.iter().map(|r| r.as_str().into()).collect(),
+            event: routed.event.as_str().into(),
+            frame: frame.clone(),
+            at: Instant::now(),
+        }
+    }
+
+    fn cost(&self) -> usize {
+        let rooms: usize = self.rooms.iter().map(|r| r.len() + 16).sum();
+        std::mem::size_of::<Entry>() + self.frame.len() + self.event.len() + rooms + 16
+    }
+}
+
+/// Which records a connection would have received.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    pub tenant: Option<String>,
+    /// Room name to its event filter (None: every event).
+    pub rooms: HashMap<String, Option<Arc<EventFilter>>>,
+}
+
+impl Selection {
+    pub fn admits(&self, entry: &Entry) -> bool {
+        entry.tenant.as_deref() == self.tenant.as_deref()
+            && entry
+                .rooms
+                .iter()
+                .any(|room| match self.rooms.get(&**room) {
+                    Some(None) => true,
+                    Some(Some(filter)) => filter.matches(&entry.event),
+                    None => false,
+                })
+    }
+}
+
+#[derive(Debug, Default)]
+struct PartitionBuffer {
+    entries: VecDeque<Entry>,
+    /// First offset covered.
+    start: i64,
+    /// One past the last offset covered.
+    end: i64,
+    bytes: usize,
+}
+
+impl PartitionBuffer {
+    fn evict_front(&mut self) {
+        if let Some(e) = self.entries.pop_front() {
+            self.bytes -= e.cost();
+            self.start = e.offset + 1;
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub bytes: usize,
+    pub max_age: Duration,
+}
+
+/// What the buffer can say about a range of one partition.
+#[derive(Debug, PartialEq)]
+pub enum Lookup {
+    /// The range is covered; these are the selected frames in offset order.
+    Hit(Vec<Frame>),
+    /// Offsets before this one have left the buffer (or were never in it).
+    Miss { start: i64 },
+}
+
+pub struct ReplayBuffer {
+    limits: Limits,
+    partitions: Mutex<BTreeMap<String, BTreeMap<i32, PartitionBuffer>>>,
+}
+
+impl ReplayBuffer {
+    pub fn new(limits: Limits) -> ReplayBuffer {
+        ReplayBuffer {
+            limits,
+            partitions: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Starts (or restarts, after an offset reset) a partition's window at `offset`.
+    pub fn reset(&self, topic: &str, partition: i32, offset: i64) {
+        let buffer = PartitionBuffer {
+            start: offset,
+            end: offset,
+            ..PartitionBuffer::default()
+        };
+        self.lock()
+            .entry(topic.to_string())
+            .or_default()
+            .insert(partition, buffer);
+    }
+
+    /// Records that `offset` was read; `entry` is the routed record, if it was routable.
+    pub fn push(&self, topic: &str, partition: i32, offset: i64, entry: Option<Entry>) {
+        let mut all = self.lock();
+        let count = all.values().map(BTreeMap::len).sum::<usize>().max(1);
+        let Some(p) = all.get_mut(topic).and_then(|t| t.get_mut(&partition)) else {
+            return;
+        };
+        if let Some(e) = entry {
+            p.bytes += e.cost();
+            p.entries.push_back(e);
+        }
+        p.end = offset + 1;
+        // Each partition gets an equal share of the byte budget.
+        let share = self.limits.bytes / count;
+        let now = Instant::now();
+        while p.bytes > share
+            || p.entries
+                .front()
+                .is_some_and(|e| now.duration_since(e.at) > self.limits.max_age)
+        {
+            p.evict_front();
+        }
+    }
+
+    /// The selected frames with offsets in `(after, upto]`, if the buffer covers the range.
+    pub fn lookup(
+        &self,
+        topic: &str,
+        partition: i32,
+        after: i64,
+        upto: i64,
+        selection: &Selection,
+    ) -> Lookup {
+        let all = self.lock();
+        let Some(p) = all.get(topic).and_then(|t| t.get(&partition)) else {
+            return Lookup::Miss { start: i64::MAX };
+        };
+        if after + 1 < p.start || upto >= p.end {
+            return Lookup::Miss { start: p.start };
+        }
+        let first = p.entries.partition_point(|e| e.offset <= after);
+        let frames = p
+            .entries
+            .range(first..)
+            .take_while(|e| e.offset <= upto)
+            .filter(|e| selection.admits(e))
+            .map(|e| e.frame.clone())
+            .collect();
+        Lookup::Hit(frames)
+    }
+
+    /// Total bytes held and records kept.
+    pub fn usage(&self) -> (usize, usize) {
+        let all = self.lock();
+        all.values()
+            .flat_map(BTreeMap::values)
+            .fold((0, 0), |(b, n), p| (b + p.bytes, n + p.entries.len()))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, BTreeMap<i32, PartitionBuffer>>> {
+        self.partitions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A resume, decided by the session and carried out by its writer, in stream order.
+#[derive(Debug)]
+pub struct ResumePlan {
+    /// The request's id; None for an implicit resume (a client that opted in but sent
+    /// something else first), which gets no `ok`.
+    pub id: Option<Option<Value>>,
+    /// What the client has: everything up to these offsets.
+    pub after: PositionMap,
+    /// The cut taken when the rooms were joined: live delivery covers what comes after it.
+    pub cut: PositionMap,
+    pub selection: Selection,
+    pub rooms: Vec<String>,
+}
+
+/// Where a resume was served from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Nothing was missing.
+    Nothing,
+    Memory,
+    Kafka,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Nothing => "nothing",
+            Source::Memory => "memory",
+            Source::Kafka => "kafka",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum Replayed {
+    Frames {
+        frames: Vec<Frame>,
+        source: Source,
+    },
+    /// The gap cannot be replayed; the reason is for the client.
+    Resync(String),
+}
+
+/// Gathers, partition by partition and in offset order, every record of `(after, cut]` the
+/// plan's selection admits: from memory where the buffer covers the range, else from Kafka.
+pub async fn gather(buffer: &ReplayBuffer, kafka: &KafkaReplay, plan: &ResumePlan) -> Replayed {
+    let mut frames = Vec::new();
+    let mut source = Source::Nothing;
+    for (key, &upto) in &plan.cut {
+        let Some((topic, partition)) = parse_partition_key(key) else {
+            continue;
+        };
+        // A partition the client has never heard of is replayed from its beginning.
+        let after = plan.after.get(key).copied().unwrap_or(-1);
+        if after > upto {
+            return Replayed::Resync(format!(
+                "{key}: position {after} is ahead of the log ({upto}); the topic was recreated"
+            ));
+        }
+        if after == upto {
+            continue;
+        }
+        match buffer.lookup(topic, partition, after, upto, &plan.selection) {
+            Lookup::Hit(mut f) => {
+                frames.append(&mut f);
+                if source == Source::Nothing {
+                    source = Source::Memory;
+                }
+            }
+            Lookup::Miss { .. } => {
+                match kafka
+                    .read(topic, partition, after, upto, &plan.selection)
+                    .await
+                {
+                    Ok(mut f) => {
+                        frames.append(&mut f);
+                        source = Source::Kafka;
+                    }
+                    Err(e) => return Replayed::Resync(format!("{key}: {e}")),
+                }
+            }
+        }
+    }
+    Replayed::Frames { frames, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(offset: i64, room: &str, event: &str) -> Entry {
+        Entry {
+            offset,
+            tenant: None,
+            rooms: vec![room.into()].into_boxed_slice(),
+            event: event.into(),
+            frame: Frame::from(format!("frame-{offset}")),
+            at: Instant::now(),
+        }
+    }
+
+    fn selection(rooms: &[&str]) -> Selection {
+        Selection {
+            tenant: None,
+            rooms: rooms.iter().map(|r| (r.to_string(), None)).collect(),
+        }
+    }
+
+    fn frames(l: Lookup) -> Vec<String> {
+        match l {
+            Lookup::Hit(f) => f.iter().map(|f| f.as_str().to_string()).collect(),
+            Lookup::Miss { start } => panic!("miss, buffer starts at {start}"),
+        }
+    }
+
+    fn buffer(bytes: usize) -> ReplayBuffer {
+        ReplayBuffer::new(Limits {
+            bytes,
+            max_age: Duration::from_secs(60),
+        })
+    }
+
+    #[test]
+    fn selects_the_connections_records_in_a_range() {
+        let b = buffer(1 << 20);
+        b.reset("t", 0, 10);
+        for o in 10..20 {
+            let room = if o % 2 == 0 { "a" } else { "b" };
+            b.push("t", 0, o, Some(entry(o, room, "e")));
+        }
+        b.push("t", 0, 20, None); // unroutable: covered, nothing kept
+        let got = frames(b.lookup("t", 0, 13, 20, &selection(&["a"])));
+        assert_eq!(got, ["frame-14", "frame-16", "frame-18"]);
+        assert_eq!(
+            frames(b.lookup("t", 0, 9, 11, &selection(&["b"]))),
+            ["frame-11"]
+        );
+        assert_eq!(
+            b.lookup("t", 0, 8, 12, &selection(&["a"])),
+            Lookup::Miss { start: 10 }
+        );
+        // Beyond what was read is not covered either.
+        assert!(matches!(
+            b.lookup("t", 0, 15, 21, &selection(&["a"])),
+            Lookup::Miss { .. }
+        ));
+        assert!(matches!(
+            b.lookup("u", 0, 1, 2, &selection(&["a"])),
+            Lookup::Miss { .. }
+        ));
+    }
+
+    #[test]
+    fn byte_budget_evicts_the_oldest() {
+        let cost = entry(0, "a", "e").cost();
+        let b = buffer(cost * 3);
+        b.reset("t", 0, 0);
+        for o in 0..10 {
+            b.push("t", 0, o, Some(entry(o, "a", "e")));
+        }
+        assert_eq!(b.usage().1, 3);
+        assert_eq!(
+            b.lookup("t", 0, 5, 9, &selection(&["a"])),
+            Lookup::Miss { start: 7 }
+        );
+        assert_eq!(frames(b.lookup("t", 0, 6, 9, &selection(&["a"]))).len(), 3);
+    }
+
+    #[test]
+    fn tenant_and_filters_apply() {
+        let b = buffer(1 << 20);
+        b.reset("t", 0, 0);
+        let mut e = entry(0, "a", "users.user.deleted");
+        e.tenant = Some("acme".into());
+        b.push("t", 0, 0, Some(e));
+        b.push("t", 0, 1, Some(entry(1, "a", "users.user.created")));
+        let mut s = selection(&["a"]);
+        assert_eq!(frames(b.lookup("t", 0, -1, 1, &s)), ["frame-1"]);
+        s.tenant = Some("acme".into());
+        assert_eq!(frames(b.lookup("t", 0, -1, 1, &s)), ["frame-0"]);
+        let only_created = Arc::new(EventFilter::parse(&["users.*.created".into()]).unwrap());
+        s.tenant = None;
+        s.rooms.insert("a".into(), Some(only_created));
+        assert_eq!(frames(b.lookup("t", 0, -1, 1, &s)), ["frame-1"]);
+    }
+}
