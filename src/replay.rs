@@ -264,7 +264,8 @@ pub async fn gather(buffer: &ReplayBuffer, kafka: &KafkaReplay, plan: &ResumePla
                     source = Source::Memory;
                 }
             }
-            Lookup::Miss { .. } => {
+            Lookup::Miss { start } => {
+                tracing::debug!(key, after, upto, start, "replay buffer miss");
                 match kafka
                     .read(topic, partition, after, upto, &plan.selection)
                     .await

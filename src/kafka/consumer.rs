@@ -195,6 +195,7 @@ impl KafkaConsumer {
             for p in &new {
                 self.partitions
                     .assign(&p.topic, p.partition, p.start, p.head);
+                self.hub.replay.reset(&p.topic, p.partition, p.start);
                 info!(topic = %p.topic, partition = p.partition, start = p.start, "partition assigned");
             }
             self.metrics

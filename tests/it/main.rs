@@ -5,4 +5,5 @@ mod auth;
 mod delivery;
 mod ops;
 mod protocol;
+mod resume;
 mod support;

@@ -208,7 +208,10 @@ secret = "{SECRET}"
             .arg("--config")
             .arg(config)
             .env("ROOMCAST_LOG_FORMAT", "json")
-            .env("ROOMCAST_LOG", "info,rdkafka=warn")
+            .env(
+                "ROOMCAST_LOG",
+                std::env::var("IT_ROOMCAST_LOG").unwrap_or("info,rdkafka=warn".into()),
+            )
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -245,6 +248,19 @@ secret = "{SECRET}"
             .lines()
             .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
             .unwrap_or(0.0)
+    }
+
+    /// Waits until the server has read `n` records of `topic`.
+    pub async fn wait_consumed(&self, topic: &str, n: u64) {
+        let series = format!("roomcast_records_consumed_total{{topic=\"{topic}\"}}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while (self.metric(&series).await as u64) < n {
+            assert!(
+                Instant::now() < deadline,
+                "server read fewer than {n} records of {topic}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn ws_url(&self) -> String {
@@ -337,6 +353,10 @@ pub struct Client {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     pub welcome: Value,
     next_id: u64,
+    /// What this client would keep to resume, updated by every frame it reads.
+    pub tracker: Tracker,
+    /// Return `positions` frames from `frame()` too (by default they only update `tracker`).
+    pub see_positions: bool,
 }
 
 pub const WAIT: Duration = Duration::from_secs(15);
@@ -352,19 +372,50 @@ impl Client {
         Client::connect_request(req).await
     }
 
+    /// Connects like `connect`, with a small socket receive buffer, so a client that stops
+    /// reading fills up the server's side quickly.
+    pub async fn connect_small_buffer(url: &str, token: &str) -> Client {
+        let mut req = url.into_client_request().unwrap();
+        req.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            format!("roomcast.v1, bearer.{token}").parse().unwrap(),
+        );
+        let addr: std::net::SocketAddr = req.uri().authority().unwrap().as_str().parse().unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(8 * 1024).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        let (ws, _) = tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(stream))
+            .await
+            .expect("connected");
+        let mut c = Client::new(ws);
+        c.read_welcome().await;
+        c
+    }
+
+    fn new(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Client {
+        Client {
+            ws,
+            welcome: Value::Null,
+            next_id: 100,
+            tracker: Tracker::default(),
+            see_positions: false,
+        }
+    }
+
+    async fn read_welcome(&mut self) {
+        self.welcome = self.frame().await.expect("welcome frame");
+        assert_eq!(self.welcome["type"], "welcome");
+        self.tracker = Tracker::from_welcome(&self.welcome);
+    }
+
     pub async fn connect_request(
         req: tokio_tungstenite::tungstenite::handshake::client::Request,
     ) -> Result<Client, (u16, String)> {
         use tokio_tungstenite::tungstenite::Error;
         match tokio_tungstenite::connect_async(req).await {
             Ok((ws, _)) => {
-                let mut c = Client {
-                    ws,
-                    welcome: Value::Null,
-                    next_id: 100,
-                };
-                c.welcome = c.frame().await.expect("welcome frame");
-                assert_eq!(c.welcome["type"], "welcome");
+                let mut c = Client::new(ws);
+                c.read_welcome().await;
                 Ok(c)
             }
             Err(Error::Http(resp)) => {
@@ -399,7 +450,14 @@ impl Client {
                 .await
                 .ok()??;
             match m.ok()? {
-                Message::Text(t) => return Some(serde_json::from_str(t.as_str()).unwrap()),
+                Message::Text(t) => {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                    self.tracker.see(&v);
+                    if v["type"] == "positions" && !self.see_positions {
+                        continue;
+                    }
+                    return Some(v);
+                }
                 Message::Close(_) => return None,
                 _ => continue,
             }
@@ -437,11 +495,11 @@ impl Client {
     pub async fn events(&mut self, n: usize) -> Vec<Value> {
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
-            let f = self
-                .frame()
-                .await
-                .unwrap_or_else(|| panic!("got {} of {n} events: {out:?}", out.len()));
-            assert_eq!(f["type"], "event", "expected an event, got {f}");
+            let f = self.frame().await.unwrap_or_else(|| {
+                let last = out.last().map(|e: &Value| e["pos"].clone());
+                panic!("got {} of {n} events, the last at {last:?}", out.len())
+            });
+            assert_eq!(f["type"], "event", "expected an event, got {}", short(&f));
             out.push(f);
         }
         out
@@ -450,7 +508,25 @@ impl Client {
     /// Asserts nothing arrives for `d`.
     pub async fn expect_silence(&mut self, d: Duration) {
         if let Some(f) = self.frame_within(d).await {
-            panic!("expected nothing, got {f}");
+            panic!("expected nothing, got {}", short(&f));
+        }
+    }
+
+    /// The next JSON frame, or Err(close code) when the server closes.
+    pub async fn next_or_close(&mut self) -> Result<Value, Option<u16>> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                    self.tracker.see(&v);
+                    return Ok(v);
+                }
+                Ok(Some(Ok(Message::Close(c)))) => return Err(c.map(|c| u16::from(c.code))),
+                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Err(_))) | Ok(None) => return Err(None),
+                Err(_) => panic!("nothing within {WAIT:?}"),
+            }
         }
     }
 
@@ -466,6 +542,84 @@ impl Client {
             }
         }
     }
+}
+
+/// What a client keeps to resume: the welcome's positions, updated by every event and
+/// every `positions` frame it receives.
+#[derive(Debug, Clone, Default)]
+pub struct Tracker {
+    pub positions: BTreeMap<String, i64>,
+}
+
+impl Tracker {
+    pub fn from_welcome(welcome: &Value) -> Tracker {
+        let positions = serde_json::from_value(welcome["positions"].clone()).unwrap();
+        Tracker { positions }
+    }
+
+    pub fn see(&mut self, frame: &Value) {
+        match frame["type"].as_str() {
+            Some("event") => {
+                let (key, offset) = split_pos(frame["pos"].as_str().unwrap());
+                self.positions.insert(key, offset);
+            }
+            Some("positions") => {
+                let map: BTreeMap<String, i64> =
+                    serde_json::from_value(frame["positions"].clone()).unwrap();
+                self.positions.extend(map);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `topic:partition:offset` into (`topic:partition`, offset).
+pub fn split_pos(pos: &str) -> (String, i64) {
+    let (key, offset) = pos.rsplit_once(':').unwrap();
+    (key.to_string(), offset.parse().unwrap())
+}
+
+impl Client {
+    /// Connects with `?resume=1` and resumes from `tracker`: returns every frame up to the
+    /// resume's final answer (replayed events, `resync`, `positions`, then `ok`).
+    pub async fn resume(
+        server: &Server,
+        token: &str,
+        tracker: &Tracker,
+        rooms: &[&str],
+    ) -> (Client, Vec<Value>) {
+        let url = format!("{}?resume=1", server.ws_url());
+        let mut c = Client::connect(&url, token)
+            .await
+            .unwrap_or_else(|(s, b)| panic!("refused: {s} {b}"));
+        c.send(json!({"type": "resume", "id": 1, "positions": tracker.positions, "rooms": rooms}))
+            .await;
+        let mut frames = Vec::new();
+        c.see_positions = true;
+        loop {
+            let f = c.frame().await.expect("resume answer");
+            let done = f["type"] == "ok" && f["id"] == 1;
+            frames.push(f);
+            if done {
+                c.see_positions = false;
+                return (c, frames);
+            }
+        }
+    }
+}
+
+/// A frame for a failure message: its first 300 characters.
+pub fn short(v: &Value) -> String {
+    v.to_string().chars().take(300).collect()
+}
+
+/// Event frames only.
+pub fn only_events(frames: &[Value]) -> Vec<Value> {
+    frames
+        .iter()
+        .filter(|f| f["type"] == "event")
+        .cloned()
+        .collect()
 }
 
 /// Payload field `key` of each event.

@@ -1,0 +1,354 @@
+//! Nothing lost: positions, resume from memory and from Kafka, resync, slow consumers.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+const QUIET: Duration = Duration::from_millis(700);
+
+fn task(user: &str, seq: u64) -> Value {
+    json!({"taskId": format!("t{seq}"), "userId": user, "seq": seq})
+}
+
+fn seqs(events: &[Value]) -> Vec<u64> {
+    events
+        .iter()
+        .map(|e| e["payload"]["seq"].as_u64().unwrap())
+        .collect()
+}
+
+/// Produces `n` records for `mine` and `n` for `other`, interleaved, with seq from `from`.
+async fn produce_mixed(p: &Producer, topic: &str, mine: &str, other: &str, from: u64, n: u64) {
+    let sends = (from..from + n).flat_map(|seq| {
+        [(mine, seq), (other, seq)].map(|(user, seq)| {
+            let value = task(user, seq).to_string();
+            async move { p.send(topic, value.as_bytes()).await }
+        })
+    });
+    futures_util::future::join_all(sends).await;
+}
+
+/// Connects, receives `live` records, and disconnects: returns what the client kept.
+async fn session_then_disconnect(server: &Server, topic: &str, user: &str, live: u64) -> Tracker {
+    let mut c = server.connect(&token(user, &[])).await;
+    let p = Producer::new();
+    for seq in 0..live {
+        p.send_json(topic, task(user, seq)).await;
+    }
+    c.events(live as usize).await;
+    c.tracker
+}
+
+#[tokio::test]
+async fn resume_replays_exactly_the_missed_records_from_memory_then_goes_live() {
+    let topic = unique("resume");
+    create_topic(&topic, 1).await;
+    let server = Server::start(&task_route(&topic), "").await;
+    let tracker = session_then_disconnect(&server, &topic, "r", 3).await;
+    let p = Producer::new();
+    produce_mixed(&p, &topic, "r", "someone-else", 100, 1000).await;
+    server.wait_consumed(&topic, 2003).await;
+
+    let (mut c, frames) = Client::resume(&server, &token("r", &[]), &tracker, &[]).await;
+    let replayed = only_events(&frames);
+    assert_eq!(seqs(&replayed), (100..1100).collect::<Vec<_>>());
+    let ok = frames.last().unwrap();
+    assert_eq!(ok["replayed"], 1000);
+    assert_eq!(ok["source"], "memory");
+    assert_eq!(ok["rooms"], json!(["user:r"]));
+    // The cut follows the replay, so the client's map is complete again.
+    assert_eq!(frames[frames.len() - 2]["type"], "positions");
+
+    for seq in 2000..2005 {
+        p.send_json(&topic, task("r", seq)).await;
+    }
+    assert_eq!(seqs(&c.events(5).await), (2000..2005).collect::<Vec<_>>());
+    c.expect_silence(QUIET).await;
+    let memory = server
+        .metric("roomcast_resumes_total{source=\"memory\"}")
+        .await;
+    assert_eq!(memory, 1.0);
+}
+
+#[tokio::test]
+async fn resume_beyond_the_buffer_is_served_from_kafka() {
+    let topic = unique("resume-kafka");
+    create_topic(&topic, 1).await;
+    let server = Server::start(&task_route(&topic), "[resume]\nbuffer_bytes = 20000\n").await;
+    let tracker = session_then_disconnect(&server, &topic, "k", 2).await;
+    let p = Producer::new();
+    produce_mixed(&p, &topic, "k", "another", 10, 1000).await;
+    server.wait_consumed(&topic, 2002).await;
+
+    let (mut c, frames) = Client::resume(&server, &token("k", &[]), &tracker, &[]).await;
+    assert_eq!(seqs(&only_events(&frames)), (10..1010).collect::<Vec<_>>());
+    assert_eq!(frames.last().unwrap()["source"], "kafka");
+    p.send_json(&topic, task("k", 5000)).await;
+    assert_eq!(seqs(&c.events(1).await), [5000]);
+    c.expect_silence(QUIET).await;
+}
+
+#[tokio::test]
+async fn too_old_or_impossible_positions_get_resync() {
+    let topic = unique("resync");
+    create_topic(&topic, 1).await;
+    let extra = "[resume]\nbuffer_bytes = 2000\nmax_age_seconds = 1\n";
+    let server = Server::start(&task_route(&topic), extra).await;
+    let tracker = session_then_disconnect(&server, &topic, "old", 1).await;
+    let p = Producer::new();
+    for seq in 10..200 {
+        p.send_json(&topic, task("old", seq)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_c, frames) = Client::resume(&server, &token("old", &[]), &tracker, &[]).await;
+    assert_eq!(frames[0]["type"], "resync", "{frames:?}");
+    assert!(only_events(&frames).is_empty());
+    assert_eq!(frames.last().unwrap()["source"], "resync");
+
+    // Positions ahead of the log: what a client of a deleted and recreated topic holds.
+    let mut ahead = Tracker::default();
+    ahead.positions.insert(format!("{topic}:0"), 1_000_000);
+    let (_c, frames) = Client::resume(&server, &token("old", &[]), &ahead, &[]).await;
+    assert_eq!(frames[0]["type"], "resync");
+    assert!(frames[0]["reason"].as_str().unwrap().contains("recreated"));
+    let resyncs = server
+        .metric("roomcast_resumes_total{source=\"resync\"}")
+        .await;
+    assert_eq!(resyncs, 2.0);
+}
+
+#[tokio::test]
+async fn a_client_that_never_heard_from_a_partition_still_resumes() {
+    let topic = unique("resume-partitions");
+    create_topic(&topic, 2).await;
+    let server = Server::start(&task_route(&topic), "").await;
+    let mut c = server.connect(&token("g", &[])).await;
+    assert_eq!(
+        c.tracker.positions.len(),
+        2,
+        "the welcome covers every partition"
+    );
+    let p = Producer::new();
+    let send = |partition: i32, seq: u64| {
+        let value = task("g", seq).to_string();
+        let p = &p;
+        let topic = &topic;
+        async move {
+            p.send_to(topic, Some(partition), value.as_bytes(), &[])
+                .await
+        }
+    };
+    send(0, 1).await;
+    c.events(1).await;
+    let tracker = c.tracker.clone();
+    drop(c);
+    for seq in 10..20 {
+        send(1, seq).await;
+    }
+    for seq in 20..25 {
+        send(0, seq).await;
+    }
+    server.wait_consumed(&topic, 16).await;
+    let (_c, frames) = Client::resume(&server, &token("g", &[]), &tracker, &[]).await;
+    let events = only_events(&frames);
+    let mut by_partition: Vec<(String, u64)> = events
+        .iter()
+        .map(|e| {
+            (
+                split_pos(e["pos"].as_str().unwrap()).0,
+                e["payload"]["seq"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(by_partition.len(), 15);
+    by_partition.sort_by_key(|(key, _)| key.clone());
+    let p0: Vec<u64> = by_partition
+        .iter()
+        .filter(|(k, _)| k.ends_with(":0"))
+        .map(|x| x.1)
+        .collect();
+    let p1: Vec<u64> = by_partition
+        .iter()
+        .filter(|(k, _)| k.ends_with(":1"))
+        .map(|x| x.1)
+        .collect();
+    assert_eq!(p0, (20..25).collect::<Vec<_>>());
+    assert_eq!(p1, (10..20).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_restarted_server_serves_the_resume_from_its_warmed_buffer() {
+    let topic = unique("resume-restart");
+    create_topic(&topic, 1).await;
+    let mut first = Server::start(&task_route(&topic), "").await;
+    let tracker = session_then_disconnect(&first, &topic, "f", 2).await;
+    first.sigterm();
+    first
+        .wait_exit(Duration::from_secs(15))
+        .expect("first server exited");
+    let p = Producer::new();
+    produce_mixed(&p, &topic, "f", "not-f", 100, 100).await;
+    let second = Server::start(&task_route(&topic), "").await;
+    second.wait_consumed(&topic, 202).await;
+    let (mut c, frames) = Client::resume(&second, &token("f", &[]), &tracker, &[]).await;
+    assert_eq!(seqs(&only_events(&frames)), (100..200).collect::<Vec<_>>());
+    assert_eq!(frames.last().unwrap()["source"], "memory");
+    c.expect_silence(QUIET).await;
+}
+
+#[tokio::test]
+async fn watermarks_never_claim_more_than_was_delivered() {
+    let topic = unique("watermarks");
+    create_topic(&topic, 1).await;
+    let extra = "[resume]\npositions_interval_seconds = 0.05\n";
+    let server = Server::start(&task_route(&topic), extra).await;
+    let mut c = server.connect(&token("w", &[])).await;
+    c.see_positions = true;
+    let key = format!("{topic}:0");
+    let start = c.welcome["positions"][&key].as_i64().unwrap();
+    let p = Producer::new();
+    let producing = async {
+        for seq in 0..300 {
+            p.send_json(&topic, task(if seq % 3 == 0 { "w" } else { "x" }, seq))
+                .await;
+        }
+    };
+    let reading = async {
+        let mut received: Vec<i64> = Vec::new();
+        let mut watermarks = 0;
+        while received.len() < 100 {
+            let f = c.frame().await.expect("frame");
+            match f["type"].as_str().unwrap() {
+                "event" => received.push(split_pos(f["pos"].as_str().unwrap()).1),
+                "positions" => {
+                    watermarks += 1;
+                    let claimed = f["positions"][&key].as_i64().unwrap();
+                    // Every record of this client's room up to `claimed` was already here:
+                    // records for "w" are every third one, offsets start+1+3k.
+                    let expected = (start + 1..=claimed)
+                        .filter(|o| (o - start - 1) % 3 == 0)
+                        .count();
+                    assert_eq!(
+                        received.len(),
+                        expected,
+                        "watermark {claimed} after {received:?}"
+                    );
+                }
+                other => panic!("unexpected {other}"),
+            }
+        }
+        watermarks
+    };
+    let (_, watermarks) = tokio::join!(producing, reading);
+    assert!(watermarks > 0, "no watermark seen");
+}
+
+#[tokio::test]
+async fn a_slow_client_is_closed_with_4008_and_its_resume_brings_back_everything() {
+    let topic = unique("slow");
+    create_topic(&topic, 1).await;
+    let extra =
+        "[websocket]\nqueue_frames = 2000\nqueue_bytes = 8388608\nshed_low_priority_after = 1000\n";
+    let server = Server::start(&task_route(&topic), extra).await;
+    let grant = token("slow", &["task:*"]);
+    let mut fast = server.connect(&token("fast", &["task:*"])).await;
+    fast.join(&["task:shared"]).await;
+    let mut slow = Client::connect_small_buffer(&server.ws_url(), &grant).await;
+    slow.join(&["task:shared"]).await;
+
+    let pad = "x".repeat(4000);
+    let total = 5000u64;
+    let p = Producer::new();
+    // Paced (about 2,500 records/s, 10 MB/s), so the fast client keeps up on a busy machine.
+    let producing = async {
+        for chunk in (0..total).collect::<Vec<_>>().chunks(100) {
+            let sends = chunk.iter().map(|&seq| {
+                let value = json!({"taskId": "shared", "userId": "nobody", "seq": seq, "pad": pad})
+                    .to_string();
+                let p = &p;
+                let topic = &topic;
+                async move { p.send(topic, value.as_bytes()).await }
+            });
+            futures_util::future::join_all(sends).await;
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+    };
+    // The fast client gets every record, in order, while the slow one is not reading.
+    let (_, fast_got) = tokio::join!(producing, fast.events(total as usize));
+    assert_eq!(seqs(&fast_got), (0..total).collect::<Vec<_>>());
+
+    let mut got = Vec::new();
+    let code = loop {
+        match slow.next_or_close().await {
+            Ok(f) => {
+                if f["type"] == "event" {
+                    got.push(f["payload"]["seq"].as_u64().unwrap());
+                }
+            }
+            Err(code) => break code,
+        }
+    };
+    assert_eq!(code, Some(4008));
+    assert!(
+        (got.len() as u64) < total,
+        "closed before receiving everything"
+    );
+    server.wait_consumed(&topic, total).await;
+    let (_c, frames) = Client::resume(&server, &grant, &slow.tracker, &["task:shared"]).await;
+    got.extend(seqs(&only_events(&frames)));
+    assert_eq!(got.len() as u64, total, "nothing lost, nothing twice");
+    assert!(got.iter().copied().eq(0..total), "in order");
+    let closes = server.metric("roomcast_slow_consumer_closes_total").await;
+    assert_eq!(closes, 1.0);
+}
+
+#[tokio::test]
+async fn low_priority_frames_are_shed_and_counted_normal_ones_never() {
+    let topic = unique("shed");
+    create_topic(&topic, 1).await;
+    let extra = "[websocket]\nqueue_frames = 100000\nqueue_bytes = 268435456\nshed_low_priority_after = 8\n";
+    let server = Server::start(&entity_route(&topic), extra).await;
+    let mut c =
+        Client::connect_small_buffer(&server.ws_url(), &token("lazy", &["feature:users"])).await;
+    c.join(&["feature:users"]).await;
+    let pad = "y".repeat(4000);
+    let n = 2000u64;
+    let p = Producer::new();
+    let sends = (0..2 * n).map(|seq| {
+        let priority = if seq % 2 == 0 { "normal" } else { "low" };
+        let value = json!({"feature": "users", "entity": "user", "action": "updated",
+            "data": {"id": "1", "seq": seq, "pad": pad}, "meta": {"priority": priority}})
+        .to_string();
+        let p = &p;
+        let topic = &topic;
+        async move { p.send(topic, value.as_bytes()).await }
+    });
+    futures_util::future::join_all(sends).await;
+    // Let the queue build up behind the unread socket.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut normal = Vec::new();
+    let mut low = 0u64;
+    while let Some(f) = c.frame_within(Duration::from_secs(3)).await {
+        assert_eq!(f["type"], "event", "{}", short(&f));
+        let seq = f["payload"]["data"]["seq"].as_u64().unwrap();
+        if seq % 2 == 0 {
+            normal.push(seq);
+        } else {
+            low += 1;
+        }
+    }
+    assert_eq!(
+        normal,
+        (0..2 * n).step_by(2).collect::<Vec<_>>(),
+        "every normal frame, in order"
+    );
+    let shed = server.metric("roomcast_frames_shed_total").await as u64;
+    assert!(shed > 0, "nothing was shed: the test did not build a queue");
+    assert_eq!(
+        low + shed,
+        n,
+        "every low frame is either delivered or counted as shed"
+    );
+}
