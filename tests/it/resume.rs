@@ -352,3 +352,45 @@ async fn low_priority_frames_are_shed_and_counted_normal_ones_never() {
         "every low frame is either delivered or counted as shed"
     );
 }
+
+#[tokio::test]
+async fn positions_from_a_deleted_and_recreated_topic_get_resync() {
+    let topic = unique("recreated");
+    create_topic(&topic, 1).await;
+    let server = Server::start(&task_route(&topic), "").await;
+    let tracker = session_then_disconnect(&server, &topic, "rc", 20).await;
+    delete_topic(&topic).await;
+    // Recreating a topic right after deleting it can be refused for a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !try_create_topic(&topic, 1).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "topic never recreated"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let p = Producer::new();
+    for seq in 100..103 {
+        p.send_json(&topic, task("rc", seq)).await;
+    }
+    // The server notices the log went back and reads the new one from its start.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_c, frames) = Client::resume(&server, &token("rc", &[]), &tracker, &[]).await;
+        if frames[0]["type"] == "resync" {
+            assert!(frames[0]["reason"].as_str().unwrap().contains("recreated"));
+            let cut = frames[frames.len() - 2]["positions"][format!("{topic}:0")].as_i64();
+            let cut = cut.expect("the cut names the partition");
+            assert!(
+                (0..=2).contains(&cut),
+                "the cut {cut} is the new log's position"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never told to resync: {frames:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -61,6 +61,35 @@ pub async fn create_topic(name: &str, partitions: i32) {
     }
 }
 
+pub async fn delete_topic(name: &str) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+    for r in admin
+        .delete_topics(&[name], &opts)
+        .await
+        .expect("delete topics")
+    {
+        r.expect("topic deleted");
+    }
+}
+
+/// Creates a topic; false if the broker refused (e.g. it is still being deleted).
+pub async fn try_create_topic(name: &str, partitions: i32) -> bool {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+    match admin.create_topics([&topic], &opts).await {
+        Ok(results) => results.iter().all(|r| r.is_ok()),
+        Err(_) => false,
+    }
+}
+
 pub struct Producer(FutureProducer);
 
 impl Producer {
