@@ -35,6 +35,14 @@ use crate::position::PartitionTable;
 use crate::shutdown::Stages;
 use crate::ws::Hub;
 
+/// Milliseconds since the Unix epoch, as Kafka timestamps count them.
+pub fn unix_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]

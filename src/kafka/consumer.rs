@@ -269,10 +269,7 @@ impl KafkaConsumer {
 
     fn observe_latency(&self, timestamp_ms: Option<i64>) {
         let Some(ts) = timestamp_ms else { return };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(ts);
+        let now = crate::unix_millis();
         self.metrics
             .record_latency
             .observe((now - ts).max(0) as f64 / 1000.0);
@@ -371,16 +368,9 @@ fn window_start(
     partition: i32,
     window: Duration,
 ) -> Result<i64, rdkafka::error::KafkaError> {
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(
-        topic,
-        partition,
-        Offset::Offset(now_ms - window.as_millis() as i64),
-    )?;
+    let since = crate::unix_millis() - window.as_millis() as i64;
+    tpl.add_partition_offset(topic, partition, Offset::Offset(since))?;
     let found = consumer.offsets_for_times(tpl, METADATA_TIMEOUT)?;
     Ok(
         match found.find_partition(topic, partition).map(|p| p.offset()) {

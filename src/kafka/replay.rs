@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -145,11 +145,7 @@ impl Job {
         if self.after + 1 < low {
             return Err(ReplayError::TooOld);
         }
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
-        let cutoff = now_ms - self.max_age.as_millis() as i64;
+        let cutoff = crate::unix_millis() - self.max_age.as_millis() as i64;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.topic, self.partition, Offset::Offset(cutoff))?;
         let found = consumer.offsets_for_times(tpl, CALL_TIMEOUT)?;

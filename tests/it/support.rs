@@ -45,11 +45,15 @@ pub fn brokers() -> String {
     )
 }
 
-pub async fn create_topic(name: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+fn admin() -> AdminClient<DefaultClientContext> {
+    ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .create()
-        .expect("admin client");
+        .expect("admin client")
+}
+
+pub async fn create_topic(name: &str, partitions: i32) {
+    let admin = admin();
     let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
     let results = admin
@@ -62,10 +66,7 @@ pub async fn create_topic(name: &str, partitions: i32) {
 }
 
 pub async fn delete_topic(name: &str) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .expect("admin client");
+    let admin = admin();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
     for r in admin
         .delete_topics(&[name], &opts)
@@ -78,10 +79,7 @@ pub async fn delete_topic(name: &str) {
 
 /// Creates a topic; false if the broker refused (e.g. it is still being deleted).
 pub async fn try_create_topic(name: &str, partitions: i32) -> bool {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .expect("admin client");
+    let admin = admin();
     let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
     match admin.create_topics([&topic], &opts).await {
