@@ -367,8 +367,10 @@ impl Config {
                 }
                 other => {
                     if let Some(prop) = other.strip_prefix("KAFKA_") {
-                        let prop = prop.to_ascii_lowercase().replace('_', ".");
-                        self.kafka.properties.insert(prop, value);
+                        if !is_service_link(prop) {
+                            let prop = prop.to_ascii_lowercase().replace('_', ".");
+                            self.kafka.properties.insert(prop, value);
+                        }
                     }
                 }
             }
@@ -419,6 +421,9 @@ impl Config {
                 ));
             }
         }
+        crate::kafka::client_config(&self.kafka, "check")
+            .create_native_config()
+            .map_err(|e| ConfigError::invalid("kafka", e.to_string()))?;
         self.validate_auth()?;
         for (i, r) in self.routes.iter().enumerate() {
             crate::route::Route::from_config(r)
@@ -515,6 +520,13 @@ impl Config {
     }
 }
 
+/// Kubernetes injects `<SERVICE>_PORT...` and `<SERVICE>_SERVICE_...` variables for every
+/// Service in the namespace; a Service called `roomcast-kafka` must not become librdkafka
+/// properties named `port` or `service.host`.
+fn is_service_link(name: &str) -> bool {
+    name == "PORT" || name.starts_with("PORT_") || name.starts_with("SERVICE_")
+}
+
 fn is_secret_property(key: &str) -> bool {
     ["password", "secret", "key.pem", "token"]
         .iter()
@@ -590,6 +602,29 @@ mod tests {
 
         let err = Config::from_toml("[server]\nlisten_typo = \"x\"\n").unwrap_err();
         assert!(err.contains("listen_typo"), "{err}");
+    }
+
+    #[test]
+    fn service_links_are_not_kafka_properties_and_unknown_properties_are_refused() {
+        let mut c = hs_config();
+        let vars = [
+            ("ROOMCAST_KAFKA_PORT", "tcp://10.0.0.1:9092"),
+            ("ROOMCAST_KAFKA_PORT_9092_TCP_ADDR", "10.0.0.1"),
+            ("ROOMCAST_KAFKA_SERVICE_HOST", "10.0.0.1"),
+            ("ROOMCAST_KAFKA_SECURITY_PROTOCOL", "plaintext"),
+        ];
+        c.apply_env(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .unwrap();
+        assert_eq!(c.kafka.properties.len(), 1);
+        assert!(c.validate().is_ok());
+        c.kafka
+            .properties
+            .insert("no.such.thing".into(), "1".into());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.starts_with("kafka:") && err.contains("no.such.thing"),
+            "{err}"
+        );
     }
 
     #[test]

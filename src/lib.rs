@@ -75,6 +75,8 @@ pub async fn serve(
 ) -> Result<(), Error> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
+    let topics: Vec<&str> = config.routes.iter().map(|r| r.topic.as_str()).collect();
+    metrics.prime(&topics);
     let partitions = Arc::new(PartitionTable::default());
     let auth = Authenticator::from_config(&config.auth)?;
     let hub = Arc::new(Hub::new(config.clone(), auth, metrics, partitions));

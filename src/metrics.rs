@@ -193,6 +193,64 @@ impl Metrics {
         }
     }
 
+    /// Creates the series whose labels are known in advance, so dashboards and alerts see a
+    /// zero rather than no data until the first increment.
+    pub fn prime(&self, topics: &[&str]) {
+        let sets: [(&IntCounterVec, &[&str]); 6] = [
+            (
+                &self.handshake_failures,
+                &[
+                    "missing_token",
+                    "malformed_token",
+                    "expired_token",
+                    "immature_token",
+                    "bad_signature",
+                    "wrong_algorithm",
+                    "invalid_claims",
+                    "origin_not_allowed",
+                    "not_a_websocket_upgrade",
+                    "too_many_connections",
+                    "draining",
+                ],
+            ),
+            (
+                &self.connections_closed,
+                &["1000", "1001", "1006", "1008", "4001", "4008"],
+            ),
+            (
+                &self.subscriptions,
+                &[
+                    "ok",
+                    "forbidden",
+                    "invalid_room",
+                    "too_many_rooms",
+                    "invalid_token",
+                ],
+            ),
+            (&self.client_frames_rejected, &["bad_frame", "protocol"]),
+            (&self.resumes, &["nothing", "memory", "kafka", "resync"]),
+            (&self.replayed_records, &["memory", "kafka"]),
+        ];
+        for (vec, labels) in sets {
+            for label in labels {
+                vec.with_label_values(&[*label]);
+            }
+        }
+        for topic in topics {
+            self.records_consumed.with_label_values(&[*topic]);
+            for reason in [
+                "no_value",
+                "not_json",
+                "no_event",
+                "no_rooms",
+                "bad_header",
+                "not_utf8",
+            ] {
+                self.records_malformed.with_label_values(&[*topic, reason]);
+            }
+        }
+    }
+
     /// Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
