@@ -79,6 +79,8 @@ struct PartitionBuffer {
     /// One past the last offset covered.
     end: i64,
     bytes: usize,
+    /// This partition's equal share of the byte budget.
+    share: usize,
 }
 
 impl PartitionBuffer {
@@ -105,9 +107,11 @@ pub enum Lookup {
     Miss { start: i64 },
 }
 
+type Partitions = BTreeMap<String, BTreeMap<i32, PartitionBuffer>>;
+
 pub struct ReplayBuffer {
     limits: Limits,
-    partitions: Mutex<BTreeMap<String, BTreeMap<i32, PartitionBuffer>>>,
+    partitions: Mutex<Partitions>,
 }
 
 impl ReplayBuffer {
@@ -125,16 +129,19 @@ impl ReplayBuffer {
             end: offset,
             ..PartitionBuffer::default()
         };
-        self.lock()
-            .entry(topic.to_string())
+        let mut all = self.lock();
+        all.entry(topic.to_string())
             .or_default()
             .insert(partition, buffer);
+        let count = all.values().map(BTreeMap::len).sum::<usize>().max(1);
+        for p in all.values_mut().flat_map(BTreeMap::values_mut) {
+            p.share = self.limits.bytes / count;
+        }
     }
 
     /// Records that `offset` was read; `entry` is the routed record, if it was routable.
     pub fn push(&self, topic: &str, partition: i32, offset: i64, entry: Option<Entry>) {
         let mut all = self.lock();
-        let count = all.values().map(BTreeMap::len).sum::<usize>().max(1);
         let Some(p) = all.get_mut(topic).and_then(|t| t.get_mut(&partition)) else {
             return;
         };
@@ -143,10 +150,8 @@ impl ReplayBuffer {
             p.entries.push_back(e);
         }
         p.end = offset + 1;
-        // Each partition gets an equal share of the byte budget.
-        let share = self.limits.bytes / count;
         let now = Instant::now();
-        while p.bytes > share
+        while p.bytes > p.share
             || p.entries
                 .front()
                 .is_some_and(|e| now.duration_since(e.at) > self.limits.max_age)
@@ -190,7 +195,7 @@ impl ReplayBuffer {
             .fold((0, 0), |(b, n), p| (b + p.bytes, n + p.entries.len()))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, BTreeMap<i32, PartitionBuffer>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Partitions> {
         self.partitions.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -248,7 +253,7 @@ pub async fn gather(buffer: &ReplayBuffer, kafka: &KafkaReplay, plan: &ResumePla
             continue;
         };
         // A partition the client has never heard of is replayed from its beginning.
-        let after = plan.after.get(key).copied().unwrap_or(-1);
+        let after = plan.after.get(key).copied().unwrap_or(-1).max(-1);
         if after > upto {
             return Replayed::Resync(format!(
                 "{key}: position {after} is ahead of the log ({upto}); the topic was recreated"
