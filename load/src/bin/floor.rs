@@ -1,0 +1,496 @@
+//! roomcast-floor: the least a fan-out server has to do on this machine, to compare roomcast
+//! against. It speaks just enough WebSocket for roomcast-load (upgrade, welcome, subscribe/ok,
+//! ping/pong, close), does its own framing, and writes the same event frames roomcast writes:
+//! `{"type":"event","event":..,"pos":..,"ts":..,"payload":<record value>}`, encoded once per
+//! record and shared by all recipients.
+//!
+//! Records come from roomcast-load over a plain TCP control socket, one line each:
+//! `<room>\t<record value JSON>\n`, instead of from Kafka. Each connection has the same
+//! structure as in roomcast: a bounded queue (1024 frames) drained by a writer task that sends
+//! everything queued in one write. What the floor leaves out: Kafka, routing (the room is
+//! given), token verification (the subject is read, the signature is not checked), tungstenite,
+//! heartbeats, metrics.
+//!
+//! Only loopback addresses can be bound. It stops by itself after --max-seconds.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use base64::Engine;
+use bytes::{Buf, Bytes, BytesMut};
+use clap::Parser;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "roomcast-floor",
+    version,
+    about = "Minimal WebSocket fan-out, the floor roomcast is compared to"
+)]
+struct Args {
+    /// WebSocket listener (loopback only).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    /// Control listener for records (loopback only).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    control: String,
+    /// Frames each connection's queue holds before frames are dropped.
+    #[arg(long, default_value_t = 1024)]
+    queue_frames: usize,
+    /// Frames one write takes from the queue.
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    /// Runtime worker threads (0: one per core, as roomcast).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Topic and event names written into the frames (sizes match roomcast's).
+    #[arg(long, default_value = "bench-tasks")]
+    topic: String,
+    #[arg(long, default_value = "task:update")]
+    event: String,
+    /// Exit after this many seconds whatever happens.
+    #[arg(long, default_value_t = 3600)]
+    max_seconds: u64,
+}
+
+type Members = HashMap<u64, mpsc::Sender<Bytes>>;
+
+struct Hub {
+    rooms: Mutex<HashMap<String, Members>>,
+    next_id: AtomicU64,
+    records: AtomicU64,
+    deliveries: AtomicU64,
+    dropped: AtomicU64,
+    queue_frames: usize,
+    batch: usize,
+}
+
+impl Hub {
+    fn join(&self, room: &str, id: u64, tx: &mpsc::Sender<Bytes>) {
+        let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        rooms
+            .entry(room.to_string())
+            .or_default()
+            .insert(id, tx.clone());
+    }
+
+    fn leave_all(&self, id: u64, joined: &[String]) {
+        let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        for room in joined {
+            if let Some(m) = rooms.get_mut(room) {
+                m.remove(&id);
+                if m.is_empty() {
+                    rooms.remove(room);
+                }
+            }
+        }
+    }
+
+    fn publish(&self, targets: &[&str], frame: &Bytes) {
+        let rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen: Vec<u64> = Vec::new();
+        let (mut queued, mut dropped) = (0u64, 0u64);
+        for room in targets {
+            let Some(members) = rooms.get(*room) else {
+                continue;
+            };
+            for (id, tx) in members {
+                if targets.len() > 1 {
+                    if seen.contains(id) {
+                        continue;
+                    }
+                    seen.push(*id);
+                }
+                match tx.try_send(frame.clone()) {
+                    Ok(()) => queued += 1,
+                    Err(mpsc::error::TrySendError::Full(_)) => dropped += 1,
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
+            }
+        }
+        drop(rooms);
+        self.records.fetch_add(1, Ordering::Relaxed);
+        self.deliveries.fetch_add(queued, Ordering::Relaxed);
+        self.dropped.fetch_add(dropped, Ordering::Relaxed);
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if args.threads > 0 {
+        builder.worker_threads(args.threads);
+    }
+    let runtime = builder.enable_all().build()?;
+    runtime.block_on(run(args))
+}
+
+async fn bind(addr: &str) -> anyhow::Result<(TcpListener, SocketAddr)> {
+    let a: SocketAddr = addr
+        .parse()
+        .with_context(|| format!("{addr:?} is not IP:port"))?;
+    if !a.ip().is_loopback() {
+        bail!("{a} is not a loopback address");
+    }
+    let l = TcpListener::bind(a).await?;
+    let local = l.local_addr()?;
+    Ok((l, local))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    raise_nofile();
+    let (public, public_addr) = bind(&args.listen).await?;
+    let (control, control_addr) = bind(&args.control).await?;
+    let hub = Arc::new(Hub {
+        rooms: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(1),
+        records: AtomicU64::new(0),
+        deliveries: AtomicU64::new(0),
+        dropped: AtomicU64::new(0),
+        queue_frames: args.queue_frames.max(1),
+        batch: args.batch.max(1),
+    });
+    println!("roomcast-floor listening public={public_addr} control={control_addr}");
+    let h = hub.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = public.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            let h = h.clone();
+            tokio::spawn(async move {
+                let _ = session(h, stream).await;
+            });
+        }
+    });
+    let h = hub.clone();
+    let (topic, event) = (args.topic.clone(), args.event.clone());
+    tokio::spawn(async move {
+        // One control connection at a time, in order.
+        while let Ok((stream, _)) = control.accept().await {
+            let _ = control_loop(&h, stream, &topic, &event).await;
+        }
+    });
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+        _ = tokio::time::sleep(Duration::from_secs(args.max_seconds)) => {}
+    }
+    eprintln!(
+        "roomcast-floor: {} records, {} deliveries queued, {} dropped (queue full)",
+        hub.records.load(Ordering::Relaxed),
+        hub.deliveries.load(Ordering::Relaxed),
+        hub.dropped.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a stack value.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+async fn control_loop(
+    hub: &Hub,
+    stream: TcpStream,
+    topic: &str,
+    event: &str,
+) -> std::io::Result<()> {
+    let mut r = BufReader::with_capacity(256 * 1024, stream);
+    let mut line = Vec::with_capacity(4096);
+    let mut offset: u64 = 0;
+    let event = serde_json::Value::from(event).to_string();
+    loop {
+        line.clear();
+        if r.read_until(b'\n', &mut line).await? == 0 {
+            return Ok(());
+        }
+        let Ok(text) = std::str::from_utf8(&line) else {
+            continue;
+        };
+        let Some((rooms, value)) = text.trim_end().split_once('\t') else {
+            continue;
+        };
+        let targets: Vec<&str> = rooms.split(' ').filter(|r| !r.is_empty()).collect();
+        // Byte for byte the shape of roomcast's event frame.
+        let json = format!(
+            r#"{{"type":"event","event":{event},"pos":"{topic}:0:{offset}","ts":{},"payload":{}}}"#,
+            now_ms(),
+            value.trim()
+        );
+        offset += 1;
+        hub.publish(&targets, &text_frame(json.as_bytes()));
+    }
+}
+
+/// A server-to-client (unmasked) frame.
+fn frame(opcode: u8, payload: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(payload.len() + 10);
+    out.push(0x80 | opcode);
+    match payload.len() {
+        n if n < 126 => out.push(n as u8),
+        n if n < 65536 => {
+            out.push(126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(payload);
+    Bytes::from(out)
+}
+
+fn text_frame(payload: &[u8]) -> Bytes {
+    frame(0x1, payload)
+}
+
+/// One complete client frame (opcode, unmasked payload) from the front of `buf`, if there.
+fn next_frame(buf: &mut BytesMut) -> Option<(u8, Vec<u8>)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let opcode = buf[0] & 0x0f;
+    let masked = buf[1] & 0x80 != 0;
+    let (len, mut pos) = match buf[1] & 0x7f {
+        126 => {
+            if buf.len() < 4 {
+                return None;
+            }
+            (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4)
+        }
+        127 => {
+            if buf.len() < 10 {
+                return None;
+            }
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&buf[2..10]);
+            (u64::from_be_bytes(b) as usize, 10)
+        }
+        n => (n as usize, 2),
+    };
+    let mask = if masked {
+        if buf.len() < pos + 4 {
+            return None;
+        }
+        let m = [buf[pos], buf[pos + 1], buf[pos + 2], buf[pos + 3]];
+        pos += 4;
+        Some(m)
+    } else {
+        None
+    };
+    if buf.len() < pos + len {
+        return None;
+    }
+    let mut payload = buf[pos..pos + len].to_vec();
+    if let Some(m) = mask {
+        for (i, b) in payload.iter_mut().enumerate() {
+            *b ^= m[i % 4];
+        }
+    }
+    buf.advance(pos + len);
+    Some((opcode, payload))
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// The `sub` of a bearer token offered as a subprotocol; the signature is not checked.
+fn subject(protocols: &str) -> Option<String> {
+    let token = protocols
+        .split(',')
+        .map(str::trim)
+        .find_map(|p| p.strip_prefix("bearer."))?;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims.get("sub")?.as_str().map(str::to_string)
+}
+
+async fn session(hub: Arc<Hub>, stream: TcpStream) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let (mut rd, mut wr) = stream.into_split();
+    let mut buf = BytesMut::with_capacity(4096);
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > 16 * 1024 || rd.read_buf(&mut buf).await? == 0 {
+            return Ok(());
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    buf.advance(head_end);
+    let key = header(&head, "sec-websocket-key");
+    let user = header(&head, "sec-websocket-protocol").and_then(subject);
+    let (Some(key), Some(user)) = (key, user) else {
+        wr.write_all(
+            b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+        .await?;
+        return Ok(());
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: roomcast.v1\r\n\r\n"
+    );
+    wr.write_all(response.as_bytes()).await?;
+
+    let id = hub.next_id.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = mpsc::channel(hub.queue_frames);
+    let own = format!("user:{user}");
+    let welcome = serde_json::json!({
+        "type": "welcome", "connection": id, "user": user, "rooms": [own], "server": "floor",
+    });
+    let _ = tx.try_send(text_frame(welcome.to_string().as_bytes()));
+    let mut joined = vec![own.clone()];
+    hub.join(&own, id, &tx);
+    let writer = tokio::spawn(write_loop(wr, rx, hub.batch));
+
+    let result = read_loop(&hub, id, &tx, &mut rd, &mut buf, &mut joined).await;
+    hub.leave_all(id, &joined);
+    drop(tx);
+    let _ = writer.await;
+    result
+}
+
+async fn read_loop(
+    hub: &Hub,
+    id: u64,
+    tx: &mpsc::Sender<Bytes>,
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    buf: &mut BytesMut,
+    joined: &mut Vec<String>,
+) -> std::io::Result<()> {
+    loop {
+        while let Some((opcode, payload)) = next_frame(buf) {
+            match opcode {
+                0x1 => {
+                    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&payload) else {
+                        continue;
+                    };
+                    if v.get("type").and_then(|t| t.as_str()) != Some("subscribe") {
+                        continue;
+                    }
+                    let rooms: Vec<String> = v
+                        .get("rooms")
+                        .and_then(|r| r.as_array())
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|r| r.as_str().map(String::from))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    for room in &rooms {
+                        if !joined.contains(room) {
+                            hub.join(room, id, tx);
+                            joined.push(room.clone());
+                        }
+                    }
+                    let ok = serde_json::json!({
+                        "type": "ok", "id": v.get("id").cloned().unwrap_or_default(), "rooms": rooms,
+                    });
+                    let _ = tx.try_send(text_frame(ok.to_string().as_bytes()));
+                }
+                0x8 => {
+                    let _ = tx.try_send(frame(0x8, &1000u16.to_be_bytes()));
+                    return Ok(());
+                }
+                0x9 => {
+                    let _ = tx.try_send(frame(0xA, &payload));
+                }
+                _ => {}
+            }
+        }
+        if rd.read_buf(buf).await? == 0 {
+            return Ok(());
+        }
+    }
+}
+
+async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>, batch_max: usize) {
+    let mut batch: Vec<Bytes> = Vec::with_capacity(16);
+    let mut out: Vec<u8> = Vec::new();
+    while rx.recv_many(&mut batch, batch_max).await > 0 {
+        let result = if batch.len() == 1 {
+            wr.write_all(&batch[0]).await
+        } else {
+            out.clear();
+            for f in &batch {
+                out.extend_from_slice(f);
+            }
+            wr.write_all(&out).await
+        };
+        batch.clear();
+        if result.is_err() {
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_with_a_mask() {
+        let mut buf = BytesMut::new();
+        let payload = b"{\"type\":\"subscribe\"}";
+        buf.extend_from_slice(&[0x81, 0x80 | payload.len() as u8, 1, 2, 3, 4]);
+        buf.extend(
+            payload
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ [1, 2, 3, 4][i % 4]),
+        );
+        buf.extend_from_slice(&[0x8A]);
+        assert_eq!(next_frame(&mut buf), Some((1, payload.to_vec())));
+        assert_eq!(next_frame(&mut buf), None);
+        assert_eq!(buf.len(), 1);
+        let f = text_frame(&[b'x'; 300]);
+        assert_eq!(&f[..4], &[0x81, 126, 1, 44]);
+    }
+
+    #[test]
+    fn reads_the_subject() {
+        let claims = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"sub":"u7"}"#);
+        assert_eq!(
+            subject(&format!("roomcast.v1, bearer.h.{claims}.s")).as_deref(),
+            Some("u7")
+        );
+    }
+}

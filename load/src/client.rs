@@ -1,0 +1,360 @@
+//! The client side: opens WebSocket connections, subscribes each to its room, and receives.
+//!
+//! Per connection there is one task, a 4 KiB read buffer and a bitmap of the records it got;
+//! latency goes into a few shared HDR histograms. Nothing else is kept per connection.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{client_async_with_config, WebSocketStream};
+
+const HIST_SHARDS: usize = 16;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+pub fn new_histogram() -> Histogram<u64> {
+    // 1 µs .. 1 h, 3 significant digits.
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+/// What every receiving task adds to.
+pub struct Shared {
+    hist: Vec<Mutex<Histogram<u64>>>,
+    /// Latency is recorded for records whose intended send time is in [start, end).
+    pub window_start_us: AtomicU64,
+    pub window_end_us: AtomicU64,
+    /// Event frames received, in total and while the receive time was in the window.
+    pub received: AtomicU64,
+    pub received_in_window: AtomicU64,
+    pub event_bytes: AtomicU64,
+    pub other_frames: AtomicU64,
+}
+
+impl Shared {
+    pub fn new() -> Shared {
+        Shared {
+            hist: (0..HIST_SHARDS)
+                .map(|_| Mutex::new(new_histogram()))
+                .collect(),
+            window_start_us: AtomicU64::new(u64::MAX),
+            window_end_us: AtomicU64::new(u64::MAX),
+            received: AtomicU64::new(0),
+            received_in_window: AtomicU64::new(0),
+            event_bytes: AtomicU64::new(0),
+            other_frames: AtomicU64::new(0),
+        }
+    }
+
+    pub fn histogram(&self) -> Histogram<u64> {
+        let mut all = new_histogram();
+        for h in &self.hist {
+            let h = h.lock().unwrap_or_else(|e| e.into_inner());
+            all.add(&*h).expect("same bounds");
+        }
+        all
+    }
+}
+
+/// Where to connect and how.
+pub struct Target {
+    pub url: String,
+    pub addr: SocketAddr,
+    /// Client source addresses, used in turn by blocks of connections.
+    pub sources: Vec<IpAddr>,
+    pub per_source: usize,
+    pub read_buffer: usize,
+    /// Rooms in the distribution: record `seq` is for room `seq % rooms`.
+    pub rooms: usize,
+}
+
+/// One connection to open.
+pub struct Plan {
+    pub index: usize,
+    pub room: usize,
+    pub token: String,
+    pub subscribe: Option<String>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct ConnStats {
+    pub room: usize,
+    pub connected: bool,
+    /// Distinct records received.
+    pub unique: u64,
+    pub duplicates: u64,
+    /// Records for a room this connection is not in.
+    pub misrouted: u64,
+    pub out_of_order: u64,
+    /// Close code if the server ended the connection before the run did (1006: no close frame).
+    pub closed_by_server: Option<u16>,
+}
+
+/// Outcome of one connection attempt, sent as soon as it is known.
+pub type Ready = (usize, Result<(), String>);
+
+/// Spawns one task per plan, paced at `per_second` with at most `concurrency` handshakes at
+/// once. Every task reports on `ready` once connected (or failed), then receives until `stop`.
+pub fn spawn_all(
+    plans: Vec<Plan>,
+    target: Arc<Target>,
+    per_second: f64,
+    concurrency: usize,
+    shared: Arc<Shared>,
+    ready: mpsc::UnboundedSender<Ready>,
+    stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<Vec<tokio::task::JoinHandle<ConnStats>>> {
+    tokio::spawn(async move {
+        let sem = Arc::new(Semaphore::new(concurrency.max(1)));
+        let mut handles = Vec::with_capacity(plans.len());
+        let start = tokio::time::Instant::now();
+        for (n, plan) in plans.into_iter().enumerate() {
+            if *stop.borrow() {
+                break;
+            }
+            if per_second > 0.0 {
+                let due = start + Duration::from_secs_f64(n as f64 / per_second);
+                tokio::time::sleep_until(due).await;
+            }
+            let permit = sem.clone().acquire_owned().await.expect("never closed");
+            let task = connection(
+                plan,
+                target.clone(),
+                shared.clone(),
+                ready.clone(),
+                stop.clone(),
+                permit,
+            );
+            handles.push(tokio::spawn(task));
+        }
+        handles
+    })
+}
+
+async fn connection(
+    plan: Plan,
+    target: Arc<Target>,
+    shared: Arc<Shared>,
+    ready: mpsc::UnboundedSender<Ready>,
+    mut stop: watch::Receiver<bool>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> ConnStats {
+    let mut stats = ConnStats {
+        room: plan.room,
+        ..Default::default()
+    };
+    let opened = timeout(HANDSHAKE_TIMEOUT, open(&plan, &target, &shared)).await;
+    drop(permit);
+    let mut ws = match opened {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
+            let _ = ready.send((plan.index, Err(e)));
+            return stats;
+        }
+        Err(_) => {
+            let _ = ready.send((plan.index, Err("handshake timed out".into())));
+            return stats;
+        }
+    };
+    stats.connected = true;
+    let _ = ready.send((plan.index, Ok(())));
+    drop(ready);
+    let mut recv = Receiver {
+        room: plan.room as u64,
+        rooms: target.rooms as u64,
+        bits: Vec::new(),
+        last: None,
+        shard: plan.index % HIST_SHARDS,
+    };
+    if *stop.borrow() {
+        return stats;
+    }
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            m = ws.next() => match m {
+                Some(Ok(Message::Text(t))) => recv.on_text(t.as_bytes(), &shared, &mut stats),
+                Some(Ok(Message::Close(f))) => {
+                    stats.closed_by_server = Some(f.map(|f| u16::from(f.code)).unwrap_or(1005));
+                    break;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => {
+                    stats.closed_by_server = Some(1006);
+                    break;
+                }
+            },
+        }
+    }
+    stats.unique = recv.bits.iter().map(|w| w.count_ones() as u64).sum();
+    stats
+}
+
+struct Receiver {
+    room: u64,
+    rooms: u64,
+    /// Bit k: record `room + k * rooms` was received.
+    bits: Vec<u64>,
+    last: Option<u64>,
+    shard: usize,
+}
+
+impl Receiver {
+    fn on_text(&mut self, text: &[u8], shared: &Shared, stats: &mut ConnStats) {
+        if !text.starts_with(b"{\"type\":\"event\"") {
+            shared.other_frames.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let now = now_us();
+        let (Some(seq), Some(sent)) = (
+            number_after(text, b"\"seq\":"),
+            number_after(text, b"\"sent_us\":"),
+        ) else {
+            shared.other_frames.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        shared.received.fetch_add(1, Ordering::Relaxed);
+        shared
+            .event_bytes
+            .fetch_add(text.len() as u64, Ordering::Relaxed);
+        let start = shared.window_start_us.load(Ordering::Relaxed);
+        let end = shared.window_end_us.load(Ordering::Relaxed);
+        if now >= start && now < end {
+            shared.received_in_window.fetch_add(1, Ordering::Relaxed);
+        }
+        if seq % self.rooms != self.room {
+            stats.misrouted += 1;
+            return;
+        }
+        let k = (seq / self.rooms) as usize;
+        let (word, bit) = (k / 64, 1u64 << (k % 64));
+        if word >= self.bits.len() {
+            self.bits.resize(word + 1, 0);
+        }
+        if self.bits[word] & bit != 0 {
+            stats.duplicates += 1;
+            return;
+        }
+        self.bits[word] |= bit;
+        if self.last.is_some_and(|l| seq < l) {
+            stats.out_of_order += 1;
+        }
+        self.last = Some(seq);
+        if sent >= start && sent < end {
+            let mut h = self.shard_lock(shared);
+            h.saturating_record(now.saturating_sub(sent).max(1));
+        }
+    }
+
+    fn shard_lock<'a>(&self, shared: &'a Shared) -> std::sync::MutexGuard<'a, Histogram<u64>> {
+        shared.hist[self.shard]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The unsigned integer right after `key` in `text` (a flat scan; keys are unique here).
+pub fn number_after(text: &[u8], key: &[u8]) -> Option<u64> {
+    let at = memchr::memmem::find(text, key)? + key.len();
+    let mut n: u64 = 0;
+    let mut digits = 0;
+    for &b in &text[at..] {
+        if b.is_ascii_digit() {
+            n = n.checked_mul(10)?.checked_add((b - b'0') as u64)?;
+            digits += 1;
+        } else if b == b' ' && digits == 0 {
+            continue;
+        } else {
+            break;
+        }
+    }
+    (digits > 0).then_some(n)
+}
+
+async fn open(
+    plan: &Plan,
+    target: &Target,
+    shared: &Shared,
+) -> Result<WebSocketStream<TcpStream>, String> {
+    let source = target.sources[(plan.index / target.per_source.max(1)) % target.sources.len()];
+    let sock = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
+    sock.bind(SocketAddr::new(source, 0))
+        .map_err(|e| format!("bind {source}: {e}"))?;
+    let tcp = sock
+        .connect(target.addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    tcp.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
+    let mut req = target
+        .url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| format!("url: {e}"))?;
+    let protocols = HeaderValue::from_str(&format!("roomcast.v1, bearer.{}", plan.token))
+        .map_err(|e| format!("token: {e}"))?;
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", protocols);
+    let config = WebSocketConfig::default()
+        .read_buffer_size(target.read_buffer)
+        .write_buffer_size(0);
+    let (mut ws, _) = client_async_with_config(req, tcp, Some(config))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    match ws.next().await {
+        Some(Ok(Message::Text(t))) if t.as_str().starts_with("{\"type\":\"welcome\"") => {}
+        other => return Err(format!("expected a welcome frame, got {other:?}")),
+    }
+    if let Some(room) = &plan.subscribe {
+        let frame = format!(r#"{{"type":"subscribe","id":1,"rooms":["{room}"]}}"#);
+        ws.send(Message::text(frame))
+            .await
+            .map_err(|e| format!("subscribe: {e}"))?;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    let t = t.as_str();
+                    if t.starts_with("{\"type\":\"ok\"") {
+                        break;
+                    }
+                    if t.starts_with("{\"type\":\"error\"") {
+                        return Err(format!("subscribe refused: {t}"));
+                    }
+                    shared.other_frames.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(Ok(_)) => {}
+                other => return Err(format!("closed while subscribing: {other:?}")),
+            }
+        }
+    }
+    Ok(ws)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_numbers() {
+        let f = br#"{"type":"event","pos":"t:0:9","payload":{"seq":123,"sent_us": 456,"x":"y"}}"#;
+        assert_eq!(number_after(f, b"\"seq\":"), Some(123));
+        assert_eq!(number_after(f, b"\"sent_us\":"), Some(456));
+        assert_eq!(number_after(f, b"\"nope\":"), None);
+    }
+}

@@ -1,0 +1,698 @@
+//! roomcast-load: opens N WebSocket connections to roomcast (or to roomcast-floor), produces M
+//! records/s open-loop, and measures end-to-end latency, deliveries/s, losses and duplicates,
+//! and the server's CPU, write syscalls and memory over the measured window.
+//!
+//! Only loopback addresses are accepted as targets.
+
+mod client;
+mod dist;
+mod procstat;
+mod producer;
+
+use std::collections::HashMap;
+use std::io::{BufWriter, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
+
+use client::{ConnStats, Plan, Shared, Target};
+use dist::Dist;
+use procstat::ProcSample;
+use producer::{Counters, Schedule, Sink};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "roomcast-load",
+    version,
+    about = "Load generator for roomcast: latency, fan-out rate, memory per connection"
+)]
+struct Args {
+    /// WebSocket URL of the server (loopback only).
+    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+    url: String,
+    /// Connections to open.
+    #[arg(long, short = 'n', default_value_t = 1000)]
+    connections: usize,
+    /// Rooms: shared, groups:N, user, zipf:S[:ROOMS] (ROOMS defaults to connections/10).
+    #[arg(long, default_value = "groups:10")]
+    dist: String,
+    /// Records per second, produced open-loop.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Measured seconds (after the warm-up).
+    #[arg(long, default_value_t = 30.0)]
+    duration: f64,
+    /// Seconds of production before the measured window.
+    #[arg(long, default_value_t = 3.0)]
+    warmup: f64,
+    /// At most this many seconds to wait for the last deliveries after production ends.
+    #[arg(long, default_value_t = 10.0)]
+    drain: f64,
+    /// Size of each record's JSON value in bytes.
+    #[arg(long, default_value_t = 200)]
+    payload_bytes: usize,
+    /// Kafka bootstrap servers (produce to Kafka).
+    #[arg(long)]
+    brokers: Option<String>,
+    #[arg(long, default_value = "bench-tasks")]
+    topic: String,
+    /// Producer linger.ms.
+    #[arg(long, default_value_t = 0)]
+    linger_ms: u32,
+    /// Only create the topic (with --partitions) and exit.
+    #[arg(long)]
+    create_topic: bool,
+    #[arg(long, default_value_t = 1)]
+    partitions: i32,
+    /// roomcast-floor's control address: send records there instead of Kafka.
+    #[arg(long)]
+    floor_control: Option<String>,
+    /// HS256 secret the server verifies tokens with.
+    #[arg(long, default_value = "bench-secret-0123456789")]
+    secret: String,
+    #[arg(long, default_value_t = 3600)]
+    token_ttl: u64,
+    /// Server process to sample (CPU, write syscalls, RSS).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Kafka broker process to sample (CPU only), for context.
+    #[arg(long)]
+    broker_pid: Option<u32>,
+    /// The server's Prometheus endpoint, e.g. http://127.0.0.1:9090/metrics.
+    #[arg(long)]
+    metrics_url: Option<String>,
+    /// Connections opened per second.
+    #[arg(long, default_value_t = 2000.0)]
+    connect_rate: f64,
+    /// Handshakes in flight at once.
+    #[arg(long, default_value_t = 200)]
+    connect_concurrency: usize,
+    /// Connections per client source address (127.0.0.1, 127.0.0.2, ...).
+    #[arg(long, default_value_t = 8000)]
+    per_source: usize,
+    /// Client runtime worker threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Per-connection read buffer (bytes).
+    #[arg(long, default_value_t = 4096)]
+    read_buffer: usize,
+    /// Only open the connections, hold them, and report the server's memory.
+    #[arg(long)]
+    idle: bool,
+    /// Seconds to hold idle connections before the second memory sample.
+    #[arg(long, default_value_t = 10.0)]
+    hold: f64,
+    /// Seed for zipf room draws.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Free-form name carried into the JSON line.
+    #[arg(long, default_value = "")]
+    label: String,
+    /// Also append the JSON line to this file.
+    #[arg(long)]
+    json_out: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()?;
+    let report = runtime.block_on(run(&args))?;
+    let line = serde_json::to_string(&report)?;
+    println!("{line}");
+    if let Some(path) = &args.json_out {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        writeln!(f, "{line}")?;
+    }
+    // Connections are dropped with the runtime, without close handshakes.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+fn loopback(addr: &SocketAddr) -> anyhow::Result<()> {
+    if !addr.ip().is_loopback() {
+        bail!("{addr} is not a loopback address: this tool only targets 127.0.0.0/8");
+    }
+    Ok(())
+}
+
+fn ws_addr(url: &str) -> anyhow::Result<SocketAddr> {
+    let rest = url
+        .strip_prefix("ws://")
+        .context("the URL must start with ws://")?;
+    let host = rest.split(['/', '?']).next().unwrap_or(rest);
+    let addr: SocketAddr = host
+        .parse()
+        .with_context(|| format!("{host:?} is not an IP:port"))?;
+    loopback(&addr)?;
+    Ok(addr)
+}
+
+fn token(secret: &str, sub: &str, ttl: u64) -> anyhow::Result<String> {
+    let exp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + ttl;
+    let claims = json!({ "sub": sub, "exp": exp, "rooms": ["task:*"] });
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )?)
+}
+
+struct Samples {
+    server: Option<ProcSample>,
+    client: Option<ProcSample>,
+    broker: Option<ProcSample>,
+    metrics: Option<HashMap<String, f64>>,
+    tcp_mem_pages: Option<u64>,
+    machine_busy_s: Option<f64>,
+    at: Instant,
+}
+
+fn take(args: &Args) -> Samples {
+    let pid = |p: Option<u32>| p.and_then(|p| procstat::sample(&p.to_string()));
+    Samples {
+        server: pid(args.server_pid),
+        client: procstat::sample("self"),
+        broker: pid(args.broker_pid),
+        metrics: args.metrics_url.as_deref().and_then(procstat::scrape),
+        tcp_mem_pages: procstat::tcp_mem_pages(),
+        machine_busy_s: procstat::machine_busy_s(),
+        at: Instant::now(),
+    }
+}
+
+fn proc_delta(a: Option<ProcSample>, b: Option<ProcSample>, wall: f64, deliveries: u64) -> Value {
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            let cpu = b.cpu_s - a.cpu_s;
+            let syscw = match (a.syscw, b.syscw) {
+                (Some(x), Some(y)) => Some(y.saturating_sub(x)),
+                _ => None,
+            };
+            json!({
+                "cpu_s": round(cpu, 3),
+                "cpu_cores": round(cpu / wall.max(1e-9), 3),
+                "cpu_us_per_delivery": (deliveries > 0).then(|| round(cpu * 1e6 / deliveries as f64, 3)),
+                "write_syscalls": syscw,
+                "write_syscalls_per_delivery": syscw.filter(|_| deliveries > 0).map(|s| round(s as f64 / deliveries as f64, 3)),
+                "rss_start_kib": a.rss_kib,
+                "rss_end_kib": b.rss_kib,
+            })
+        }
+        _ => Value::Null,
+    }
+}
+
+/// Busy cores of the whole machine in the window, and the part no sampled process used
+/// (other work on the machine: noise for this run).
+fn machine(a: &Samples, b: &Samples, wall: f64) -> Value {
+    let cpu = |x: Option<ProcSample>, y: Option<ProcSample>| match (x, y) {
+        (Some(x), Some(y)) => y.cpu_s - x.cpu_s,
+        _ => 0.0,
+    };
+    let (Some(m0), Some(m1)) = (a.machine_busy_s, b.machine_busy_s) else {
+        return Value::Null;
+    };
+    let busy = m1 - m0;
+    let ours = cpu(a.server, b.server) + cpu(a.client, b.client) + cpu(a.broker, b.broker);
+    json!({
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "busy_cores": round(busy / wall.max(1e-9), 3),
+        "other_busy_cores": round((busy - ours).max(0.0) / wall.max(1e-9), 3),
+        "loadavg": std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next().map(String::from)),
+    })
+}
+
+/// roomcast's own latency histogram (Kafka timestamp to queued for recipients) over the
+/// window: the upper bounds of the buckets holding p50, p99 and p99.9.
+fn server_side_latency(a: &Samples, b: &Samples) -> Value {
+    let (Some(ma), Some(mb)) = (&a.metrics, &b.metrics) else {
+        return Value::Null;
+    };
+    match procstat::histogram_quantiles(
+        ma,
+        mb,
+        "roomcast_record_latency_seconds",
+        &[0.5, 0.99, 0.999],
+    ) {
+        Some(q) => json!({ "p50": q[0], "p99": q[1], "p999": q[2] }),
+        None => Value::Null,
+    }
+}
+
+fn metric_delta(a: &Samples, b: &Samples, name: &str) -> Option<f64> {
+    Some(b.metrics.as_ref()?.get(name)? - a.metrics.as_ref()?.get(name).copied().unwrap_or(0.0))
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let m = 10f64.powi(digits);
+    (x * m).round() / m
+}
+
+async fn run(args: &Args) -> anyhow::Result<Value> {
+    let dist = Dist::parse(&args.dist).map_err(anyhow::Error::msg)?;
+    if args.create_topic {
+        let brokers = args
+            .brokers
+            .as_deref()
+            .context("--create-topic needs --brokers")?;
+        producer::create_topic(brokers, &args.topic, args.partitions).await?;
+        eprintln!(
+            "topic {} ready ({} partitions)",
+            args.topic, args.partitions
+        );
+        return Ok(json!({ "topic": args.topic, "created": true }));
+    }
+    let nofile = procstat::raise_nofile();
+    if (nofile as usize) < args.connections + 64 {
+        bail!(
+            "{} connections need more open files than the limit of {nofile}",
+            args.connections
+        );
+    }
+    let n = args.connections;
+    let target_kind = if args.floor_control.is_some() {
+        "floor"
+    } else {
+        "roomcast"
+    };
+    let addr = ws_addr(&args.url)?;
+    let rooms = dist.rooms(n);
+    let assignment = dist.assign(n, args.seed);
+    let per_source = args.per_source.max(1);
+    let source_count = n.div_ceil(per_source).clamp(1, 250);
+    let sources: Vec<IpAddr> = (1..=source_count)
+        .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i as u8)))
+        .collect();
+    let target = Arc::new(Target {
+        url: args.url.clone(),
+        addr,
+        sources,
+        per_source,
+        read_buffer: args.read_buffer,
+        rooms,
+    });
+    let mut plans = Vec::with_capacity(n);
+    for (i, room) in assignment.iter().copied().enumerate() {
+        plans.push(Plan {
+            index: i,
+            room,
+            token: token(&args.secret, &Dist::user(i), args.token_ttl)?,
+            subscribe: dist.subscribe_room(room),
+        });
+    }
+
+    let baseline = take(args);
+    let shared = Arc::new(Shared::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
+    eprintln!(
+        "opening {n} connections to {} ({target_kind}, {} source addresses, {}/s)",
+        args.url, source_count, args.connect_rate
+    );
+    let connect_started = Instant::now();
+    let spawner = client::spawn_all(
+        plans,
+        target,
+        args.connect_rate,
+        args.connect_concurrency,
+        shared.clone(),
+        ready_tx,
+        stop_rx,
+    );
+    let connect_deadline = tokio::time::Instant::now()
+        + Duration::from_secs_f64(n as f64 / args.connect_rate.max(1.0) + 60.0);
+    let (mut open, mut failed) = (0usize, 0usize);
+    let mut first_error: Option<String> = None;
+    let mut connected = vec![false; n];
+    let mut last_report = Instant::now();
+    while open + failed < n {
+        match tokio::time::timeout_at(connect_deadline, ready_rx.recv()).await {
+            Ok(Some((i, Ok(())))) => {
+                open += 1;
+                connected[i] = true;
+            }
+            Ok(Some((i, Err(e)))) => {
+                failed += 1;
+                first_error.get_or_insert(format!("connection {i}: {e}"));
+            }
+            Ok(None) | Err(_) => break,
+        }
+        if last_report.elapsed() > Duration::from_secs(5) {
+            eprintln!("  {open} open, {failed} failed");
+            last_report = Instant::now();
+        }
+    }
+    let connect_seconds = connect_started.elapsed().as_secs_f64();
+    let unanswered = n - open - failed;
+    eprintln!("{open} open, {failed} failed, {unanswered} unanswered in {connect_seconds:.1} s");
+    if let Some(e) = &first_error {
+        eprintln!("first failure: {e}");
+    }
+    let connections = json!({
+        "requested": n,
+        "open": open,
+        "failed": failed + unanswered,
+        "first_error": first_error,
+        "connect_seconds": round(connect_seconds, 2),
+    });
+
+    if args.idle {
+        tokio::time::sleep(Duration::from_secs_f64(args.hold)).await;
+        let after = take(args);
+        let _ = stop_tx.send(true);
+        let handles = spawner.await?;
+        let mut closed = 0;
+        for h in handles {
+            if h.await
+                .map(|s| s.closed_by_server.is_some())
+                .unwrap_or(false)
+            {
+                closed += 1;
+            }
+        }
+        let per_conn = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) if open > 0 => {
+                Some(round((b as f64 - a as f64) * 1024.0 / open as f64, 0))
+            }
+            _ => None,
+        };
+        let s_rss = |s: &Samples| s.server.map(|p| p.rss_kib);
+        let c_rss = |s: &Samples| s.client.map(|p| p.rss_kib);
+        let page_kib = procstat::page_size() / 1024;
+        let tcp = |s: &Samples| s.tcp_mem_pages.map(|p| p * page_kib);
+        let report = json!({
+            "tool": "roomcast-load",
+            "mode": "idle",
+            "label": args.label,
+            "target": target_kind,
+            "dist": dist.to_string(),
+            "connections": connections,
+            "closed_by_server_during_hold": closed,
+            "hold_s": args.hold,
+            "server_rss_before_kib": s_rss(&baseline),
+            "server_rss_after_kib": s_rss(&after),
+            "server_rss_per_connection_bytes": per_conn(s_rss(&baseline), s_rss(&after)),
+            "client_rss_per_connection_bytes": per_conn(c_rss(&baseline), c_rss(&after)),
+            "tcp_mem_before_kib": tcp(&baseline),
+            "tcp_mem_after_kib": tcp(&after),
+            "tcp_mem_per_connection_bytes_both_ends": per_conn(tcp(&baseline), tcp(&after)),
+            "server_connections_metric": after.metrics.as_ref().and_then(|m| m.get("roomcast_connections")),
+        });
+        print_idle(&report);
+        return Ok(report);
+    }
+
+    // The producer: schedule fixed now, window known in advance.
+    let counters = Arc::new(Counters::new(rooms));
+    let sink = match (&args.floor_control, &args.brokers) {
+        (Some(ctl), _) => {
+            let a: SocketAddr = ctl.parse().context("--floor-control must be IP:port")?;
+            loopback(&a)?;
+            let s = TcpStream::connect(a).context("cannot reach the floor's control port")?;
+            s.set_nodelay(true)?;
+            Sink::Floor(BufWriter::with_capacity(256 * 1024, s))
+        }
+        (None, Some(brokers)) => {
+            producer::kafka_sink(brokers, &args.topic, args.linger_ms, &counters)?
+        }
+        (None, None) => bail!("give --brokers (Kafka) or --floor-control (floor)"),
+    };
+    // Let the producer connect before the clock starts.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let total = (args.rate * (args.warmup + args.duration)).round() as u64;
+    let start = Instant::now() + Duration::from_millis(200);
+    let start_us = client::now_us() + 200_000;
+    let window_start_us = start_us + (args.warmup * 1e6) as u64;
+    let window_end_us = window_start_us + (args.duration * 1e6) as u64;
+    shared
+        .window_start_us
+        .store(window_start_us, Ordering::Relaxed);
+    shared.window_end_us.store(window_end_us, Ordering::Relaxed);
+    let schedule = Schedule {
+        dist: dist.clone(),
+        rooms,
+        rate: args.rate,
+        total,
+        start,
+        start_us,
+        payload_bytes: args.payload_bytes,
+    };
+    eprintln!(
+        "producing {total} records at {}/s to {} rooms ({}s warm-up, {}s measured)",
+        args.rate, rooms, args.warmup, args.duration
+    );
+    let producer_counters = counters.clone();
+    let producer = std::thread::Builder::new()
+        .name("producer".into())
+        .spawn(move || producer::run(sink, &schedule, &producer_counters))?;
+
+    let window_start = start + Duration::from_secs_f64(args.warmup);
+    let window_end = window_start + Duration::from_secs_f64(args.duration);
+    tokio::time::sleep_until(window_start.into()).await;
+    let perf = args
+        .server_pid
+        .and_then(|pid| procstat::perf_start(pid, args.duration));
+    let a = take(args);
+    tokio::time::sleep_until(window_end.into()).await;
+    let b = take(args);
+    let syscalls = match perf {
+        Some(child) => tokio::task::spawn_blocking(move || procstat::perf_finish(child)).await?,
+        None => None,
+    };
+    let wall = b.at.duration_since(a.at).as_secs_f64();
+    let outcome = tokio::task::spawn_blocking(move || producer.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the producer thread panicked"))?;
+
+    // Wait for stragglers: every expected delivery, or the drain limit.
+    let mut members = vec![0u64; rooms];
+    for (i, r) in assignment.iter().enumerate() {
+        if connected[i] {
+            members[*r] += 1;
+        }
+    }
+    let expected_now: u64 = (0..rooms).map(|r| counters.delivered(r) * members[r]).sum();
+    let produced: u64 = (0..rooms).map(|r| counters.delivered(r)).sum();
+    let drain_deadline = Instant::now() + Duration::from_secs_f64(args.drain);
+    let consumed_base = baseline
+        .metrics
+        .as_ref()
+        .and_then(|m| m.get("roomcast_records_consumed_total").copied());
+    let mut caught_up_after: Option<f64> = None;
+    while Instant::now() < drain_deadline {
+        if n > 0 && shared.received.load(Ordering::Relaxed) >= expected_now {
+            break;
+        }
+        if n == 0 {
+            // route-only: wait until the server has consumed every record produced.
+            let m = args.metrics_url.as_deref().and_then(procstat::scrape);
+            let consumed = m
+                .as_ref()
+                .and_then(|m| m.get("roomcast_records_consumed_total").copied());
+            match (consumed_base, consumed) {
+                (Some(c0), Some(c)) if c - c0 >= produced as f64 => {
+                    caught_up_after = Some(start.elapsed().as_secs_f64());
+                    break;
+                }
+                (Some(_), Some(_)) => {}
+                _ => break,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after_drain = take(args);
+    let _ = stop_tx.send(true);
+    let handles = spawner.await?;
+    let mut stats: Vec<ConnStats> = Vec::with_capacity(handles.len());
+    for h in handles {
+        if let Ok(s) = h.await {
+            stats.push(s);
+        }
+    }
+
+    // Tally against what each open connection should have got.
+    let (mut expected, mut unique, mut dups, mut misrouted, mut ooo) = (0u64, 0u64, 0, 0, 0);
+    let mut lost = 0u64;
+    let mut closed_codes: HashMap<u16, u64> = HashMap::new();
+    for s in stats.iter().filter(|s| s.connected) {
+        let want = counters.delivered(s.room);
+        expected += want;
+        unique += s.unique;
+        lost += want.saturating_sub(s.unique);
+        dups += s.duplicates;
+        misrouted += s.misrouted;
+        ooo += s.out_of_order;
+        if let Some(c) = s.closed_by_server {
+            *closed_codes.entry(c).or_default() += 1;
+        }
+    }
+    let hist = shared.histogram();
+    let q = |p: f64| hist.value_at_quantile(p);
+    let in_window = shared.received_in_window.load(Ordering::Relaxed);
+    let received = shared.received.load(Ordering::Relaxed);
+    let avg_frame = if received > 0 {
+        shared.event_bytes.load(Ordering::Relaxed) as f64 / received as f64
+    } else {
+        0.0
+    };
+    let fanout = if produced > 0 {
+        expected as f64 / produced as f64
+    } else {
+        0.0
+    };
+    let consumed_window = metric_delta(&a, &b, "roomcast_records_consumed_total");
+    let report = json!({
+        "tool": "roomcast-load",
+        "mode": "fanout",
+        "label": args.label,
+        "target": target_kind,
+        "dist": dist.to_string(),
+        "rooms": rooms,
+        "connections": connections,
+        "rate": args.rate,
+        "warmup_s": args.warmup,
+        "duration_s": args.duration,
+        "payload_bytes": args.payload_bytes,
+        "avg_event_frame_bytes": round(avg_frame, 1),
+        "records": {
+            "attempted": outcome.attempted,
+            "refused": outcome.refused,
+            "failed_after_send": counters.errors.load(Ordering::Relaxed),
+            "delivered_to_sink": produced,
+            "max_send_delay_us": outcome.max_send_delay_us,
+            "producer_seconds": round(outcome.elapsed.as_secs_f64(), 2),
+        },
+        "deliveries": {
+            "expected": expected,
+            "unique": unique,
+            "lost": lost,
+            "duplicates": dups,
+            "misrouted": misrouted,
+            "out_of_order": ooo,
+            "fanout": round(fanout, 2),
+            "received_in_window": in_window,
+            "per_s": round(in_window as f64 / args.duration, 1),
+            "expected_per_s": round(args.rate * fanout, 1),
+            "closed_by_server": closed_codes,
+        },
+        "latency_us": {
+            "count": hist.len(),
+            "p50": q(0.50),
+            "p90": q(0.90),
+            "p99": q(0.99),
+            "p999": q(0.999),
+            "max": hist.max(),
+            "mean": round(hist.mean(), 1),
+        },
+        "window_s": round(wall, 3),
+        "server": proc_delta(a.server, b.server, wall, in_window),
+        "server_rss_after_drain_kib": after_drain.server.map(|s| s.rss_kib),
+        "server_send_syscalls": syscalls.as_ref().map(|c| {
+            let total: u64 = c.values().sum();
+            json!({
+                "by_call": c,
+                "total": total,
+                "per_delivery": (in_window > 0).then(|| round(total as f64 / in_window as f64, 3)),
+            })
+        }),
+        "client": proc_delta(a.client, b.client, wall, in_window),
+        "broker": proc_delta(a.broker, b.broker, wall, in_window),
+        "metrics": {
+            "records_consumed": consumed_window,
+            "records_consumed_per_s": consumed_window.map(|c| round(c / wall, 1)),
+            "deliveries": metric_delta(&a, &b, "roomcast_deliveries_total"),
+            "frames_shed": metric_delta(&baseline, &after_drain, "roomcast_frames_shed_total"),
+            "slow_consumer_closes": metric_delta(&baseline, &after_drain, "roomcast_slow_consumer_closes_total"),
+            "record_latency_bucket_le_s": server_side_latency(&a, &b),
+            "all_consumed_after_s": caught_up_after.map(|s| round(s, 2)),
+            "all_consumed_per_s": caught_up_after.map(|s| round(produced as f64 / s, 1)),
+        },
+        "machine": machine(&a, &b, wall),
+        "other_frames": shared.other_frames.load(Ordering::Relaxed),
+    });
+    print_fanout(&report);
+    Ok(report)
+}
+
+fn print_idle(r: &Value) {
+    let c = &r["connections"];
+    eprintln!("== idle ({}) {}", r["target"], r["label"]);
+    eprintln!(
+        "connections: {} open of {} ({} failed) in {} s",
+        c["open"], c["requested"], c["failed"], c["connect_seconds"]
+    );
+    eprintln!(
+        "server RSS: {} KiB before, {} KiB after {} s: {} bytes per connection",
+        r["server_rss_before_kib"],
+        r["server_rss_after_kib"],
+        r["hold_s"],
+        r["server_rss_per_connection_bytes"]
+    );
+    eprintln!(
+        "kernel TCP memory (both ends): {} bytes per connection; client RSS: {} bytes per connection",
+        r["tcp_mem_per_connection_bytes_both_ends"], r["client_rss_per_connection_bytes"]
+    );
+}
+
+fn print_fanout(r: &Value) {
+    let c = &r["connections"];
+    let d = &r["deliveries"];
+    let l = &r["latency_us"];
+    let ms = |v: &Value| {
+        v.as_f64()
+            .map(|u| format!("{:.2} ms", u / 1000.0))
+            .unwrap_or("-".into())
+    };
+    eprintln!("== {} ({}) {}", r["dist"], r["target"], r["label"]);
+    eprintln!(
+        "connections: {} open of {} ({} failed); {} rooms; {} records/s of {} bytes; fan-out {}",
+        c["open"],
+        c["requested"],
+        c["failed"],
+        r["rooms"],
+        r["rate"],
+        r["payload_bytes"],
+        d["fanout"]
+    );
+    eprintln!(
+        "latency: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  ({} samples)",
+        ms(&l["p50"]),
+        ms(&l["p90"]),
+        ms(&l["p99"]),
+        ms(&l["p999"]),
+        ms(&l["max"]),
+        l["count"]
+    );
+    eprintln!(
+        "deliveries: {}/s (expected {}/s); lost {} of {}; duplicates {}; misrouted {}; out of order {}; closed by server {}",
+        d["per_s"], d["expected_per_s"], d["lost"], d["expected"], d["duplicates"], d["misrouted"], d["out_of_order"], d["closed_by_server"]
+    );
+    let s = &r["server"];
+    if !s.is_null() {
+        eprintln!(
+            "server: {} cores, {} µs CPU and {} send/write syscalls per delivery, RSS {} KiB",
+            s["cpu_cores"],
+            s["cpu_us_per_delivery"],
+            r["server_send_syscalls"]["per_delivery"],
+            s["rss_end_kib"]
+        );
+    }
+    eprintln!(
+        "client: {} cores; broker: {} cores; producer worst send delay {} µs",
+        r["client"]["cpu_cores"], r["broker"]["cpu_cores"], r["records"]["max_send_delay_us"]
+    );
+}

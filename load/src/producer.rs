@@ -1,0 +1,215 @@
+//! The open-loop producer: record `i` is due at `start + i / rate`, carries that intended time,
+//! and is sent as soon as possible after it. A slow sink delays sends but never the schedule:
+//! the delay shows up in the measured latency, and the worst one is reported.
+
+use std::io::{BufWriter, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
+
+use crate::dist::Dist;
+
+/// Where records go: a Kafka topic, or the floor's control socket.
+pub enum Sink {
+    Kafka {
+        producer: ThreadedProducer<Ctx>,
+        topic: String,
+    },
+    Floor(BufWriter<TcpStream>),
+}
+
+/// Counts records that Kafka did not take, per room (the opaque is the room).
+pub struct Ctx {
+    failed: Arc<Vec<AtomicU64>>,
+    errors: Arc<AtomicU64>,
+}
+
+impl ClientContext for Ctx {}
+
+impl ProducerContext for Ctx {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, room: usize) {
+        if result.is_err() {
+            self.failed[room].fetch_add(1, Ordering::Relaxed);
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+pub struct Counters {
+    /// Records handed to the sink, per room, less the ones reported failed.
+    pub sent: Vec<AtomicU64>,
+    pub failed: Arc<Vec<AtomicU64>>,
+    pub errors: Arc<AtomicU64>,
+}
+
+impl Counters {
+    pub fn new(rooms: usize) -> Counters {
+        Counters {
+            sent: (0..rooms).map(|_| AtomicU64::new(0)).collect(),
+            failed: Arc::new((0..rooms).map(|_| AtomicU64::new(0)).collect()),
+            errors: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Records that reached the sink for `room`.
+    pub fn delivered(&self, room: usize) -> u64 {
+        self.sent[room]
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.failed[room].load(Ordering::Relaxed))
+    }
+}
+
+pub fn kafka_sink(
+    brokers: &str,
+    topic: &str,
+    linger_ms: u32,
+    counters: &Counters,
+) -> Result<Sink, KafkaError> {
+    let ctx = Ctx {
+        failed: counters.failed.clone(),
+        errors: counters.errors.clone(),
+    };
+    let producer: ThreadedProducer<Ctx> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", linger_ms.to_string())
+        .set("queue.buffering.max.messages", "1000000")
+        .set("message.timeout.ms", "30000")
+        .create_with_context(ctx)?;
+    Ok(Sink::Kafka {
+        producer,
+        topic: topic.to_string(),
+    })
+}
+
+pub struct Schedule {
+    pub dist: Dist,
+    pub rooms: usize,
+    pub rate: f64,
+    pub total: u64,
+    /// The instant record 0 is due, and the same moment in µs since the epoch.
+    pub start: Instant,
+    pub start_us: u64,
+    pub payload_bytes: usize,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Outcome {
+    pub attempted: u64,
+    /// Refused at once (librdkafka's queue full, or a socket error).
+    pub refused: u64,
+    /// The largest gap between a record's intended and actual send time.
+    pub max_send_delay_us: u64,
+    pub elapsed: Duration,
+}
+
+/// Runs the schedule on the calling thread; bounded by `schedule.total`.
+pub fn run(mut sink: Sink, s: &Schedule, counters: &Counters) -> Outcome {
+    let mut out = Outcome::default();
+    let mut value = String::with_capacity(s.payload_bytes + 128);
+    let fields: Vec<(&'static str, String)> =
+        (0..s.rooms).map(|r| s.dist.record_field(r)).collect();
+    let floor_rooms: Vec<String> = match &sink {
+        Sink::Floor(_) => (0..s.rooms).map(|r| s.dist.record_room(r)).collect(),
+        Sink::Kafka { .. } => Vec::new(),
+    };
+    let mut i: u64 = 0;
+    while i < s.total {
+        let due = s.start + offset(i, s.rate);
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+            continue;
+        }
+        // Everything due by now goes out in one burst, each with its own intended time.
+        while i < s.total {
+            let off = offset(i, s.rate);
+            let now = Instant::now();
+            if s.start + off > now {
+                break;
+            }
+            let delay = now.duration_since(s.start + off).as_micros() as u64;
+            out.max_send_delay_us = out.max_send_delay_us.max(delay);
+            let room = (i % s.rooms as u64) as usize;
+            let (key, target) = &fields[room];
+            value.clear();
+            let sent_us = s.start_us + off.as_micros() as u64;
+            use std::fmt::Write as _;
+            let _ = write!(
+                value,
+                r#"{{"{key}":"{target}","seq":{i},"sent_us":{sent_us},"pad":""#
+            );
+            // Pad the value to the requested size (the closing `"}` counts).
+            while value.len() + 2 < s.payload_bytes {
+                value.push('x');
+            }
+            value.push_str("\"}");
+            out.attempted += 1;
+            let ok = match &mut sink {
+                Sink::Kafka { producer, topic } => {
+                    let record = BaseRecord::with_opaque_to(topic, room)
+                        .key(target.as_bytes())
+                        .payload(value.as_bytes());
+                    match producer.send(record) {
+                        Ok(()) => true,
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                            false
+                        }
+                        Err(_) => false,
+                    }
+                }
+                Sink::Floor(w) => {
+                    let line = format!("{}\t{}\n", floor_rooms[room], value);
+                    w.write_all(line.as_bytes()).is_ok()
+                }
+            };
+            if ok {
+                counters.sent[room].fetch_add(1, Ordering::Relaxed);
+            } else {
+                out.refused += 1;
+            }
+            i += 1;
+        }
+        if let Sink::Floor(w) = &mut sink {
+            if w.flush().is_err() {
+                // The floor is gone: the rest cannot be sent.
+                out.refused += s.total - i;
+                break;
+            }
+        }
+    }
+    if let Sink::Kafka { producer, .. } = &sink {
+        let _ = producer.flush(Duration::from_secs(30));
+    }
+    out.elapsed = s.start.elapsed();
+    out
+}
+
+fn offset(i: u64, rate: f64) -> Duration {
+    Duration::from_nanos((i as f64 * 1e9 / rate) as u64)
+}
+
+/// Creates `topic` unless it exists.
+pub async fn create_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+    for r in admin.create_topics([&new], &opts).await? {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, e)) => anyhow::bail!("cannot create topic {t}: {e}"),
+        }
+    }
+    Ok(())
+}
