@@ -52,16 +52,14 @@ impl PartitionTable {
         self.read().get(topic)?.get(&partition).copied()
     }
 
-    /// Records that `offset` has been handed to the registry.
-    pub fn advance(&self, topic: &str, partition: i32, offset: i64) {
-        if let Some(p) = self
-            .write()
-            .get_mut(topic)
-            .and_then(|t| t.get_mut(&partition))
-        {
-            p.next_offset = offset + 1;
-            p.high_watermark = p.high_watermark.max(p.next_offset);
-        }
+    /// Records that `offset` has been read; returns the state before, None if unassigned.
+    pub fn advance(&self, topic: &str, partition: i32, offset: i64) -> Option<PartitionState> {
+        let mut table = self.write();
+        let p = table.get_mut(topic)?.get_mut(&partition)?;
+        let before = *p;
+        p.next_offset = offset + 1;
+        p.high_watermark = p.high_watermark.max(p.next_offset);
+        Some(before)
     }
 
     pub fn set_high_watermark(&self, topic: &str, partition: i32, high: i64) {

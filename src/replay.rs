@@ -24,21 +24,22 @@ use crate::ws::protocol::Frame;
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub offset: i64,
-    pub tenant: Option<Box<str>>,
-    pub rooms: Box<[Box<str>]>,
-    pub event: Box<str>,
+    pub tenant: Option<String>,
+    pub rooms: Vec<String>,
+    pub event: String,
     pub frame: Frame,
     at: Instant,
 }
 
 impl Entry {
-    pub fn new(routed: &Routed<'_>, frame: &Frame) -> Entry {
+    /// Keeps a routed record, taking over its strings rather than copying them.
+    pub fn new(routed: Routed<'_>, frame: Frame) -> Entry {
         Entry {
             offset: routed.position.offset,
-            tenant: routed.tenant.as_deref().map(Into::into),
-            rooms: routed.rooms.iter().map(|r| r.as_str().into()).collect(),
-            event: routed.event.as_str().into(),
-            frame: frame.clone(),
+            tenant: routed.tenant,
+            rooms: routed.rooms,
+            event: routed.event,
+            frame,
             at: Instant::now(),
         }
     }
@@ -295,7 +296,7 @@ mod tests {
         Entry {
             offset,
             tenant: None,
-            rooms: vec![room.into()].into_boxed_slice(),
+            rooms: vec![room.into()],
             event: event.into(),
             frame: Frame::from(format!("frame-{offset}")),
             at: Instant::now(),

@@ -89,6 +89,8 @@ impl RateLimitedLog {
 pub struct KafkaConsumer {
     consumer: Arc<StreamConsumer<Context>>,
     routes: Arc<HashMap<String, Route>>,
+    /// `records_consumed` per routed topic, looked up once rather than per record.
+    consumed: HashMap<String, prometheus::IntCounter>,
     hub: Arc<Hub>,
     partitions: Arc<PartitionTable>,
     metrics: Arc<Metrics>,
@@ -113,10 +115,20 @@ impl KafkaConsumer {
         let consumer: StreamConsumer<Context> =
             super::client_config(&config.kafka, &group).create_with_context(context)?;
         let routes = hub.routes.clone();
+        let consumed = routes
+            .keys()
+            .map(|t| {
+                (
+                    t.clone(),
+                    hub.metrics.records_consumed.with_label_values(&[t]),
+                )
+            })
+            .collect();
         info!(group = %group, "kafka consumer created");
         Ok(KafkaConsumer {
             consumer: Arc::new(consumer),
             routes,
+            consumed,
             partitions: hub.partitions.clone(),
             metrics: hub.metrics.clone(),
             hub,
@@ -140,7 +152,10 @@ impl KafkaConsumer {
             tokio::select! {
                 _ = crate::shutdown::wait(stop.clone()) => break,
                 _ = refresh.tick() => self.discover().await,
-                _ = watermark.tick() => self.hub.broadcast_positions(&mut last_positions),
+                _ = watermark.tick() => {
+                    self.hub.broadcast_positions(&mut last_positions);
+                    self.store_offsets();
+                }
                 message = self.consumer.recv() => match message {
                     Ok(m) => self.process(&m),
                     Err(e) => {
@@ -208,13 +223,14 @@ impl KafkaConsumer {
     fn process(&self, m: &BorrowedMessage<'_>) {
         let record = super::record(m);
         let (topic, partition, offset) = (record.topic, record.partition, record.offset);
-        self.metrics
-            .records_consumed
-            .with_label_values(&[topic])
-            .inc();
+        if let Some(counter) = self.consumed.get(topic) {
+            counter.inc();
+        }
         {
             let _cut = self.hub.cut();
-            let Some(state) = self.partitions.get(topic, partition) else {
+            // Advanced first (one lock instead of two); nobody sees it before the cut is
+            // released but readiness and stats, for which a record early is no harm.
+            let Some(state) = self.partitions.advance(topic, partition, offset) else {
                 return;
             };
             if offset < state.next_offset {
@@ -235,11 +251,26 @@ impl KafkaConsumer {
                 .get(topic)
                 .and_then(|route| self.route(route, &record, live));
             self.hub.replay.push(topic, partition, offset, entry);
-            self.partitions.advance(topic, partition, offset);
         }
-        if let Err(e) = self.consumer.store_offset_from_message(m) {
+    }
+
+    /// Stores every partition's position for the next commit. Done on a timer rather than per
+    /// record: the offsets are for lag visibility, and a call into librdkafka per record costs
+    /// more than routing it. Only what was handed to the registry is ever stored.
+    fn store_offsets(&self) {
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), state) in self.partitions.snapshot() {
+            if state.next_offset > 0 {
+                let _ =
+                    tpl.add_partition_offset(&topic, partition, Offset::Offset(state.next_offset));
+            }
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        if let Err(e) = self.consumer.store_offsets(&tpl) {
             if let Some(skipped) = self.error_log.admit() {
-                warn!(error = %e, skipped, "cannot store offset");
+                warn!(error = %e, skipped, "cannot store offsets");
             }
         }
     }
@@ -264,7 +295,7 @@ impl KafkaConsumer {
             self.hub.deliver(&routed, &frame);
             self.observe_latency(record.timestamp_ms);
         }
-        Some(Entry::new(&routed, &frame))
+        Some(Entry::new(routed, frame))
     }
 
     fn observe_latency(&self, timestamp_ms: Option<i64>) {
@@ -296,6 +327,7 @@ impl KafkaConsumer {
     /// Commits stored offsets and drops the consumer, both bounded in time: against an
     /// unreachable broker either can block for `session.timeout.ms`.
     async fn close(self) {
+        self.store_offsets();
         let consumer = self.consumer;
         let work = tokio::task::spawn_blocking(move || {
             let result = consumer.commit_consumer_state(CommitMode::Sync);

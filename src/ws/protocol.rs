@@ -101,27 +101,60 @@ pub fn valid_room_name(room: &str) -> bool {
     !room.is_empty() && room.len() <= 200 && !room.chars().any(char::is_control)
 }
 
-/// Encodes an event frame for a routed record.
+/// Encodes an event frame for a routed record: one buffer, the payload spliced in as is.
 pub fn event(routed: &Routed<'_>) -> Result<Frame, std::str::Utf8Error> {
-    let payload = std::str::from_utf8(routed.payload)?;
-    let event = Value::from(routed.event.as_str()).to_string();
-    let mut out = String::with_capacity(payload.len() + event.len() + 96);
+    use std::fmt::Write;
+    let payload = std::str::from_utf8(routed.payload)?.trim();
+    let pos = &routed.position;
+    let mut out = String::with_capacity(payload.len() + routed.event.len() + pos.topic.len() + 96);
     out.push_str("{\"type\":\"event\",\"event\":");
-    out.push_str(&event);
+    push_json_string(&mut out, &routed.event);
     out.push_str(",\"pos\":");
-    out.push_str(&Value::from(routed.position.to_string()).to_string());
+    out.push('"');
+    push_escaped(&mut out, &pos.topic);
+    let _ = write!(out, ":{}:{}\"", pos.partition, pos.offset);
     if let Some(ts) = routed.timestamp_ms {
-        out.push_str(",\"ts\":");
-        out.push_str(&ts.to_string());
+        let _ = write!(out, ",\"ts\":{ts}");
     }
     if routed.expose_rooms {
-        out.push_str(",\"rooms\":");
-        out.push_str(&Value::from(routed.rooms.clone()).to_string());
+        out.push_str(",\"rooms\":[");
+        for (i, room) in routed.rooms.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            push_json_string(&mut out, room);
+        }
+        out.push(']');
     }
     out.push_str(",\"payload\":");
-    out.push_str(payload.trim());
+    out.push_str(payload);
     out.push('}');
     Ok(Frame::from(out))
+}
+
+/// Appends `s` as a JSON string literal.
+fn push_json_string(out: &mut String, s: &str) {
+    out.push('"');
+    push_escaped(out, s);
+    out.push('"');
+}
+
+/// Appends `s` escaped for the inside of a JSON string.
+fn push_escaped(out: &mut String, s: &str) {
+    use std::fmt::Write;
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
 }
 
 pub struct Welcome<'a> {
@@ -223,6 +256,22 @@ mod tests {
         .unwrap();
         let v: Value = serde_json::from_str(with_rooms.as_str()).unwrap();
         assert_eq!(v["rooms"], json!(["feature:users"]));
+    }
+
+    #[test]
+    fn json_strings_are_escaped() {
+        for s in [
+            "plain",
+            "q\"uote",
+            "back\\slash",
+            "line\nbreak",
+            "ctl\u{1}",
+            "é✓",
+        ] {
+            let mut out = String::new();
+            push_json_string(&mut out, s);
+            assert_eq!(serde_json::from_str::<String>(&out).unwrap(), s);
+        }
     }
 
     #[test]
