@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use roomcast::config::{Config, LogFormat, Overrides};
+use roomcast::auth::{now_secs, sign_hs256, Claims};
+use roomcast::config::{Algorithm, Config, LogFormat, Overrides};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -55,6 +56,25 @@ enum Command {
     Demo(Common),
     /// Validate a configuration and print the effective one, secrets hidden.
     CheckConfig(Common),
+    /// Print a connection token signed with the configured HMAC secret (for trying it out).
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The user (`sub`).
+    #[arg(long)]
+    sub: String,
+    /// Room patterns the token grants, comma-separated (e.g. 'feature:**,task:*').
+    #[arg(long, value_delimiter = ',')]
+    rooms: Vec<String>,
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Seconds until the token expires.
+    #[arg(long, default_value_t = 3600)]
+    ttl: u64,
 }
 
 fn main() -> ExitCode {
@@ -74,6 +94,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(c.config.as_deref(), &c.overrides())?;
             print!("{}", config.redacted_toml());
             eprintln!("configuration is valid");
+            Ok(())
+        }
+        Command::Token(t) => {
+            let config = Config::load(t.common.config.as_deref(), &t.common.overrides())?;
+            let secret = match (config.auth.algorithm, config.auth.secret) {
+                (Algorithm::HS256, Some(secret)) => secret,
+                _ => anyhow::bail!("token: needs auth.algorithm = HS256 and auth.secret"),
+            };
+            let claims = Claims {
+                sub: t.sub,
+                exp: now_secs() + t.ttl,
+                tenant: t.tenant,
+                rooms: t.rooms,
+                ..Claims::default()
+            };
+            println!("{}", sign_hs256(&secret, &claims));
             Ok(())
         }
         Command::Serve(c) => {

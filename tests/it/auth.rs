@@ -199,3 +199,32 @@ async fn es256_tokens_are_verified_with_the_public_key() {
 async fn rs256_tokens_are_verified_with_the_public_key() {
     public_key_mode(jsonwebtoken::Algorithm::RS256, "rs256").await;
 }
+
+#[tokio::test]
+async fn the_token_command_mints_a_token_the_server_accepts() {
+    let topic = unique("mint");
+    create_topic(&topic, 1).await;
+    let server = Server::start(&task_route(&topic), "").await;
+    let out = std::process::Command::new(binary())
+        .args([
+            "token",
+            "--sub",
+            "minted",
+            "--rooms",
+            "task:*,feature:**",
+            "--ttl",
+            "60",
+        ])
+        .env("ROOMCAST_JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let minted = String::from_utf8(out.stdout).unwrap();
+    let mut c = server.connect(minted.trim()).await;
+    assert_eq!(c.welcome["user"], "minted");
+    c.join(&["task:1", "feature:users:entity:user"]).await;
+}

@@ -34,7 +34,15 @@ async fn metrics_pass_promtool_and_carry_no_identity_labels() {
     )));
 
     let labels = label_names(&metrics);
-    let allowed = ["code", "le", "partition", "reason", "result", "source", "topic"];
+    let allowed = [
+        "code",
+        "le",
+        "partition",
+        "reason",
+        "result",
+        "source",
+        "topic",
+    ];
     for name in labels.keys() {
         assert!(
             allowed.contains(&name.as_str()),
