@@ -124,9 +124,18 @@ impl<P: Clone> Registry<P> {
             }
             return reached;
         }
+        // The largest room goes last and unchecked against a set: only the members of the
+        // other rooms are remembered, so a broadcast room plus a user room costs one small set.
+        let keys: Vec<Box<str>> = rooms.iter().map(|r| room_key(tenant, r)).collect();
+        let largest = (0..keys.len())
+            .max_by_key(|&i| self.rooms.get(&keys[i]).map_or(0, |m| m.len()))
+            .unwrap_or(0);
         let mut seen: HashSet<ConnId> = HashSet::new();
-        for room in rooms {
-            let Some(members) = self.rooms.get(&room_key(tenant, room)) else {
+        for (i, key) in keys.iter().enumerate() {
+            if i == largest {
+                continue;
+            }
+            let Some(members) = self.rooms.get(key) else {
                 continue;
             };
             for (conn, member) in members.iter() {
@@ -135,7 +144,16 @@ impl<P: Clone> Registry<P> {
                 }
             }
         }
-        seen.len()
+        let mut reached = seen.len();
+        if let Some(members) = keys.get(largest).and_then(|k| self.rooms.get(k)) {
+            for (conn, member) in members.iter() {
+                if admits(member) && !seen.contains(conn) {
+                    deliver(&member.peer);
+                    reached += 1;
+                }
+            }
+        }
+        reached
     }
 
     pub fn room_count(&self) -> usize {

@@ -386,7 +386,9 @@ fn new_partitions(
                 topic: topic.clone(),
                 partition: p.id(),
                 start,
-                head: high,
+                // Warm-up covers only what was there before this replica started; a partition
+                // found later is live from its first record.
+                head: if initial { high } else { start },
             });
         }
     }

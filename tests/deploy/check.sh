@@ -150,6 +150,10 @@ refusals() {
   expect_failure 'existingSecret' \
     "$HELM" template r "$CHART" --set-string 'kafka.secretProperties.keys.sasl\.password=pw' || return 1
   expect_failure 'HS256|EdDSA|enum|one of' "$HELM" template r "$CHART" --set auth.algorithm=none || return 1
+  expect_failure 'kafkaConcurrency|minimum' \
+    "$HELM" template r "$CHART" --set config.resume.kafkaConcurrency=0 || return 1
+  expect_failure 'additional properties|not allowed' \
+    "$HELM" template r "$CHART" --set config.resume.bufferSize=1 || return 1
 }
 check "chart refuses bad values" refusals
 

@@ -244,6 +244,16 @@ class Defaults(unittest.TestCase):
     def test_default_routes(self):
         self.assertNotIn("route", config_toml(self.docs))
 
+    def test_default_resume_settings_are_roomcasts(self):
+        self.assertEqual(config_toml(self.docs)["resume"], {
+            "buffer_bytes": 67108864,
+            "buffer_max_age_seconds": 300,
+            "max_age_seconds": 3600,
+            "kafka_concurrency": 4,
+            "max_replay_records": 100000,
+            "positions_interval_seconds": 5.0,
+        })
+
 
 class AllFeatures(unittest.TestCase):
     def setUp(self):
@@ -330,6 +340,15 @@ class AllFeatures(unittest.TestCase):
         self.assertEqual([r["topic"] for r in cfg["route"]], ["entity-updates", "task-updates"])
         self.assertIs(cfg["route"][1]["expose_rooms"], True)
         self.assertEqual(cfg["server"]["allowed_origins"], self.values["config"]["server"]["allowedOrigins"])
+        resume = self.values["config"]["resume"]
+        self.assertEqual(cfg["resume"], {
+            "buffer_bytes": resume["bufferBytes"],
+            "buffer_max_age_seconds": resume["bufferMaxAgeSeconds"],
+            "max_age_seconds": resume["maxAgeSeconds"],
+            "kafka_concurrency": resume["kafkaConcurrency"],
+            "max_replay_records": resume["maxReplayRecords"],
+            "positions_interval_seconds": resume["positionsIntervalSeconds"],
+        })
         self.assertEqual(cfg["kafka"]["ssl.certificate.location"], "/etc/roomcast/kafka-client/client.crt")
         self.assertEqual(cfg["kafka"]["ssl.key.location"], "/etc/roomcast/kafka-client/client.key")
         mounts = {m["name"]: m["mountPath"] for m in container(self.docs)["volumeMounts"]}

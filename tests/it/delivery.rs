@@ -342,3 +342,18 @@ async fn a_thousand_records_on_one_partition_arrive_in_order() {
     );
     c.expect_silence(QUIET).await;
 }
+
+#[tokio::test]
+async fn a_topic_created_after_start_is_delivered_from_its_first_record() {
+    let topic = unique("late");
+    let server = Server::start(&task_route(&topic), "").await;
+    let mut c = server.connect(&token("late", &[])).await;
+    create_topic(&topic, 1).await;
+    let p = Producer::new();
+    for seq in 0..3 {
+        p.send_json(&topic, json!({"taskId": "x", "userId": "late", "seq": seq}))
+            .await;
+    }
+    let got = c.events(3).await;
+    assert_eq!(payload_field(&got, "seq"), [json!(0), json!(1), json!(2)]);
+}
