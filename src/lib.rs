@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod config;
 pub mod demo;
+pub mod doc;
 pub mod http;
 pub mod kafka;
 pub mod metrics;

@@ -7,9 +7,8 @@
 
 use std::fmt;
 
-use serde_json::Value;
-
 use crate::config::RouteConfig;
+use crate::doc::Doc;
 
 /// Why a record could not be routed. Each one is counted and the consumer moves on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -108,19 +107,15 @@ impl Template {
         self.parts.iter().any(|p| matches!(p, Part::Field(_)))
     }
 
-    /// Renders against `value`; `None` when a field is missing, null, empty or not a scalar.
-    pub fn render(&self, value: Option<&Value>) -> Option<String> {
+    /// Renders against `doc`; `None` when a field is missing, null, empty or not a scalar.
+    pub fn render(&self, doc: Option<&Doc<'_>>) -> Option<String> {
         let mut out = String::new();
         for part in &self.parts {
             match part {
                 Part::Text(t) => out.push_str(t),
                 Part::Field(path) => {
-                    let field = path.iter().try_fold(value?, |v, key| v.get(key))?;
-                    match field {
-                        Value::String(s) if !s.is_empty() => out.push_str(s),
-                        Value::Number(n) => out.push_str(&n.to_string()),
-                        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-                        _ => return None,
+                    if !doc?.push_scalar(path, &mut out) {
+                        return None;
                     }
                 }
             }
@@ -222,8 +217,8 @@ impl Route {
             || header_rooms.is_none()
             || self.priority.is_some()
             || self.tenant.is_some();
-        let parsed: Option<Value> = if needs_value {
-            Some(serde_json::from_slice(payload).map_err(|e| RouteError::NotJson(e.to_string()))?)
+        let parsed = if needs_value {
+            Some(Doc::parse(payload).map_err(RouteError::NotJson)?)
         } else {
             // Spliced into the frame as is, so it must still be exactly one JSON document.
             serde_json::from_slice::<&serde_json::value::RawValue>(payload)
@@ -309,12 +304,13 @@ mod tests {
     #[test]
     fn templates_render_dotted_paths_and_scalars() {
         let t = Template::parse("{entity}:{data.id}").unwrap();
-        let v: Value = serde_json::json!({"entity": "user", "data": {"id": 7}});
-        assert_eq!(t.render(Some(&v)).as_deref(), Some("user:7"));
-        let missing: Value = serde_json::json!({"entity": "user", "data": {}});
-        assert_eq!(t.render(Some(&missing)), None);
-        let object: Value = serde_json::json!({"entity": {"x": 1}, "data": {"id": 1}});
-        assert_eq!(t.render(Some(&object)), None);
+        let render = |json: &str| t.render(Some(&Doc::parse(json.as_bytes()).unwrap()));
+        assert_eq!(
+            render(r#"{"entity": "user", "data": {"id": 7}}"#).as_deref(),
+            Some("user:7")
+        );
+        assert_eq!(render(r#"{"entity": "user", "data": {}}"#), None);
+        assert_eq!(render(r#"{"entity": {"x": 1}, "data": {"id": 1}}"#), None);
         assert_eq!(
             Template::parse("plain").unwrap().render(None).as_deref(),
             Some("plain")
