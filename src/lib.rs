@@ -25,7 +25,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tracing::info;
 
 use crate::auth::Authenticator;
@@ -59,11 +59,23 @@ pub enum Error {
     Demo(String),
 }
 
+/// Accept backlog: a reconnect storm after a restart brings thousands of handshakes at once,
+/// and the usual 128 drops SYNs, leaving clients to wait for retransmits.
+const LISTEN_BACKLOG: u32 = 4096;
+
 /// Binds a listener and tells the address it got (the port may have been 0).
-async fn bind(key: &str, value: &str) -> Result<(TcpListener, SocketAddr), Error> {
+fn bind(key: &str, value: &str) -> Result<(TcpListener, SocketAddr), Error> {
     let addr = config::parse_addr(key, value)?;
     let bind_error = |source| Error::Bind { addr, source };
-    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(bind_error)?;
+    socket.set_reuseaddr(true).map_err(bind_error)?;
+    socket.bind(addr).map_err(bind_error)?;
+    let listener = socket.listen(LISTEN_BACKLOG).map_err(bind_error)?;
     let local = listener.local_addr().map_err(bind_error)?;
     Ok((listener, local))
 }
@@ -84,8 +96,8 @@ pub async fn serve(
     let discovered = Arc::new(AtomicBool::new(false));
     let consumer = KafkaConsumer::new(&config, hub.clone(), discovered.clone())?;
 
-    let (public, public_addr) = bind("server.listen", &config.server.listen).await?;
-    let (admin, admin_addr) = bind("server.admin_listen", &config.server.admin_listen).await?;
+    let (public, public_addr) = bind("server.listen", &config.server.listen)?;
+    let (admin, admin_addr) = bind("server.admin_listen", &config.server.admin_listen)?;
     info!(public = %public_addr, admin = %admin_addr, server = %config.server.name, "listening");
     if demo_token.is_some() {
         info!("demo page: http://{public_addr}/");

@@ -294,56 +294,82 @@ async fn open(
     shared: &Shared,
 ) -> Result<WebSocketStream<TcpStream>, String> {
     let source = target.sources[(plan.index / target.per_source.max(1)) % target.sources.len()];
+    let (mut ws, _welcome) = handshake(
+        &target.url,
+        target.addr,
+        source,
+        &plan.token,
+        target.read_buffer,
+    )
+    .await?;
+    if let Some(room) = &plan.subscribe {
+        subscribe(&mut ws, room, &shared.other_frames).await?;
+    }
+    Ok(ws)
+}
+
+/// A WebSocket connection from `source` to `addr` with the token in the subprotocol; returns
+/// it with the text of its welcome frame.
+pub async fn handshake(
+    url: &str,
+    addr: SocketAddr,
+    source: IpAddr,
+    token: &str,
+    read_buffer: usize,
+) -> Result<(WebSocketStream<TcpStream>, String), String> {
     let sock = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
     sock.bind(SocketAddr::new(source, 0))
         .map_err(|e| format!("bind {source}: {e}"))?;
     let tcp = sock
-        .connect(target.addr)
+        .connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     tcp.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
-    let mut req = target
-        .url
-        .as_str()
-        .into_client_request()
-        .map_err(|e| format!("url: {e}"))?;
-    let protocols = HeaderValue::from_str(&format!("roomcast.v1, bearer.{}", plan.token))
+    let mut req = url.into_client_request().map_err(|e| format!("url: {e}"))?;
+    let protocols = HeaderValue::from_str(&format!("roomcast.v1, bearer.{token}"))
         .map_err(|e| format!("token: {e}"))?;
     req.headers_mut()
         .insert("Sec-WebSocket-Protocol", protocols);
     let config = WebSocketConfig::default()
-        .read_buffer_size(target.read_buffer)
+        .read_buffer_size(read_buffer)
         .write_buffer_size(0);
     let (mut ws, _) = client_async_with_config(req, tcp, Some(config))
         .await
         .map_err(|e| format!("handshake: {e}"))?;
     match ws.next().await {
-        Some(Ok(Message::Text(t))) if t.as_str().starts_with("{\"type\":\"welcome\"") => {}
-        other => return Err(format!("expected a welcome frame, got {other:?}")),
+        Some(Ok(Message::Text(t))) if t.as_str().starts_with("{\"type\":\"welcome\"") => {
+            Ok((ws, t.as_str().to_string()))
+        }
+        other => Err(format!("expected a welcome frame, got {other:?}")),
     }
-    if let Some(room) = &plan.subscribe {
-        let frame = format!(r#"{{"type":"subscribe","id":1,"rooms":["{room}"]}}"#);
-        ws.send(Message::text(frame))
-            .await
-            .map_err(|e| format!("subscribe: {e}"))?;
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(t))) => {
-                    let t = t.as_str();
-                    if t.starts_with("{\"type\":\"ok\"") {
-                        break;
-                    }
-                    if t.starts_with("{\"type\":\"error\"") {
-                        return Err(format!("subscribe refused: {t}"));
-                    }
-                    shared.other_frames.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Joins `room` and waits for the `ok`; frames before it are counted in `other`.
+pub async fn subscribe(
+    ws: &mut WebSocketStream<TcpStream>,
+    room: &str,
+    other: &AtomicU64,
+) -> Result<(), String> {
+    let frame = format!(r#"{{"type":"subscribe","id":1,"rooms":["{room}"]}}"#);
+    ws.send(Message::text(frame))
+        .await
+        .map_err(|e| format!("subscribe: {e}"))?;
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => {
+                let t = t.as_str();
+                if t.starts_with("{\"type\":\"ok\"") {
+                    return Ok(());
                 }
-                Some(Ok(_)) => {}
-                other => return Err(format!("closed while subscribing: {other:?}")),
+                if t.starts_with("{\"type\":\"error\"") {
+                    return Err(format!("subscribe refused: {t}"));
+                }
+                other.fetch_add(1, Ordering::Relaxed);
             }
+            Some(Ok(_)) => {}
+            other => return Err(format!("closed while subscribing: {other:?}")),
         }
     }
-    Ok(ws)
 }
 
 #[cfg(test)]

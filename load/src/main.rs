@@ -2,12 +2,19 @@
 //! records/s open-loop, and measures end-to-end latency, deliveries/s, losses and duplicates,
 //! and the server's CPU, write syscalls and memory over the measured window.
 //!
+//! Two modes start the server themselves (`--server-bin`, `--server-config`): the resume
+//! storm (`--resume-storm`, see storm.rs), which restarts it under its clients, and the replay
+//! buffer's memory (`--replay-memory`, see replaymem.rs).
+//!
 //! Only loopback addresses are accepted as targets.
 
 mod client;
 mod dist;
 mod procstat;
 mod producer;
+mod replaymem;
+mod server;
+mod storm;
 
 use std::collections::HashMap;
 use std::io::{BufWriter, Write};
@@ -118,6 +125,62 @@ struct Args {
     /// Also append the JSON line to this file.
     #[arg(long)]
     json_out: Option<PathBuf>,
+    /// Resume storm: connect, restart the server under the clients while producing, then
+    /// reconnect them all at once with ?resume=1 and check what each gets. Needs --server-bin,
+    /// --server-config and --brokers.
+    #[arg(long)]
+    resume_storm: bool,
+    /// Replay buffer memory: no connections; produce until the buffer holds each of
+    /// --targets-mib and sample the server's RSS. Needs --server-bin, --server-config and
+    /// --brokers; the server must read a fresh topic and keep everything (big budget and age).
+    #[arg(long)]
+    replay_memory: bool,
+    /// The roomcast binary, run as `BIN serve --config CONFIG` (storm and replay-memory modes).
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    #[arg(long)]
+    server_config: Option<PathBuf>,
+    /// Where the servers' stderr goes (appended).
+    #[arg(long, default_value = "roomcast-server.log")]
+    server_log: PathBuf,
+    /// Written with the pid of each server started.
+    #[arg(long)]
+    server_pidfile: Option<PathBuf>,
+    /// Storm: seconds of live production before the SIGTERM.
+    #[arg(long, default_value_t = 10.0)]
+    live_seconds: f64,
+    /// Storm: seconds between the old server's exit and the new one's start.
+    #[arg(long, default_value_t = 0.0)]
+    down_seconds: f64,
+    /// Storm: production goes on at least this long after the reconnect starts.
+    #[arg(long, default_value_t = 5.0)]
+    after_seconds: f64,
+    /// Storm: give up on clients not caught up this many seconds after the reconnect starts.
+    #[arg(long, default_value_t = 180.0)]
+    storm_deadline: f64,
+    /// Storm: reconnects in flight at once (0: all at once).
+    #[arg(long, default_value_t = 0)]
+    reconnect_concurrency: usize,
+    /// Replay memory: buffer sizes (MiB, as the server accounts them) to sample at.
+    #[arg(long, default_value = "16,32,64,128")]
+    targets_mib: String,
+}
+
+impl Args {
+    fn server_spec(&self) -> anyhow::Result<server::Spec> {
+        Ok(server::Spec {
+            bin: self
+                .server_bin
+                .clone()
+                .context("this mode needs --server-bin")?,
+            config: self
+                .server_config
+                .clone()
+                .context("this mode needs --server-config")?,
+            log: self.server_log.clone(),
+            pidfile: self.server_pidfile.clone(),
+        })
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -263,6 +326,12 @@ fn round(x: f64, digits: i32) -> f64 {
 }
 
 async fn run(args: &Args) -> anyhow::Result<Value> {
+    if args.resume_storm {
+        return storm::run(args, args.server_spec()?).await;
+    }
+    if args.replay_memory {
+        return replaymem::run(args, args.server_spec()?).await;
+    }
     let dist = Dist::parse(&args.dist).map_err(anyhow::Error::msg)?;
     if args.create_topic {
         let brokers = args
@@ -450,6 +519,7 @@ async fn run(args: &Args) -> anyhow::Result<Value> {
         start,
         start_us,
         payload_bytes: args.payload_bytes,
+        stop: None,
     };
     eprintln!(
         "producing {total} records at {}/s to {} rooms ({}s warm-up, {}s measured)",
@@ -458,7 +528,10 @@ async fn run(args: &Args) -> anyhow::Result<Value> {
     let producer_counters = counters.clone();
     let producer = std::thread::Builder::new()
         .name("producer".into())
-        .spawn(move || producer::run(sink, &schedule, &producer_counters))?;
+        .spawn(move || {
+            let mut sink = sink;
+            producer::run(&mut sink, &schedule, &producer_counters)
+        })?;
 
     let window_start = start + Duration::from_secs_f64(args.warmup);
     let window_end = window_start + Duration::from_secs_f64(args.duration);

@@ -85,6 +85,30 @@ pub fn tcp_mem_pages() -> Option<u64> {
     words.get(i + 1)?.parse().ok()
 }
 
+/// The kernel's TCP counters of interest for connection storms (`TcpExt` in /proc/net/netstat):
+/// accept queue overflows, SYNs dropped, SYN cookies sent.
+pub fn listen_counters() -> Option<std::collections::BTreeMap<String, u64>> {
+    const WANTED: [&str; 5] = [
+        "ListenOverflows",
+        "ListenDrops",
+        "SyncookiesSent",
+        "TCPReqQFullDoCookies",
+        "TCPReqQFullDrop",
+    ];
+    let s = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut lines = s.lines().filter(|l| l.starts_with("TcpExt:"));
+    let names: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let values: Vec<&str> = lines.next()?.split_whitespace().collect();
+    Some(
+        names
+            .iter()
+            .zip(values)
+            .filter(|(n, _)| WANTED.contains(n))
+            .filter_map(|(n, v)| Some((n.to_string(), v.parse().ok()?)))
+            .collect(),
+    )
+}
+
 pub fn page_size() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -291,6 +315,13 @@ mod tests {
         let s = sample("self").expect("own /proc entry");
         assert!(s.rss_kib > 0);
         assert!(s.cpu_s >= 0.0);
+    }
+
+    #[test]
+    fn reads_listen_counters() {
+        if let Some(c) = listen_counters() {
+            assert!(c.contains_key("ListenOverflows"));
+        }
     }
 
     #[test]

@@ -4,8 +4,8 @@
 
 use std::io::{BufWriter, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
@@ -24,10 +24,11 @@ pub enum Sink {
     Floor(BufWriter<TcpStream>),
 }
 
-/// Counts records that Kafka did not take, per room (the opaque is the room).
+/// Counts records that Kafka did not take, per room (the opaque is the record's `seq`).
 pub struct Ctx {
     failed: Arc<Vec<AtomicU64>>,
     errors: Arc<AtomicU64>,
+    lost_seqs: Arc<Mutex<Vec<u64>>>,
 }
 
 impl ClientContext for Ctx {}
@@ -35,10 +36,12 @@ impl ClientContext for Ctx {}
 impl ProducerContext for Ctx {
     type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, room: usize) {
+    fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
         if result.is_err() {
+            let room = seq % self.failed.len().max(1);
             self.failed[room].fetch_add(1, Ordering::Relaxed);
             self.errors.fetch_add(1, Ordering::Relaxed);
+            lock(&self.lost_seqs).push(seq as u64);
         }
     }
 }
@@ -48,6 +51,12 @@ pub struct Counters {
     pub sent: Vec<AtomicU64>,
     pub failed: Arc<Vec<AtomicU64>>,
     pub errors: Arc<AtomicU64>,
+    /// Records the schedule has dealt with so far (sent or refused): every `seq` below it.
+    pub attempted: AtomicU64,
+    /// Every `seq` that did not reach the sink: refused at once or failed after sending.
+    pub lost_seqs: Arc<Mutex<Vec<u64>>>,
+    /// Key and value bytes of the records handed to the sink.
+    pub bytes: AtomicU64,
 }
 
 impl Counters {
@@ -56,7 +65,17 @@ impl Counters {
             sent: (0..rooms).map(|_| AtomicU64::new(0)).collect(),
             failed: Arc::new((0..rooms).map(|_| AtomicU64::new(0)).collect()),
             errors: Arc::new(AtomicU64::new(0)),
+            attempted: AtomicU64::new(0),
+            lost_seqs: Arc::new(Mutex::new(Vec::new())),
+            bytes: AtomicU64::new(0),
         }
+    }
+
+    /// The `seq`s that did not reach the sink, sorted.
+    pub fn lost(&self) -> Vec<u64> {
+        let mut v = lock(&self.lost_seqs).clone();
+        v.sort_unstable();
+        v
     }
 
     /// Records that reached the sink for `room`.
@@ -76,6 +95,7 @@ pub fn kafka_sink(
     let ctx = Ctx {
         failed: counters.failed.clone(),
         errors: counters.errors.clone(),
+        lost_seqs: counters.lost_seqs.clone(),
     };
     let producer: ThreadedProducer<Ctx> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
@@ -98,6 +118,8 @@ pub struct Schedule {
     pub start: Instant,
     pub start_us: u64,
     pub payload_bytes: usize,
+    /// Ends the schedule early when set (for open-ended runs: `total` = u64::MAX).
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -111,21 +133,23 @@ pub struct Outcome {
 }
 
 /// Runs the schedule on the calling thread; bounded by `schedule.total`.
-pub fn run(mut sink: Sink, s: &Schedule, counters: &Counters) -> Outcome {
+pub fn run(sink: &mut Sink, s: &Schedule, counters: &Counters) -> Outcome {
     let mut out = Outcome::default();
     let mut value = String::with_capacity(s.payload_bytes + 128);
     let fields: Vec<(&'static str, String)> =
         (0..s.rooms).map(|r| s.dist.record_field(r)).collect();
-    let floor_rooms: Vec<String> = match &sink {
+    let floor_rooms: Vec<String> = match &*sink {
         Sink::Floor(_) => (0..s.rooms).map(|r| s.dist.record_room(r)).collect(),
         Sink::Kafka { .. } => Vec::new(),
     };
     let mut i: u64 = 0;
-    while i < s.total {
+    let stopped = || s.stop.as_ref().is_some_and(|f| f.load(Ordering::Relaxed));
+    while i < s.total && !stopped() {
         let due = s.start + offset(i, s.rate);
         let now = Instant::now();
         if due > now {
-            std::thread::sleep(due - now);
+            // Short naps, so a stop is noticed within a few milliseconds.
+            std::thread::sleep((due - now).min(Duration::from_millis(5)));
             continue;
         }
         // Everything due by now goes out in one burst, each with its own intended time.
@@ -152,9 +176,9 @@ pub fn run(mut sink: Sink, s: &Schedule, counters: &Counters) -> Outcome {
             }
             value.push_str("\"}");
             out.attempted += 1;
-            let ok = match &mut sink {
+            let ok = match &mut *sink {
                 Sink::Kafka { producer, topic } => {
-                    let record = BaseRecord::with_opaque_to(topic, room)
+                    let record = BaseRecord::with_opaque_to(topic, i as usize)
                         .key(target.as_bytes())
                         .payload(value.as_bytes());
                     match producer.send(record) {
@@ -172,24 +196,33 @@ pub fn run(mut sink: Sink, s: &Schedule, counters: &Counters) -> Outcome {
             };
             if ok {
                 counters.sent[room].fetch_add(1, Ordering::Relaxed);
+                counters
+                    .bytes
+                    .fetch_add((target.len() + value.len()) as u64, Ordering::Relaxed);
             } else {
                 out.refused += 1;
+                lock(&counters.lost_seqs).push(i);
             }
             i += 1;
+            counters.attempted.store(i, Ordering::Release);
         }
-        if let Sink::Floor(w) = &mut sink {
+        if let Sink::Floor(w) = &mut *sink {
             if w.flush().is_err() {
                 // The floor is gone: the rest cannot be sent.
-                out.refused += s.total - i;
+                out.refused += s.total.saturating_sub(i);
                 break;
             }
         }
     }
-    if let Sink::Kafka { producer, .. } = &sink {
+    if let Sink::Kafka { producer, .. } = &*sink {
         let _ = producer.flush(Duration::from_secs(30));
     }
     out.elapsed = s.start.elapsed();
     out
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn offset(i: u64, rate: f64) -> Duration {
