@@ -62,6 +62,17 @@ impl PartitionTable {
         Some(before)
     }
 
+    /// After the log went back to `offset`: nothing before it is warm-up any more.
+    pub fn rebase(&self, topic: &str, partition: i32, offset: i64) {
+        if let Some(p) = self
+            .write()
+            .get_mut(topic)
+            .and_then(|t| t.get_mut(&partition))
+        {
+            p.assigned_head = p.assigned_head.min(offset);
+        }
+    }
+
     pub fn set_high_watermark(&self, topic: &str, partition: i32, high: i64) {
         if let Some(p) = self
             .write()

@@ -233,8 +233,11 @@ impl KafkaConsumer {
             let Some(state) = self.partitions.advance(topic, partition, offset) else {
                 return;
             };
+            // Below the head at assignment: read back only to warm the replay buffer.
+            let mut live = offset >= state.assigned_head;
             if offset < state.next_offset {
-                // The log went back (a recreated topic): what was buffered is another log's.
+                // The log went back (a recreated topic): what was buffered is another log's,
+                // and everything in the new one is live.
                 warn!(
                     topic,
                     partition,
@@ -243,9 +246,9 @@ impl KafkaConsumer {
                     "offset reset"
                 );
                 self.hub.replay.reset(topic, partition, offset);
+                self.partitions.rebase(topic, partition, offset);
+                live = true;
             }
-            // Below the head at assignment: read back only to warm the replay buffer.
-            let live = offset >= state.assigned_head;
             let entry = self
                 .routes
                 .get(topic)

@@ -357,8 +357,14 @@ async fn low_priority_frames_are_shed_and_counted_normal_ones_never() {
 async fn positions_from_a_deleted_and_recreated_topic_get_resync() {
     let topic = unique("recreated");
     create_topic(&topic, 1).await;
+    // History before the server starts: the old log's head is well past the new log's start.
+    let p = Producer::new();
+    for seq in 0..10 {
+        p.send_json(&topic, task("someone", seq)).await;
+    }
     let server = Server::start(&task_route(&topic), "").await;
     let tracker = session_then_disconnect(&server, &topic, "rc", 20).await;
+    let mut live = server.connect(&token("rc", &[])).await;
     delete_topic(&topic).await;
     // Recreating a topic right after deleting it can be refused for a moment.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -369,11 +375,11 @@ async fn positions_from_a_deleted_and_recreated_topic_get_resync() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let p = Producer::new();
     for seq in 100..103 {
         p.send_json(&topic, task("rc", seq)).await;
     }
-    // The server notices the log went back and reads the new one from its start.
+    // The server notices the log went back and reads the new one from its start, live.
+    assert_eq!(seqs(&live.events(3).await), [100, 101, 102]);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let (_c, frames) = Client::resume(&server, &token("rc", &[]), &tracker, &[]).await;
