@@ -10,7 +10,6 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
 use super::protocol::{close, Frame};
-use crate::registry::ConnId;
 use crate::replay::ResumePlan;
 use crate::route::Priority;
 
@@ -49,10 +48,12 @@ pub struct Limits {
 }
 
 struct Shared {
-    id: ConnId,
     tx: mpsc::Sender<Outgoing>,
     /// Receives position watermarks (false while a resume is pending).
     live: AtomicBool,
+    /// Set with the first close request: checked on every delivery, so kept out of the
+    /// watch channel's lock.
+    closing: AtomicBool,
     queued_bytes: AtomicUsize,
     close: watch::Sender<Option<CloseRequest>>,
     limits: Limits,
@@ -69,13 +70,13 @@ pub struct Inbox {
 }
 
 impl Peer {
-    pub fn new(id: ConnId, limits: Limits) -> (Peer, Inbox) {
+    pub fn new(limits: Limits) -> (Peer, Inbox) {
         let (tx, rx) = mpsc::channel(limits.frames);
         let (close, _) = watch::channel(None);
         let peer = Peer(Arc::new(Shared {
-            id,
             tx,
             live: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             queued_bytes: AtomicUsize::new(0),
             close,
             limits,
@@ -87,14 +88,10 @@ impl Peer {
         (peer, inbox)
     }
 
-    pub fn id(&self) -> ConnId {
-        self.0.id
-    }
-
     /// Queues a frame without waiting.
     pub fn deliver(&self, frame: &Frame, priority: Priority) -> Delivery {
         let s = &*self.0;
-        if s.close.borrow().is_some() {
+        if s.closing.load(Ordering::Acquire) {
             return Delivery::Closed;
         }
         let queued_frames = s.limits.frames - s.tx.capacity();
@@ -161,6 +158,7 @@ impl Peer {
             if current.is_some() {
                 return false;
             }
+            self.0.closing.store(true, Ordering::Release);
             *current = Some(CloseRequest {
                 code,
                 reason,
@@ -204,7 +202,7 @@ mod tests {
 
     #[test]
     fn full_queue_closes_with_4008_and_sheds_low_first() {
-        let (peer, mut inbox) = Peer::new(1, limits());
+        let (peer, mut inbox) = Peer::new(limits());
         let f = Frame::from("0123456789");
         assert_eq!(peer.deliver(&f, Priority::Low), Delivery::Queued);
         assert_eq!(peer.deliver(&f, Priority::Normal), Delivery::Queued);
@@ -219,7 +217,7 @@ mod tests {
 
     #[test]
     fn byte_limit_applies() {
-        let (peer, _inbox) = Peer::new(1, limits());
+        let (peer, _inbox) = Peer::new(limits());
         let big = Frame::from("x".repeat(60));
         assert_eq!(peer.deliver(&big, Priority::Normal), Delivery::Queued);
         assert_eq!(peer.deliver(&big, Priority::Normal), Delivery::Overflow);
@@ -227,7 +225,7 @@ mod tests {
 
     #[test]
     fn first_close_wins() {
-        let (peer, _inbox) = Peer::new(1, limits());
+        let (peer, _inbox) = Peer::new(limits());
         assert!(peer.close(close::GOING_AWAY, "drain", true));
         assert!(!peer.close(close::SLOW_CONSUMER, "slow", false));
         assert_eq!(peer.close_request().unwrap().code, close::GOING_AWAY);

@@ -66,7 +66,7 @@ pub async fn run<S>(
             shed_low_after: ws_cfg.shed_low_priority_after,
         };
         let heartbeat = Duration::from_secs(ws_cfg.heartbeat_seconds);
-        let (peer, inbox) = Peer::new(id, limits);
+        let (peer, inbox) = Peer::new(limits);
         let (sink, stream) = ws.split();
         let mut session = Session {
             id,
