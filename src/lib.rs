@@ -104,7 +104,8 @@ pub async fn serve(
     }
 
     let stages = Stages::new();
-    let consuming = tokio::spawn(consumer.run(stages.stop_consuming.subscribe()));
+    let stop_consuming = stages.stop_consuming.subscribe();
+    let consuming = tokio::task::spawn_blocking(move || consumer.run(stop_consuming));
     let public_router = http::public_router(hub.clone(), demo_token);
     let public_task = tokio::spawn(
         axum::serve(public, public_router)

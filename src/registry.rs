@@ -9,7 +9,8 @@
 //! connection of tenant B whatever the rooms are called.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
@@ -24,13 +25,75 @@ fn room_key(tenant: Option<&str>, room: &str) -> Box<str> {
     format!("{}:{tenant}/{room}", tenant.len()).into_boxed_str()
 }
 
+#[derive(Clone)]
 struct Member<P> {
     peer: P,
     filter: Option<Arc<EventFilter>>,
 }
 
+impl<P> Member<P> {
+    fn admits(&self, event: &str) -> bool {
+        self.filter.as_ref().is_none_or(|f| f.matches(event))
+    }
+}
+
+struct Room<P> {
+    members: HashMap<ConnId, Member<P>>,
+    /// The members as a list that other threads can share, built when a large room is fanned
+    /// out and dropped on every change of membership.
+    listed: Mutex<Option<Members<P>>>,
+}
+
+impl<P> Default for Room<P> {
+    fn default() -> Self {
+        Room {
+            members: HashMap::new(),
+            listed: Mutex::new(None),
+        }
+    }
+}
+
+impl<P: Clone> Room<P> {
+    fn changed(&mut self) {
+        *self.listed.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn listed(&self) -> Members<P> {
+        let mut listed = self.listed.lock().unwrap_or_else(|e| e.into_inner());
+        listed
+            .get_or_insert_with(|| Members(self.members.values().cloned().collect()))
+            .clone()
+    }
+}
+
+/// A room's members at one moment, shared by the threads that fan a record out to them.
+pub struct Members<P>(Arc<[Member<P>]>);
+
+impl<P> Clone for Members<P> {
+    fn clone(&self) -> Self {
+        Members(self.0.clone())
+    }
+}
+
+impl<P> Members<P> {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Calls `deliver` for the members in `range` whose filter admits `event`.
+    pub fn for_each_in(&self, range: Range<usize>, event: &str, mut deliver: impl FnMut(&P)) {
+        for member in self.0[range].iter().filter(|m| m.admits(event)) {
+            deliver(&member.peer);
+        }
+    }
+}
+
 pub struct Registry<P> {
-    rooms: DashMap<Box<str>, HashMap<ConnId, Member<P>>>,
+    rooms: DashMap<Box<str>, Room<P>>,
     joined: DashMap<ConnId, HashSet<Box<str>>>,
 }
 
@@ -62,12 +125,11 @@ impl<P: Clone> Registry<P> {
             peer: peer.clone(),
             filter,
         };
-        let fresh = self
-            .rooms
-            .entry(key.clone())
-            .or_default()
-            .insert(conn, member)
-            .is_none();
+        let fresh = {
+            let mut room = self.rooms.entry(key.clone()).or_default();
+            room.changed();
+            room.members.insert(conn, member).is_none()
+        };
         self.joined.entry(conn).or_default().insert(key);
         fresh
     }
@@ -93,8 +155,9 @@ impl<P: Clone> Registry<P> {
     fn remove_member(&self, key: &str, conn: ConnId) -> bool {
         match self.rooms.entry(key.into()) {
             Entry::Occupied(mut room) => {
-                let was = room.get_mut().remove(&conn).is_some();
-                if room.get().is_empty() {
+                let was = room.get_mut().members.remove(&conn).is_some();
+                room.get_mut().changed();
+                if room.get().members.is_empty() {
                     room.remove();
                 }
                 was
@@ -112,13 +175,12 @@ impl<P: Clone> Registry<P> {
         event: &str,
         mut deliver: impl FnMut(&P),
     ) -> usize {
-        let admits = |m: &Member<P>| m.filter.as_ref().is_none_or(|f| f.matches(event));
         if let [room] = rooms {
-            let Some(members) = self.rooms.get(&room_key(tenant, room)) else {
+            let Some(room) = self.rooms.get(&room_key(tenant, room)) else {
                 return 0;
             };
             let mut reached = 0;
-            for member in members.values().filter(|m| admits(m)) {
+            for member in room.members.values().filter(|m| m.admits(event)) {
                 deliver(&member.peer);
                 reached += 1;
             }
@@ -128,32 +190,45 @@ impl<P: Clone> Registry<P> {
         // other rooms are remembered, so a broadcast room plus a user room costs one small set.
         let keys: Vec<Box<str>> = rooms.iter().map(|r| room_key(tenant, r)).collect();
         let largest = (0..keys.len())
-            .max_by_key(|&i| self.rooms.get(&keys[i]).map_or(0, |m| m.len()))
+            .max_by_key(|&i| self.rooms.get(&keys[i]).map_or(0, |r| r.members.len()))
             .unwrap_or(0);
         let mut seen: HashSet<ConnId> = HashSet::new();
         for (i, key) in keys.iter().enumerate() {
             if i == largest {
                 continue;
             }
-            let Some(members) = self.rooms.get(key) else {
+            let Some(room) = self.rooms.get(key) else {
                 continue;
             };
-            for (conn, member) in members.iter() {
-                if admits(member) && seen.insert(*conn) {
+            for (conn, member) in room.members.iter() {
+                if member.admits(event) && seen.insert(*conn) {
                     deliver(&member.peer);
                 }
             }
         }
         let mut reached = seen.len();
-        if let Some(members) = keys.get(largest).and_then(|k| self.rooms.get(k)) {
-            for (conn, member) in members.iter() {
-                if admits(member) && !seen.contains(conn) {
+        if let Some(room) = keys.get(largest).and_then(|k| self.rooms.get(k)) {
+            for (conn, member) in room.members.iter() {
+                if member.admits(event) && !seen.contains(conn) {
                     deliver(&member.peer);
                     reached += 1;
                 }
             }
         }
         reached
+    }
+
+    /// The members of a record's one room when it has at least `min` of them: a room large
+    /// enough for its fan-out to be spread over several threads.
+    pub fn large_room(
+        &self,
+        tenant: Option<&str>,
+        rooms: &[String],
+        min: usize,
+    ) -> Option<Members<P>> {
+        let [room] = rooms else { return None };
+        let room = self.rooms.get(&room_key(tenant, room))?;
+        (room.members.len() >= min).then(|| room.listed())
     }
 
     pub fn room_count(&self) -> usize {
@@ -163,7 +238,7 @@ impl<P: Clone> Registry<P> {
     pub fn member_count(&self, tenant: Option<&str>, room: &str) -> usize {
         self.rooms
             .get(&room_key(tenant, room))
-            .map_or(0, |members| members.len())
+            .map_or(0, |room| room.members.len())
     }
 }
 
@@ -224,6 +299,29 @@ mod tests {
             reached(&r, None, &["feature:users", "user:1"], "users.user.created"),
             [1, 2]
         );
+    }
+
+    #[test]
+    fn a_large_room_is_listed_afresh_after_every_change() {
+        let r = Registry::new();
+        let rooms = ["big".to_string()];
+        r.join(1, None, "big", &1, None);
+        assert!(r.large_room(None, &rooms, 2).is_none());
+        r.join(2, None, "big", &2, None);
+        let first = r.large_room(None, &rooms, 2).unwrap();
+        assert_eq!(first.len(), 2);
+        r.join(3, None, "big", &3, None);
+        r.leave(1, None, "big");
+        let listed = r.large_room(None, &rooms, 2).unwrap();
+        let mut got = Vec::new();
+        listed.for_each_in(0..listed.len(), "e", |p| got.push(*p));
+        got.sort();
+        assert_eq!(got, [2, 3]);
+        // A list taken before the change is not altered by it.
+        assert_eq!(first.len(), 2);
+        assert!(r
+            .large_room(None, &["big".into(), "other".into()], 1)
+            .is_none());
     }
 
     #[test]

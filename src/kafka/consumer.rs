@@ -1,8 +1,10 @@
 //! The consumer: reads every partition of the routed topics, routes each record, encodes it
 //! once, hands it to the hub, and only then stores its offset.
 //!
-//! One loop reads all partitions in order; delivery into per-connection queues never waits,
-//! so a slow client can never stall the poll loop (and make librdkafka leave the group).
+//! One loop on a thread of its own reads all partitions in order. It is not a task on the
+//! runtime because it would then wait its turn behind thousands of writer tasks it has just
+//! woken, which put seconds of delay before every record under load. Delivery into
+//! per-connection queues never waits, so a slow client can never stall the poll loop.
 //! Partitions are discovered from metadata at start (read from their head: history is what
 //! resume is for) and on a timer (new partitions are read from their beginning, since all of
 //! their records arrived after this replica started).
@@ -12,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{CommitMode, Consumer as _, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -25,10 +27,12 @@ use crate::position::PartitionTable;
 use crate::replay::Entry;
 use crate::route::{Record, Route};
 use crate::ws::protocol;
-use crate::ws::Hub;
+use crate::ws::{Delivered, Hub};
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest the loop waits in librdkafka, so it sees the stop signal and its timers.
+const POLL_MAX: Duration = Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
@@ -87,7 +91,7 @@ impl RateLimitedLog {
 }
 
 pub struct KafkaConsumer {
-    consumer: Arc<StreamConsumer<Context>>,
+    consumer: BaseConsumer<Context>,
     routes: Arc<HashMap<String, Route>>,
     /// `records_consumed` per routed topic, looked up once rather than per record.
     consumed: HashMap<String, prometheus::IntCounter>,
@@ -112,7 +116,7 @@ impl KafkaConsumer {
         let context = Context {
             partitions: hub.partitions.clone(),
         };
-        let consumer: StreamConsumer<Context> =
+        let consumer: BaseConsumer<Context> =
             super::client_config(&config.kafka, &group).create_with_context(context)?;
         let routes = hub.routes.clone();
         let consumed = routes
@@ -126,7 +130,7 @@ impl KafkaConsumer {
             .collect();
         info!(group = %group, "kafka consumer created");
         Ok(KafkaConsumer {
-            consumer: Arc::new(consumer),
+            consumer,
             routes,
             consumed,
             partitions: hub.partitions.clone(),
@@ -141,55 +145,57 @@ impl KafkaConsumer {
         })
     }
 
-    /// Consumes until `stop` turns true, then commits what was handed out.
-    pub async fn run(self, stop: watch::Receiver<bool>) {
-        let mut refresh = tokio::time::interval(self.refresh);
-        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut watermark = tokio::time::interval(self.positions_every);
-        watermark.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    /// Consumes until `stop` turns true, then commits what was handed out. Blocking: run it on
+    /// a thread of its own.
+    pub fn run(self, stop: watch::Receiver<bool>) {
+        let mut next_refresh = Instant::now();
+        let mut next_watermark = Instant::now() + self.positions_every;
         let mut last_positions = Default::default();
-        loop {
-            tokio::select! {
-                _ = crate::shutdown::wait(stop.clone()) => break,
-                _ = refresh.tick() => self.discover().await,
-                _ = watermark.tick() => {
-                    self.hub.broadcast_positions(&mut last_positions);
-                    self.store_offsets();
-                }
-                message = self.consumer.recv() => match message {
-                    Ok(m) => self.process(&m),
-                    Err(e) => {
-                        if let Some(skipped) = self.error_log.admit() {
-                            warn!(error = %e, skipped, "kafka consumer error");
-                        }
+        while !*stop.borrow() {
+            let now = Instant::now();
+            if now >= next_refresh {
+                self.discover();
+                next_refresh = Instant::now() + self.refresh;
+            }
+            if now >= next_watermark {
+                self.hub.broadcast_positions(&mut last_positions);
+                self.store_offsets();
+                next_watermark = Instant::now() + self.positions_every;
+            }
+            let wait = next_refresh
+                .min(next_watermark)
+                .saturating_duration_since(Instant::now())
+                .min(POLL_MAX);
+            match self.consumer.poll(wait) {
+                Some(Ok(m)) => self.process(&m),
+                Some(Err(e)) => {
+                    if let Some(skipped) = self.error_log.admit() {
+                        warn!(error = %e, skipped, "kafka consumer error");
                     }
-                },
+                }
+                None => {}
             }
         }
-        self.close().await;
+        self.close();
     }
 
     /// Assigns partitions of routed topics that are not yet assigned.
-    async fn discover(&self) {
-        let consumer = self.consumer.clone();
+    fn discover(&self) {
         let topics: Vec<String> = self.routes.keys().cloned().collect();
-        let partitions = self.partitions.clone();
         let initial = !self.discovered.load(Ordering::Acquire);
-        let window = self.warm_window;
-        let found = tokio::task::spawn_blocking(move || {
-            new_partitions(&consumer, &topics, &partitions, initial, window)
-        })
-        .await;
+        let found = new_partitions(
+            &self.consumer,
+            &topics,
+            &self.partitions,
+            initial,
+            self.warm_window,
+        );
         let new = match found {
-            Ok(Ok(new)) => new,
-            Ok(Err(e)) => {
+            Ok(new) => new,
+            Err(e) => {
                 if let Some(skipped) = self.error_log.admit() {
                     warn!(error = %e, skipped, "kafka metadata unavailable");
                 }
-                return;
-            }
-            Err(e) => {
-                warn!(error = %e, "metadata task failed");
                 return;
             }
         };
@@ -226,6 +232,7 @@ impl KafkaConsumer {
         if let Some(counter) = self.consumed.get(topic) {
             counter.inc();
         }
+        let mut delivered = None;
         {
             let _cut = self.hub.cut();
             // Advanced first (one lock instead of two); nobody sees it before the cut is
@@ -252,8 +259,12 @@ impl KafkaConsumer {
             let entry = self
                 .routes
                 .get(topic)
-                .and_then(|route| self.route(route, &record, live));
+                .and_then(|route| self.route(route, &record, live, &mut delivered));
             self.hub.replay.push(topic, partition, offset, entry);
+        }
+        if let Some(delivered) = delivered {
+            delivered.wait();
+            self.observe_latency(record.timestamp_ms);
         }
     }
 
@@ -279,7 +290,13 @@ impl KafkaConsumer {
     }
 
     /// Routes and encodes a record, hands it out if `live`, and returns it for the buffer.
-    fn route(&self, route: &Route, record: &Record<'_>, live: bool) -> Option<Entry> {
+    fn route(
+        &self,
+        route: &Route,
+        record: &Record<'_>,
+        live: bool,
+        delivered: &mut Option<Delivered>,
+    ) -> Option<Entry> {
         let routed = match route.apply(record) {
             Ok(r) => r,
             Err(e) => {
@@ -295,8 +312,7 @@ impl KafkaConsumer {
             }
         };
         if live {
-            self.hub.deliver(&routed, &frame);
-            self.observe_latency(record.timestamp_ms);
+            *delivered = Some(self.hub.deliver(&routed, &frame));
         }
         Some(Entry::new(routed, frame))
     }
@@ -329,18 +345,19 @@ impl KafkaConsumer {
 
     /// Commits stored offsets and drops the consumer, both bounded in time: against an
     /// unreachable broker either can block for `session.timeout.ms`.
-    async fn close(self) {
+    fn close(self) {
         self.store_offsets();
         let consumer = self.consumer;
-        let work = tokio::task::spawn_blocking(move || {
-            let result = consumer.commit_consumer_state(CommitMode::Sync);
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let committed = consumer.commit_consumer_state(CommitMode::Sync);
             drop(consumer);
-            result
+            let _ = done.send(committed);
         });
-        match tokio::time::timeout(SHUTDOWN_TIMEOUT, work).await {
-            Ok(Ok(Ok(()))) => info!("offsets committed"),
-            Ok(Ok(Err(e))) => info!(error = %e, "no offsets committed"),
-            _ => warn!("kafka did not answer in time; exiting without a final commit"),
+        match result.recv_timeout(SHUTDOWN_TIMEOUT) {
+            Ok(Ok(())) => info!("offsets committed"),
+            Ok(Err(e)) => info!(error = %e, "no offsets committed"),
+            Err(_) => warn!("kafka did not answer in time; exiting without a final commit"),
         }
     }
 }
@@ -354,7 +371,7 @@ struct NewPartition {
 
 /// Blocking: reads metadata and watermarks for partitions not assigned yet.
 fn new_partitions(
-    consumer: &StreamConsumer<Context>,
+    consumer: &BaseConsumer<Context>,
     topics: &[String],
     assigned: &PartitionTable,
     initial: bool,
@@ -400,7 +417,7 @@ fn new_partitions(
 
 /// The first offset of `partition` whose record is younger than `window`; the head if none.
 fn window_start(
-    consumer: &StreamConsumer<Context>,
+    consumer: &BaseConsumer<Context>,
     topic: &str,
     partition: i32,
     window: Duration,
