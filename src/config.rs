@@ -195,7 +195,7 @@ impl Default for WebSocketConfig {
             idle_timeout_seconds: 60,
             max_message_bytes: 64 * 1024,
             max_frame_bytes: 64 * 1024,
-            read_buffer_bytes: 1024,
+            read_buffer_bytes: 512,
             write_buffer_bytes: 16 * 1024,
             queue_frames: 1024,
             queue_bytes: 4 * 1024 * 1024,

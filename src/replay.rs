@@ -213,6 +213,9 @@ pub struct ResumePlan {
     pub cut: PositionMap,
     pub selection: Selection,
     pub rooms: Vec<String>,
+    /// Who asked, for the log.
+    pub conn: u64,
+    pub user: String,
 }
 
 /// Where a resume was served from.

@@ -2,8 +2,13 @@
 //!
 //! Per connection there is one task, a 4 KiB read buffer and a bitmap of the records it got;
 //! latency goes into a few shared HDR histograms. Nothing else is kept per connection.
+//!
+//! A "slow" connection (`--slow-fraction`) stops reading right after its subscribe `ok` and
+//! holds the socket until the run ends, so the server's queue for it fills up. With
+//! `--slow-keepalive` it still writes an unsolicited pong now and then (reading nothing), so
+//! that the server's idle timeout does not close it before its queue is full.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -16,7 +21,7 @@ use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{client_async_with_config, WebSocketStream};
 
 const HIST_SHARDS: usize = 16;
@@ -82,6 +87,8 @@ pub struct Target {
     pub read_buffer: usize,
     /// Rooms in the distribution: record `seq` is for room `seq % rooms`.
     pub rooms: usize,
+    /// How often a slow connection sends an unsolicited pong (None: it stays silent).
+    pub slow_keepalive: Option<Duration>,
 }
 
 /// One connection to open.
@@ -90,6 +97,42 @@ pub struct Plan {
     pub room: usize,
     pub token: String,
     pub subscribe: Option<String>,
+    /// Stops reading after the subscribe `ok` (or the welcome, with no room to join).
+    pub slow: bool,
+}
+
+/// Whether connection `i` of a run is one of the slow ones: `fraction` of all connections,
+/// spread evenly (0.01: every 100th, starting with the 100th), so every part of the
+/// connect order and every source address has its share.
+pub fn is_slow(i: usize, fraction: f64) -> bool {
+    if fraction <= 0.0 {
+        return false;
+    }
+    ((i + 1) as f64 * fraction).floor() > (i as f64 * fraction).floor()
+}
+
+/// `count` client source addresses from `first` upwards (127.0.0.1, 127.0.0.2, ...), enough
+/// for `n` connections at `per_source` each, at most 250; all inside 127.0.0.0/8.
+pub fn source_addresses(
+    first: Ipv4Addr,
+    n: usize,
+    per_source: usize,
+) -> Result<Vec<IpAddr>, String> {
+    let count = n.div_ceil(per_source.max(1)).clamp(1, 250) as u32;
+    let base = u32::from(first);
+    (0..count)
+        .map(|k| {
+            let a = Ipv4Addr::from(base.saturating_add(k));
+            if a.is_loopback() && a.octets()[3] != 0 && a.octets()[3] != 255 {
+                Ok(IpAddr::V4(a))
+            } else {
+                Err(format!(
+                    "{count} source addresses from {first} do not fit in 127.0.0.0/8 \
+                     (the last octet must stay within 1..254)"
+                ))
+            }
+        })
+        .collect()
 }
 
 #[derive(Debug, Default, Clone)]
@@ -104,6 +147,8 @@ pub struct ConnStats {
     pub out_of_order: u64,
     /// Close code if the server ended the connection before the run did (1006: no close frame).
     pub closed_by_server: Option<u16>,
+    /// Stopped reading after its `ok`: left out of every delivery count.
+    pub slow: bool,
 }
 
 /// Outcome of one connection attempt, sent as soon as it is known.
@@ -157,6 +202,7 @@ async fn connection(
 ) -> ConnStats {
     let mut stats = ConnStats {
         room: plan.room,
+        slow: plan.slow,
         ..Default::default()
     };
     let opened = timeout(HANDSHAKE_TIMEOUT, open(&plan, &target, &shared)).await;
@@ -175,6 +221,10 @@ async fn connection(
     stats.connected = true;
     let _ = ready.send((plan.index, Ok(())));
     drop(ready);
+    if plan.slow {
+        hold_unread(ws, stop, target.slow_keepalive).await;
+        return stats;
+    }
     let mut recv = Receiver {
         room: plan.room as u64,
         rooms: target.rooms as u64,
@@ -205,6 +255,35 @@ async fn connection(
     }
     stats.unique = recv.bits.iter().map(|w| w.count_ones() as u64).sum();
     stats
+}
+
+/// Keeps the socket open without ever reading it again (no reply to pings or to a close),
+/// until the run ends: the kernel buffers fill, then the server's queue for this connection.
+/// With `keepalive`, an unsolicited pong goes out that often: the server hears from the peer,
+/// and owes it no answer (RFC 6455, 5.5.3).
+async fn hold_unread(
+    mut ws: WebSocketStream<TcpStream>,
+    mut stop: watch::Receiver<bool>,
+    keepalive: Option<Duration>,
+) {
+    let mut every = keepalive.unwrap_or(Duration::MAX);
+    while !*stop.borrow_and_update() {
+        tokio::select! {
+            changed = stop.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            _ = tokio::time::sleep(every) => {
+                let sent = timeout(HANDSHAKE_TIMEOUT, ws.send(Message::Pong(Default::default())));
+                if !matches!(sent.await, Ok(Ok(()))) {
+                    // Closed by the server, most likely: hold the socket anyway, quietly.
+                    every = Duration::MAX;
+                }
+            }
+        }
+    }
+    drop(ws);
 }
 
 struct Receiver {
@@ -308,6 +387,83 @@ async fn open(
     Ok(ws)
 }
 
+/// Why a connection did not get as far as its welcome frame.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// This side could not make or bind its socket (out of files, or of ports at the address).
+    #[error("socket {source_addr}: {error}")]
+    Socket {
+        source_addr: IpAddr,
+        error: std::io::Error,
+    },
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    /// The server answered the upgrade request with this status instead of 101.
+    #[error("HTTP status {0}")]
+    Status(u16),
+    #[error("handshake: {0}")]
+    WebSocket(tungstenite::Error),
+    #[error("expected a welcome frame, got {0}")]
+    NoWelcome(String),
+}
+
+impl From<HandshakeError> for String {
+    fn from(e: HandshakeError) -> String {
+        e.to_string()
+    }
+}
+
+/// A TCP socket bound to `source` (port chosen by the kernel), not yet connected.
+pub fn bound_socket(source: IpAddr) -> Result<TcpSocket, HandshakeError> {
+    let socket_error = |error| HandshakeError::Socket {
+        source_addr: source,
+        error,
+    };
+    let sock = TcpSocket::new_v4().map_err(socket_error)?;
+    sock.bind(SocketAddr::new(source, 0))
+        .map_err(socket_error)?;
+    Ok(sock)
+}
+
+/// Connects `sock` to `addr`.
+pub async fn connect(sock: TcpSocket, addr: SocketAddr) -> Result<TcpStream, HandshakeError> {
+    let tcp = sock.connect(addr).await.map_err(HandshakeError::Connect)?;
+    tcp.set_nodelay(true).map_err(HandshakeError::Connect)?;
+    Ok(tcp)
+}
+
+/// The WebSocket upgrade over `tcp` with the token in the subprotocol, then the welcome frame;
+/// returns the stream with the welcome's text.
+pub async fn upgrade(
+    url: &str,
+    tcp: TcpStream,
+    token: &str,
+    read_buffer: usize,
+) -> Result<(WebSocketStream<TcpStream>, String), HandshakeError> {
+    let mut req = url
+        .into_client_request()
+        .map_err(HandshakeError::WebSocket)?;
+    let protocols = HeaderValue::from_str(&format!("roomcast.v1, bearer.{token}"))
+        .map_err(|e| HandshakeError::NoWelcome(format!("a token unfit for a header: {e}")))?;
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", protocols);
+    let config = WebSocketConfig::default()
+        .read_buffer_size(read_buffer)
+        .write_buffer_size(0);
+    let (mut ws, _) = client_async_with_config(req, tcp, Some(config))
+        .await
+        .map_err(|e| match e {
+            tungstenite::Error::Http(r) => HandshakeError::Status(r.status().as_u16()),
+            e => HandshakeError::WebSocket(e),
+        })?;
+    match ws.next().await {
+        Some(Ok(Message::Text(t))) if t.as_str().starts_with("{\"type\":\"welcome\"") => {
+            Ok((ws, t.as_str().to_string()))
+        }
+        other => Err(HandshakeError::NoWelcome(format!("{other:?}"))),
+    }
+}
+
 /// A WebSocket connection from `source` to `addr` with the token in the subprotocol; returns
 /// it with the text of its welcome frame.
 pub async fn handshake(
@@ -316,32 +472,9 @@ pub async fn handshake(
     source: IpAddr,
     token: &str,
     read_buffer: usize,
-) -> Result<(WebSocketStream<TcpStream>, String), String> {
-    let sock = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
-    sock.bind(SocketAddr::new(source, 0))
-        .map_err(|e| format!("bind {source}: {e}"))?;
-    let tcp = sock
-        .connect(addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    tcp.set_nodelay(true).map_err(|e| format!("nodelay: {e}"))?;
-    let mut req = url.into_client_request().map_err(|e| format!("url: {e}"))?;
-    let protocols = HeaderValue::from_str(&format!("roomcast.v1, bearer.{token}"))
-        .map_err(|e| format!("token: {e}"))?;
-    req.headers_mut()
-        .insert("Sec-WebSocket-Protocol", protocols);
-    let config = WebSocketConfig::default()
-        .read_buffer_size(read_buffer)
-        .write_buffer_size(0);
-    let (mut ws, _) = client_async_with_config(req, tcp, Some(config))
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    match ws.next().await {
-        Some(Ok(Message::Text(t))) if t.as_str().starts_with("{\"type\":\"welcome\"") => {
-            Ok((ws, t.as_str().to_string()))
-        }
-        other => Err(format!("expected a welcome frame, got {other:?}")),
-    }
+) -> Result<(WebSocketStream<TcpStream>, String), HandshakeError> {
+    let tcp = connect(bound_socket(source)?, addr).await?;
+    upgrade(url, tcp, token, read_buffer).await
 }
 
 /// Joins `room` and waits for the `ok`; frames before it are counted in `other`.
@@ -382,5 +515,30 @@ mod tests {
         assert_eq!(number_after(f, b"\"seq\":"), Some(123));
         assert_eq!(number_after(f, b"\"sent_us\":"), Some(456));
         assert_eq!(number_after(f, b"\"nope\":"), None);
+    }
+
+    #[test]
+    fn slow_ones_are_spread_evenly() {
+        let slow: Vec<usize> = (0..1000).filter(|i| is_slow(*i, 0.01)).collect();
+        assert_eq!(slow.len(), 10);
+        assert_eq!(slow[0], 99);
+        assert_eq!(slow[9], 999);
+        assert_eq!((0..1000).filter(|i| is_slow(*i, 0.25)).count(), 250);
+        assert!(!(0..1000).any(|i| is_slow(i, 0.0)));
+        assert!((0..10).all(|i| is_slow(i, 1.0)));
+    }
+
+    #[test]
+    fn source_addresses_count_up_and_stay_in_loopback() {
+        let a = source_addresses(Ipv4Addr::new(127, 0, 2, 1), 19_000, 8000).unwrap();
+        assert_eq!(a.len(), 3);
+        assert_eq!(a[2], IpAddr::V4(Ipv4Addr::new(127, 0, 2, 3)));
+        assert!(source_addresses(Ipv4Addr::new(127, 0, 2, 253), 19_000, 8000).is_err());
+        assert_eq!(
+            source_addresses(Ipv4Addr::new(127, 0, 0, 1), 0, 8000)
+                .unwrap()
+                .len(),
+            1
+        );
     }
 }

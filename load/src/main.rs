@@ -4,11 +4,13 @@
 //!
 //! Two modes start the server themselves (`--server-bin`, `--server-config`): the resume
 //! storm (`--resume-storm`, see storm.rs), which restarts it under its clients, and the replay
-//! buffer's memory (`--replay-memory`, see replaymem.rs).
+//! buffer's memory (`--replay-memory`, see replaymem.rs). The connect storm
+//! (`--connect-storm`, see connstorm.rs) starts every handshake at once against a running server.
 //!
 //! Only loopback addresses are accepted as targets.
 
 mod client;
+mod connstorm;
 mod dist;
 mod procstat;
 mod producer;
@@ -18,7 +20,7 @@ mod storm;
 
 use std::collections::HashMap;
 use std::io::{BufWriter, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -104,6 +106,30 @@ struct Args {
     /// Connections per client source address (127.0.0.1, 127.0.0.2, ...).
     #[arg(long, default_value_t = 8000)]
     per_source: usize,
+    /// First client source address; the next ones count up from it. Client processes that run
+    /// at the same time need ranges of their own: an address has only the kernel's ephemeral
+    /// ports to bind from (28,232 here), shared by every process.
+    #[arg(long, default_value = "127.0.0.1")]
+    first_source: Ipv4Addr,
+    /// This fraction of the connections (spread evenly: 0.01 is every 100th) stops reading
+    /// right after its subscribe `ok` and keeps the socket open: slow consumers. Latency,
+    /// deliveries, losses and duplicates are counted over the other connections only.
+    #[arg(long, default_value_t = 0.0)]
+    slow_fraction: f64,
+    /// Slow connections write an unsolicited pong every this many seconds (0: never), still
+    /// reading nothing. roomcast closes a peer it has not heard from for
+    /// websocket.idle_timeout_seconds (60) with 1001, long before a silent one's queue is full.
+    #[arg(long, default_value_t = 0.0)]
+    slow_keepalive: f64,
+    /// Connect storm: every connection starts its handshake at the same instant, with no
+    /// pacing and no limit; reports the time from then to each welcome frame, the failures
+    /// by reason, and the server's CPU and memory over the storm. Produces no records.
+    #[arg(long)]
+    connect_storm: bool,
+    /// Connect storm: a handshake not welcomed this many seconds after the start has failed
+    /// (it is not retried).
+    #[arg(long, default_value_t = 30.0)]
+    welcome_timeout: f64,
     /// Client runtime worker threads.
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -240,6 +266,7 @@ struct Samples {
     broker: Option<ProcSample>,
     metrics: Option<HashMap<String, f64>>,
     tcp_mem_pages: Option<u64>,
+    mem_available_kib: Option<u64>,
     machine_busy_s: Option<f64>,
     at: Instant,
 }
@@ -252,6 +279,7 @@ fn take(args: &Args) -> Samples {
         broker: pid(args.broker_pid),
         metrics: args.metrics_url.as_deref().and_then(procstat::scrape),
         tcp_mem_pages: procstat::tcp_mem_pages(),
+        mem_available_kib: procstat::mem_available_kib(),
         machine_busy_s: procstat::machine_busy_s(),
         at: Instant::now(),
     }
@@ -332,6 +360,15 @@ async fn run(args: &Args) -> anyhow::Result<Value> {
     if args.replay_memory {
         return replaymem::run(args, args.server_spec()?).await;
     }
+    if args.connect_storm {
+        return connstorm::run(args).await;
+    }
+    if !(0.0..1.0).contains(&args.slow_fraction) {
+        bail!("--slow-fraction must be at least 0 and below 1");
+    }
+    if !(0.0..=3600.0).contains(&args.slow_keepalive) {
+        bail!("--slow-keepalive must be 0 (off) to 3600 seconds");
+    }
     let dist = Dist::parse(&args.dist).map_err(anyhow::Error::msg)?;
     if args.create_topic {
         let brokers = args
@@ -362,10 +399,9 @@ async fn run(args: &Args) -> anyhow::Result<Value> {
     let rooms = dist.rooms(n);
     let assignment = dist.assign(n, args.seed);
     let per_source = args.per_source.max(1);
-    let source_count = n.div_ceil(per_source).clamp(1, 250);
-    let sources: Vec<IpAddr> = (1..=source_count)
-        .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i as u8)))
-        .collect();
+    let sources =
+        client::source_addresses(args.first_source, n, per_source).map_err(anyhow::Error::msg)?;
+    let source_count = sources.len();
     let target = Arc::new(Target {
         url: args.url.clone(),
         addr,
@@ -373,6 +409,8 @@ async fn run(args: &Args) -> anyhow::Result<Value> {
         per_source,
         read_buffer: args.read_buffer,
         rooms,
+        slow_keepalive: (args.slow_keepalive > 0.0)
+            .then(|| Duration::from_secs_f64(args.slow_keepalive)),
     });
     let mut plans = Vec::with_capacity(n);
     for (i, room) in assignment.iter().copied().enumerate() {
@@ -381,6 +419,7 @@ async fn run(args: &Args) -> anyhow::Result<Value> {
             room,
             token: token(&args.secret, &Dist::user(i), args.token_ttl)?,
             subscribe: dist.subscribe_room(room),
+            slow: client::is_slow(i, args.slow_fraction),
         });
     }
 
@@ -389,8 +428,8 @@ async fn run(args: &Args) -> anyhow::Result<Value> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
     eprintln!(
-        "opening {n} connections to {} ({target_kind}, {} source addresses, {}/s)",
-        args.url, source_count, args.connect_rate
+        "opening {n} connections to {} ({target_kind}, {} source addresses from {}, {}/s)",
+        args.url, source_count, args.first_source, args.connect_rate
     );
     let connect_started = Instant::now();
     let spawner = client::spawn_all(
@@ -480,6 +519,12 @@ async fn run(args: &Args) -> anyhow::Result<Value> {
             "tcp_mem_after_kib": tcp(&after),
             "tcp_mem_per_connection_bytes_both_ends": per_conn(tcp(&baseline), tcp(&after)),
             "server_connections_metric": after.metrics.as_ref().and_then(|m| m.get("roomcast_connections")),
+            "first_source": args.first_source.to_string(),
+            "source_addresses": source_count,
+            // The whole machine's, kernel socket memory and this client included.
+            "mem_available_before_kib": baseline.mem_available_kib,
+            "mem_available_after_kib": after.mem_available_kib,
+            "mem_available_drop_per_connection_bytes": per_conn(after.mem_available_kib, baseline.mem_available_kib),
         });
         print_idle(&report);
         return Ok(report);
@@ -552,9 +597,10 @@ async fn run(args: &Args) -> anyhow::Result<Value> {
         .map_err(|_| anyhow::anyhow!("the producer thread panicked"))?;
 
     // Wait for stragglers: every expected delivery, or the drain limit.
+    // Slow connections are expected to get nothing: the server may close them at any time.
     let mut members = vec![0u64; rooms];
     for (i, r) in assignment.iter().enumerate() {
-        if connected[i] {
+        if connected[i] && !client::is_slow(i, args.slow_fraction) {
             members[*r] += 1;
         }
     }
@@ -601,7 +647,7 @@ async fn run(args: &Args) -> anyhow::Result<Value> {
     let (mut expected, mut unique, mut dups, mut misrouted, mut ooo) = (0u64, 0u64, 0, 0, 0);
     let mut lost = 0u64;
     let mut closed_codes: HashMap<u16, u64> = HashMap::new();
-    for s in stats.iter().filter(|s| s.connected) {
+    for s in stats.iter().filter(|s| s.connected && !s.slow) {
         let want = counters.delivered(s.room);
         expected += want;
         unique += s.unique;
@@ -628,6 +674,7 @@ async fn run(args: &Args) -> anyhow::Result<Value> {
         0.0
     };
     let consumed_window = metric_delta(&a, &b, "roomcast_records_consumed_total");
+    let slow = slow_report(args, &stats, &baseline, &after_drain);
     let report = json!({
         "tool": "roomcast-load",
         "mode": "fanout",
@@ -696,9 +743,33 @@ async fn run(args: &Args) -> anyhow::Result<Value> {
         },
         "machine": machine(&a, &b, wall),
         "other_frames": shared.other_frames.load(Ordering::Relaxed),
+        "slow_consumers": slow,
     });
     print_fanout(&report);
     Ok(report)
+}
+
+/// The slow connections of a run (Null without any): how many, and how many the server
+/// closed as slow consumers (roomcast's counter; the floor has none and never closes them).
+fn slow_report(args: &Args, stats: &[ConnStats], before: &Samples, after: &Samples) -> Value {
+    if args.slow_fraction <= 0.0 {
+        return Value::Null;
+    }
+    let connected = |slow: bool| {
+        stats
+            .iter()
+            .filter(|s| s.connected && s.slow == slow)
+            .count()
+    };
+    json!({
+        "fraction": args.slow_fraction,
+        "keepalive_s": args.slow_keepalive,
+        "planned": (0..args.connections).filter(|i| client::is_slow(*i, args.slow_fraction)).count(),
+        "slow_connected": connected(true),
+        "fast_connected": connected(false),
+        "server_slow_consumer_closes": metric_delta(before, after, "roomcast_slow_consumer_closes_total"),
+        "server_frames_shed": metric_delta(before, after, "roomcast_frames_shed_total"),
+    })
 }
 
 fn print_idle(r: &Value) {
@@ -718,6 +789,12 @@ fn print_idle(r: &Value) {
     eprintln!(
         "kernel TCP memory (both ends): {} bytes per connection; client RSS: {} bytes per connection",
         r["tcp_mem_per_connection_bytes_both_ends"], r["client_rss_per_connection_bytes"]
+    );
+    eprintln!(
+        "machine MemAvailable: {} KiB before, {} KiB after: {} bytes per connection (both ends)",
+        r["mem_available_before_kib"],
+        r["mem_available_after_kib"],
+        r["mem_available_drop_per_connection_bytes"]
     );
 }
 
@@ -768,4 +845,13 @@ fn print_fanout(r: &Value) {
         "client: {} cores; broker: {} cores; producer worst send delay {} µs",
         r["client"]["cpu_cores"], r["broker"]["cpu_cores"], r["records"]["max_send_delay_us"]
     );
+    let slow = &r["slow_consumers"];
+    if !slow.is_null() {
+        eprintln!(
+            "slow consumers: {} connections stopped reading after their ok (left out of the \
+             figures above, which are over the {} fast ones); the server closed {} as slow \
+             consumers (4008)",
+            slow["slow_connected"], slow["fast_connected"], slow["server_slow_consumer_closes"]
+        );
+    }
 }

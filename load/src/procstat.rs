@@ -109,6 +109,14 @@ pub fn listen_counters() -> Option<std::collections::BTreeMap<String, u64>> {
     )
 }
 
+/// The kernel's estimate of memory available to new work (`MemAvailable` in /proc/meminfo):
+/// its drop over a run counts process memory and kernel memory (socket buffers, socket
+/// structures) alike.
+pub fn mem_available_kib() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    field(&s, "MemAvailable:")
+}
+
 pub fn page_size() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -315,6 +323,11 @@ mod tests {
         let s = sample("self").expect("own /proc entry");
         assert!(s.rss_kib > 0);
         assert!(s.cpu_s >= 0.0);
+    }
+
+    #[test]
+    fn reads_mem_available() {
+        assert!(mem_available_kib().is_some_and(|k| k > 0));
     }
 
     #[test]

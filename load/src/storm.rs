@@ -515,7 +515,7 @@ fn sources(third: u8, n: usize, per_source: usize) -> Vec<IpAddr> {
 }
 
 /// p-quantiles of a sample (nearest rank), None when empty.
-fn quantiles(v: &mut [u64]) -> Value {
+pub(crate) fn quantiles(v: &mut [u64]) -> Value {
     if v.is_empty() {
         return Value::Null;
     }
@@ -532,7 +532,7 @@ fn quantiles(v: &mut [u64]) -> Value {
 }
 
 /// Samples a process's RSS every 100 ms until stopped; returns the peak (KiB).
-fn rss_peak_sampler(pid: u32, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
+pub(crate) fn rss_peak_sampler(pid: u32, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
     tokio::spawn(async move {
         let mut peak = 0;
         while !stop.load(Ordering::Relaxed) {
@@ -545,7 +545,7 @@ fn rss_peak_sampler(pid: u32, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<
     })
 }
 
-fn delta(
+pub(crate) fn delta(
     a: &Option<std::collections::HashMap<String, f64>>,
     b: &Option<std::collections::HashMap<String, f64>>,
     key: &str,
@@ -554,7 +554,7 @@ fn delta(
     Some(b - a.as_ref().and_then(|a| a.get(key)).copied().unwrap_or(0.0))
 }
 
-fn gauge(m: &Option<std::collections::HashMap<String, f64>>, key: &str) -> Option<f64> {
+pub(crate) fn gauge(m: &Option<std::collections::HashMap<String, f64>>, key: &str) -> Option<f64> {
     m.as_ref()?.get(key).copied()
 }
 
@@ -626,6 +626,7 @@ pub async fn run(args: &Args, spec: Spec) -> anyhow::Result<Value> {
                 room,
                 token: crate::token(&args.secret, &Dist::user(i), args.token_ttl)?,
                 subscribe: dist.subscribe_room(room),
+                slow: false,
             });
         }
         tokio::spawn(async move {

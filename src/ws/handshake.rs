@@ -67,7 +67,9 @@ pub async fn upgrade(State(hub): State<Arc<Hub>>, mut req: Request) -> Response 
             Ok(upgraded) => {
                 let io = TokioIo::new(upgraded);
                 let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config)).await;
-                session::run(session_hub, ws, identity, permit, resume).await;
+                // A task of its own, so what the upgrade needed is freed rather than kept
+                // in the session's state for the connection's whole life.
+                tokio::spawn(session::run(session_hub, ws, identity, permit, resume));
             }
             Err(e) => warn!(error = %e, "upgrade failed"),
         }

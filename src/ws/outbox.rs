@@ -2,16 +2,25 @@
 //!
 //! The consumer and the session's reader put frames in with [`Peer::deliver`], which never
 //! waits: a full queue closes the connection with 4008 instead of slowing anyone down. The
-//! session's writer is the only reader of the queue.
+//! session's writer is the only reader of the queue and takes everything queued at once.
+//!
+//! The queue is a plain deque under a mutex rather than a channel: an idle connection then
+//! holds no preallocated slots (a channel allocates its first block of 32 up front), and the
+//! writer swaps the whole queue out in one step.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::Notify;
 
 use super::protocol::{close, Frame};
 use crate::replay::ResumePlan;
 use crate::route::Priority;
+
+/// A drained batch keeps at most this many slots for the next one, so a burst does not pin
+/// its memory to an idle connection.
+const KEEP_SLOTS: usize = 32;
 
 /// What the writer takes from the queue.
 pub enum Outgoing {
@@ -48,14 +57,17 @@ pub struct Limits {
 }
 
 struct Shared {
-    tx: mpsc::Sender<Outgoing>,
+    queue: Mutex<VecDeque<Outgoing>>,
+    /// Woken when the queue stops being empty.
+    ready: Notify,
     /// Receives position watermarks (false while a resume is pending).
     live: AtomicBool,
-    /// Set with the first close request: checked on every delivery, so kept out of the
-    /// watch channel's lock.
+    /// Set with the first close request: checked on every delivery without a lock.
     closing: AtomicBool,
+    close_request: Mutex<Option<CloseRequest>>,
+    /// Woken (all waiters) by the first close request.
+    close_signal: Notify,
     queued_bytes: AtomicUsize,
-    close: watch::Sender<Option<CloseRequest>>,
     limits: Limits,
 }
 
@@ -63,27 +75,31 @@ struct Shared {
 #[derive(Clone)]
 pub struct Peer(Arc<Shared>);
 
-/// The writer's end of the outbox.
+/// The writer's end of the outbox. Dropping it closes the outbox for good.
 pub struct Inbox {
-    pub rx: mpsc::Receiver<Outgoing>,
     pub peer: Peer,
+    batch: VecDeque<Outgoing>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Peer {
     pub fn new(limits: Limits) -> (Peer, Inbox) {
-        let (tx, rx) = mpsc::channel(limits.frames);
-        let (close, _) = watch::channel(None);
         let peer = Peer(Arc::new(Shared {
-            tx,
+            queue: Mutex::new(VecDeque::new()),
+            ready: Notify::new(),
             live: AtomicBool::new(false),
             closing: AtomicBool::new(false),
+            close_request: Mutex::new(None),
+            close_signal: Notify::new(),
             queued_bytes: AtomicUsize::new(0),
-            close,
             limits,
         }));
         let inbox = Inbox {
-            rx,
             peer: peer.clone(),
+            batch: VecDeque::new(),
         };
         (peer, inbox)
     }
@@ -94,24 +110,28 @@ impl Peer {
         if s.closing.load(Ordering::Acquire) {
             return Delivery::Closed;
         }
-        let queued_frames = s.limits.frames - s.tx.capacity();
-        if priority == Priority::Low && queued_frames >= s.limits.shed_low_after {
+        let queue = lock(&s.queue);
+        if priority == Priority::Low && queue.len() >= s.limits.shed_low_after {
             return Delivery::Shed;
         }
         let len = frame.len();
-        if s.queued_bytes.fetch_add(len, Ordering::AcqRel) + len > s.limits.bytes {
-            s.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+        let full = queue.len() >= s.limits.frames
+            || s.queued_bytes.load(Ordering::Acquire) + len > s.limits.bytes;
+        if full {
+            drop(queue);
             return self.overflow();
         }
-        match s.tx.try_send(Outgoing::Frame(frame.clone())) {
-            Ok(()) => Delivery::Queued,
-            Err(e) => {
-                s.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-                match e {
-                    mpsc::error::TrySendError::Full(_) => self.overflow(),
-                    mpsc::error::TrySendError::Closed(_) => Delivery::Closed,
-                }
-            }
+        s.queued_bytes.fetch_add(len, Ordering::AcqRel);
+        self.push(queue, Outgoing::Frame(frame.clone()));
+        Delivery::Queued
+    }
+
+    fn push(&self, mut queue: MutexGuard<'_, VecDeque<Outgoing>>, item: Outgoing) {
+        let was_empty = queue.is_empty();
+        queue.push_back(item);
+        drop(queue);
+        if was_empty {
+            self.0.ready.notify_one();
         }
     }
 
@@ -122,14 +142,13 @@ impl Peer {
 
     /// Queues a replay at this point of the stream.
     pub fn resume(&self, plan: ResumePlan) {
-        if self
-            .0
-            .tx
-            .try_send(Outgoing::Resume(Box::new(plan)))
-            .is_err()
-        {
+        let queue = lock(&self.0.queue);
+        if queue.len() >= self.0.limits.frames {
+            drop(queue);
             self.overflow();
+            return;
         }
+        self.push(queue, Outgoing::Resume(Box::new(plan)));
     }
 
     pub fn set_live(&self) {
@@ -154,26 +173,35 @@ impl Peer {
 
     /// Asks the session to close. The first request wins; true if this one did.
     pub fn close(&self, code: u16, reason: &'static str, flush: bool) -> bool {
-        self.0.close.send_if_modified(|current| {
-            if current.is_some() {
-                return false;
-            }
-            self.0.closing.store(true, Ordering::Release);
-            *current = Some(CloseRequest {
-                code,
-                reason,
-                flush,
-            });
-            true
-        })
+        let mut request = lock(&self.0.close_request);
+        if request.is_some() {
+            return false;
+        }
+        *request = Some(CloseRequest {
+            code,
+            reason,
+            flush,
+        });
+        self.0.closing.store(true, Ordering::Release);
+        drop(request);
+        self.0.close_signal.notify_waiters();
+        true
     }
 
     pub fn close_request(&self) -> Option<CloseRequest> {
-        self.0.close.borrow().clone()
+        lock(&self.0.close_request).clone()
     }
 
-    pub fn close_signal(&self) -> watch::Receiver<Option<CloseRequest>> {
-        self.0.close.subscribe()
+    /// Resolves once a close has been requested.
+    pub async fn closed(&self) {
+        let signal = self.0.close_signal.notified();
+        tokio::pin!(signal);
+        // Registered before the flag is read, so a request in between still wakes us.
+        signal.as_mut().enable();
+        if self.0.closing.load(Ordering::Acquire) {
+            return;
+        }
+        signal.await;
     }
 
     /// Called by the writer once frames have left.
@@ -182,10 +210,38 @@ impl Peer {
     }
 }
 
-/// Resolves once a close has been requested. The guard `wait_for` returns is not `Send`, so
-/// it is dropped here rather than inside a caller's `select!`.
-pub async fn closed(signal: &mut watch::Receiver<Option<CloseRequest>>) {
-    let _ = signal.wait_for(Option::is_some).await;
+impl Inbox {
+    /// Waits until something is queued and takes all of it, oldest first.
+    pub async fn next_batch(&mut self) -> &mut VecDeque<Outgoing> {
+        loop {
+            if self.take() {
+                return &mut self.batch;
+            }
+            self.peer.0.ready.notified().await;
+        }
+    }
+
+    /// Takes whatever is queued, without waiting.
+    pub fn take_queued(&mut self) -> &mut VecDeque<Outgoing> {
+        self.take();
+        &mut self.batch
+    }
+
+    fn take(&mut self) -> bool {
+        if self.batch.capacity() > KEEP_SLOTS {
+            self.batch = VecDeque::new();
+        }
+        self.batch.clear();
+        std::mem::swap(&mut self.batch, &mut *lock(&self.peer.0.queue));
+        !self.batch.is_empty()
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        self.peer.0.closing.store(true, Ordering::Release);
+        lock(&self.peer.0.queue).clear();
+    }
 }
 
 #[cfg(test)]
@@ -212,7 +268,9 @@ mod tests {
         assert_eq!(peer.deliver(&f, Priority::Normal), Delivery::Overflow);
         assert_eq!(peer.close_request().unwrap().code, close::SLOW_CONSUMER);
         assert_eq!(peer.deliver(&f, Priority::Normal), Delivery::Closed);
-        assert!(matches!(inbox.rx.try_recv().unwrap(), Outgoing::Frame(got) if got == f));
+        let batch = inbox.take_queued();
+        assert_eq!(batch.len(), 4);
+        assert!(matches!(batch.pop_front().unwrap(), Outgoing::Frame(got) if got == f));
     }
 
     #[test]
@@ -221,6 +279,28 @@ mod tests {
         let big = Frame::from("x".repeat(60));
         assert_eq!(peer.deliver(&big, Priority::Normal), Delivery::Queued);
         assert_eq!(peer.deliver(&big, Priority::Normal), Delivery::Overflow);
+    }
+
+    #[tokio::test]
+    async fn the_writer_is_woken_for_a_frame_and_for_a_close() {
+        let (peer, mut inbox) = Peer::new(limits());
+        let writer = tokio::spawn(async move {
+            let n = inbox.next_batch().await.len();
+            inbox.peer.closed().await;
+            (n, inbox)
+        });
+        tokio::task::yield_now().await;
+        peer.deliver(&Frame::from("a"), Priority::Normal);
+        peer.deliver(&Frame::from("b"), Priority::Normal);
+        tokio::task::yield_now().await;
+        peer.close(close::GOING_AWAY, "drain", true);
+        let (n, inbox) = writer.await.unwrap();
+        assert!(n >= 1);
+        drop(inbox);
+        assert_eq!(
+            peer.deliver(&Frame::from("c"), Priority::Normal),
+            Delivery::Closed
+        );
     }
 
     #[test]

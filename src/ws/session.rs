@@ -6,6 +6,7 @@
 //! consumer on them.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,9 +18,9 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
-use tracing::{debug, info_span, Instrument};
+use tracing::{debug, debug_span, Instrument};
 
-use super::outbox::{closed, Limits, Peer};
+use super::outbox::{Limits, Peer};
 use super::protocol::{self, close, ClientFrame, Welcome};
 use super::{writer, Hub};
 use crate::auth::{now_secs, Identity};
@@ -45,46 +46,62 @@ struct Session {
     awaiting_resume: Option<PositionMap>,
 }
 
-/// Runs a session to its end. The permit is released when it returns.
-pub async fn run<S>(
+/// Starts a session: queues its welcome and spawns its writer now, and returns the reader,
+/// which runs the session to its end. The permit is released when that returns.
+///
+/// Not an `async fn`: everything an async block captures stays in its state for the whole
+/// connection, even once moved out, so the socket and identity are split and placed before
+/// the block, which captures only small handles.
+pub fn run<S>(
     hub: Arc<Hub>,
     ws: WebSocketStream<S>,
     identity: Identity,
     permit: OwnedSemaphorePermit,
     resume_requested: bool,
-) where
+) -> impl Future<Output = ()> + Send
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let id = hub.next_connection_id();
-    let span = info_span!("session", conn = id, user = %identity.user);
+    // At debug level only: an enabled span costs every connection a few hundred bytes in
+    // the log subscriber for its whole life.
+    let span = debug_span!("session", conn = id, user = %identity.user);
+    let ws_cfg = &hub.config.websocket;
+    let limits = Limits {
+        frames: ws_cfg.queue_frames,
+        bytes: ws_cfg.queue_bytes,
+        shed_low_after: ws_cfg.shed_low_priority_after,
+    };
+    let heartbeat = Duration::from_secs(ws_cfg.heartbeat_seconds);
+    let (peer, inbox) = Peer::new(limits);
+    let (sink, stream) = ws.split();
+    let mut session = Session {
+        id,
+        hub: hub.clone(),
+        identity,
+        peer,
+        rooms: HashMap::new(),
+        bad_frames: 0,
+        awaiting_resume: None,
+    };
+    hub.metrics.connections.inc();
+    hub.metrics.connections_opened.inc();
+    span.in_scope(|| session.welcome(resume_requested));
+    let writer = writer::run(hub.clone(), sink, inbox, heartbeat).instrument(span.clone());
+    let writer = tokio::spawn(writer);
     async move {
         let _permit = permit;
-        let ws_cfg = &hub.config.websocket;
-        let limits = Limits {
-            frames: ws_cfg.queue_frames,
-            bytes: ws_cfg.queue_bytes,
-            shed_low_after: ws_cfg.shed_low_priority_after,
-        };
-        let heartbeat = Duration::from_secs(ws_cfg.heartbeat_seconds);
-        let (peer, inbox) = Peer::new(limits);
-        let (sink, stream) = ws.split();
-        let mut session = Session {
-            id,
-            hub: hub.clone(),
-            identity,
-            peer: peer.clone(),
-            rooms: HashMap::new(),
-            bad_frames: 0,
-            awaiting_resume: None,
-        };
-        hub.metrics.connections.inc();
-        hub.metrics.connections_opened.inc();
-        session.welcome(resume_requested);
-        let mut writer =
-            tokio::spawn(writer::run(hub.clone(), sink, inbox, heartbeat).in_current_span());
         session.read_loop(stream).await;
-        // The reader is done: make sure the writer stops too, then forget the connection.
-        peer.close(close::NORMAL, "", false);
+        session.end(writer).await;
+    }
+    .instrument(span)
+}
+
+impl Session {
+    /// The reader is done: makes sure the writer stops too, then forgets the connection.
+    async fn end(&self, mut writer: tokio::task::JoinHandle<u16>) {
+        let (hub, id) = (&self.hub, self.id);
+        self.peer.close(close::NORMAL, "", false);
         hub.registry.leave_all(id);
         hub.sessions.remove(&id);
         let code = match timeout(CLOSE_GRACE, &mut writer).await {
@@ -101,11 +118,7 @@ pub async fn run<S>(
             .inc();
         debug!(code, "session ended");
     }
-    .instrument(span)
-    .await
-}
 
-impl Session {
     /// The welcome goes first in the queue. Its positions and the joining of the user's own
     /// rooms happen under the hub's cut, so every record after the positions is delivered
     /// live and none before it is. A resuming client joins nothing until its resume.
@@ -140,7 +153,6 @@ impl Session {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let idle = Duration::from_secs(self.hub.config.websocket.idle_timeout_seconds);
-        let mut closing = self.peer.close_signal();
         let mut silent_until = Instant::now() + idle;
         loop {
             let expiry = sleep_until(self.expiry_instant());
@@ -166,7 +178,7 @@ impl Session {
                     self.peer.close(close::TOKEN, "token expired", false);
                     break;
                 }
-                _ = closed(&mut closing) => break,
+                _ = self.peer.closed() => break,
             }
         }
         // Closing: keep reading so the peer's close reply (and pending pongs) get through.
@@ -391,6 +403,8 @@ impl Session {
                 rooms: self.rooms.clone(),
             },
             rooms: joined,
+            conn: self.id,
+            user: self.identity.user.clone(),
         };
         self.peer.resume(plan);
         self.peer.set_live();

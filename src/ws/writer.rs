@@ -16,13 +16,13 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use super::outbox::{closed, Inbox, Outgoing, Peer};
+use std::collections::VecDeque;
+
+use super::outbox::{Inbox, Outgoing, Peer};
 use super::protocol::{self, Frame};
 use super::Hub;
 use crate::replay::{self, Replayed, ResumePlan};
 
-/// Items the writer takes from the queue for one write.
-const BATCH: usize = 256;
 /// The close code recorded when the socket broke before a close frame could be sent.
 pub const ABNORMAL: u16 = 1006;
 
@@ -48,15 +48,13 @@ where
         sink,
         peer: inbox.peer.clone(),
     };
-    let mut closing = w.peer.close_signal();
-    let mut batch = Vec::with_capacity(16);
     let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     loop {
         tokio::select! {
             biased;
-            _ = closed(&mut closing) => break,
-            n = inbox.rx.recv_many(&mut batch, BATCH) => {
-                if n == 0 || w.write(&mut batch).await.is_err() {
+            _ = w.peer.closed() => break,
+            batch = inbox.next_batch() => {
+                if w.write(batch).await.is_err() {
                     return ABNORMAL;
                 }
             }
@@ -69,10 +67,7 @@ where
     }
     let request = w.peer.close_request().expect("woken by a close request");
     if request.flush {
-        while let Ok(item) = inbox.rx.try_recv() {
-            batch.push(item);
-        }
-        let _ = w.write(&mut batch).await;
+        let _ = w.write(inbox.take_queued()).await;
     }
     let frame = CloseFrame {
         code: CloseCode::from(request.code),
@@ -88,7 +83,7 @@ impl<S> Writer<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    async fn write(&mut self, items: &mut Vec<Outgoing>) -> Result<(), WsError> {
+    async fn write(&mut self, items: &mut VecDeque<Outgoing>) -> Result<(), WsError> {
         let mut bytes = 0;
         for item in items.drain(..) {
             match item {
@@ -96,7 +91,8 @@ where
                     bytes += frame.len();
                     self.feed(frame).await?;
                 }
-                Outgoing::Resume(plan) => self.replay(*plan).await?,
+                // Boxed: a replay's state is large, and every idle writer would carry it.
+                Outgoing::Resume(plan) => Box::pin(self.replay(*plan)).await?,
             }
         }
         self.peer.sent(bytes);
@@ -120,7 +116,8 @@ where
                 (count, source.as_str())
             }
             Replayed::Resync(reason) => {
-                tracing::info!(%reason, "resume answered with resync");
+                let (conn, user) = (plan.conn, &plan.user);
+                tracing::info!(%reason, conn, %user, "resume answered with resync");
                 self.feed(protocol::resync(&reason)).await?;
                 (0, "resync")
             }

@@ -7,7 +7,9 @@
 //! Records come from roomcast-load over a plain TCP control socket, one line each:
 //! `<room>\t<record value JSON>\n`, instead of from Kafka. Each connection has the same
 //! structure as in roomcast: a bounded queue (1024 frames) drained by a writer task that sends
-//! everything queued in one write. What the floor leaves out: Kafka, routing (the room is
+//! everything queued in one write. Unlike roomcast, a full queue never closes the connection:
+//! the frame is dropped for that connection (counted, and printed at exit) and the connection
+//! stays. What the floor leaves out: Kafka, routing (the room is
 //! given), token verification (the subject is read, the signature is not checked), tungstenite,
 //! heartbeats, metrics.
 //!
@@ -25,7 +27,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use clap::Parser;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::mpsc;
 
 #[derive(Parser, Debug)]
@@ -47,6 +49,10 @@ struct Args {
     /// Frames one write takes from the queue.
     #[arg(long, default_value_t = 256)]
     batch: usize,
+    /// Accept backlog of the WebSocket listener; roomcast's is 4096, so that a connect storm
+    /// meets the same accept queue on both.
+    #[arg(long, default_value_t = 4096)]
+    backlog: u32,
     /// Runtime worker threads (0: one per core, as roomcast).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -132,22 +138,29 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(run(args))
 }
 
-async fn bind(addr: &str) -> anyhow::Result<(TcpListener, SocketAddr)> {
+fn bind(addr: &str, backlog: u32) -> anyhow::Result<(TcpListener, SocketAddr)> {
     let a: SocketAddr = addr
         .parse()
         .with_context(|| format!("{addr:?} is not IP:port"))?;
     if !a.ip().is_loopback() {
         bail!("{a} is not a loopback address");
     }
-    let l = TcpListener::bind(a).await?;
+    let socket = if a.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(a)?;
+    let l = socket.listen(backlog)?;
     let local = l.local_addr()?;
     Ok((l, local))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
     raise_nofile();
-    let (public, public_addr) = bind(&args.listen).await?;
-    let (control, control_addr) = bind(&args.control).await?;
+    let (public, public_addr) = bind(&args.listen, args.backlog)?;
+    let (control, control_addr) = bind(&args.control, 16)?;
     let hub = Arc::new(Hub {
         rooms: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
