@@ -22,7 +22,16 @@ pub type ConnId = u64;
 /// A room's registry key: the tenant's length first, so `("a:b", "c")` and `("a", "b:c")` differ.
 fn room_key(tenant: Option<&str>, room: &str) -> Box<str> {
     let tenant = tenant.unwrap_or("");
-    format!("{}:{tenant}/{room}", tenant.len()).into_boxed_str()
+    let mut len = itoa::Buffer::new();
+    let len = len.format(tenant.len());
+    // Built by hand: it runs for every room of every record, and `format!` costs twice as much.
+    let mut key = String::with_capacity(len.len() + tenant.len() + room.len() + 2);
+    key.push_str(len);
+    key.push(':');
+    key.push_str(tenant);
+    key.push('/');
+    key.push_str(room);
+    key.into_boxed_str()
 }
 
 #[derive(Clone)]
@@ -61,33 +70,48 @@ impl<P: Clone> Room<P> {
     fn listed(&self) -> Members<P> {
         let mut listed = self.listed.lock().unwrap_or_else(|e| e.into_inner());
         listed
-            .get_or_insert_with(|| Members(self.members.values().cloned().collect()))
+            .get_or_insert_with(|| {
+                let list = self.members.iter().map(|(c, m)| (*c, m.clone())).collect();
+                Members {
+                    list,
+                    skip: Arc::default(),
+                }
+            })
             .clone()
     }
 }
 
-/// A room's members at one moment, shared by the threads that fan a record out to them.
-pub struct Members<P>(Arc<[Member<P>]>);
+/// A room's members at one moment, shared by the threads that fan a record out to them, and
+/// the connections to leave out because the record already reached them through another room.
+pub struct Members<P> {
+    list: Arc<[(ConnId, Member<P>)]>,
+    skip: Arc<HashSet<ConnId>>,
+}
 
 impl<P> Clone for Members<P> {
     fn clone(&self) -> Self {
-        Members(self.0.clone())
+        Members {
+            list: self.list.clone(),
+            skip: self.skip.clone(),
+        }
     }
 }
 
 impl<P> Members<P> {
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.list.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.list.is_empty()
     }
 
     /// Calls `deliver` for the members in `range` whose filter admits `event`.
     pub fn for_each_in(&self, range: Range<usize>, event: &str, mut deliver: impl FnMut(&P)) {
-        for member in self.0[range].iter().filter(|m| m.admits(event)) {
-            deliver(&member.peer);
+        for (conn, member) in &self.list[range] {
+            if member.admits(event) && !self.skip.contains(conn) {
+                deliver(&member.peer);
+            }
         }
     }
 }
@@ -175,29 +199,46 @@ impl<P: Clone> Registry<P> {
         event: &str,
         mut deliver: impl FnMut(&P),
     ) -> usize {
+        let mut reached = 0;
+        self.reach(tenant, rooms, event, usize::MAX, |p| {
+            reached += 1;
+            deliver(p)
+        });
+        reached
+    }
+
+    /// As `for_each_recipient`, except that when the largest room has `large_at` members or
+    /// more, its members are returned rather than visited (with those already reached through
+    /// another room left out), so the caller can spread them over several threads.
+    pub fn reach(
+        &self,
+        tenant: Option<&str>,
+        rooms: &[String],
+        event: &str,
+        large_at: usize,
+        mut deliver: impl FnMut(&P),
+    ) -> Option<Members<P>> {
         if let [room] = rooms {
-            let Some(room) = self.rooms.get(&room_key(tenant, room)) else {
-                return 0;
-            };
-            let mut reached = 0;
+            let room = self.rooms.get(&room_key(tenant, room))?;
+            if room.members.len() >= large_at {
+                return Some(room.listed());
+            }
             for member in room.members.values().filter(|m| m.admits(event)) {
                 deliver(&member.peer);
-                reached += 1;
             }
-            return reached;
+            return None;
         }
         // The largest room goes last and unchecked against a set: only the members of the
         // other rooms are remembered, so a broadcast room plus a user room costs one small set.
         let keys: Vec<Box<str>> = rooms.iter().map(|r| room_key(tenant, r)).collect();
-        let largest = (0..keys.len())
-            .max_by_key(|&i| self.rooms.get(&keys[i]).map_or(0, |r| r.members.len()))
-            .unwrap_or(0);
+        let sizes: Vec<usize> = keys
+            .iter()
+            .map(|k| self.rooms.get(k).map_or(0, |r| r.members.len()))
+            .collect();
+        let largest = (0..keys.len()).max_by_key(|&i| sizes[i])?;
         let mut seen: HashSet<ConnId> = HashSet::new();
         for (i, key) in keys.iter().enumerate() {
-            if i == largest {
-                continue;
-            }
-            let Some(room) = self.rooms.get(key) else {
+            let Some(room) = self.rooms.get(key).filter(|_| i != largest) else {
                 continue;
             };
             for (conn, member) in room.members.iter() {
@@ -206,29 +247,19 @@ impl<P: Clone> Registry<P> {
                 }
             }
         }
-        let mut reached = seen.len();
-        if let Some(room) = keys.get(largest).and_then(|k| self.rooms.get(k)) {
-            for (conn, member) in room.members.iter() {
-                if member.admits(event) && !seen.contains(conn) {
-                    deliver(&member.peer);
-                    reached += 1;
-                }
+        let room = self.rooms.get(&keys[largest])?;
+        if room.members.len() >= large_at {
+            return Some(Members {
+                list: room.listed().list,
+                skip: Arc::new(seen),
+            });
+        }
+        for (conn, member) in room.members.iter() {
+            if member.admits(event) && !seen.contains(conn) {
+                deliver(&member.peer);
             }
         }
-        reached
-    }
-
-    /// The members of a record's one room when it has at least `min` of them: a room large
-    /// enough for its fan-out to be spread over several threads.
-    pub fn large_room(
-        &self,
-        tenant: Option<&str>,
-        rooms: &[String],
-        min: usize,
-    ) -> Option<Members<P>> {
-        let [room] = rooms else { return None };
-        let room = self.rooms.get(&room_key(tenant, room))?;
-        (room.members.len() >= min).then(|| room.listed())
+        None
     }
 
     pub fn room_count(&self) -> usize {
@@ -301,27 +332,36 @@ mod tests {
         );
     }
 
+    fn split(r: &Registry<u64>, rooms: &[&str], min: usize) -> Option<(Vec<u64>, Vec<u64>)> {
+        let rooms: Vec<String> = rooms.iter().map(|s| s.to_string()).collect();
+        let mut direct = Vec::new();
+        let members = r.reach(None, &rooms, "e", min, |p| direct.push(*p))?;
+        let mut listed = Vec::new();
+        members.for_each_in(0..members.len(), "e", |p| listed.push(*p));
+        direct.sort();
+        listed.sort();
+        Some((direct, listed))
+    }
+
     #[test]
-    fn a_large_room_is_listed_afresh_after_every_change() {
+    fn a_large_room_is_split_from_the_others_and_listed_afresh_after_every_change() {
         let r = Registry::new();
-        let rooms = ["big".to_string()];
         r.join(1, None, "big", &1, None);
-        assert!(r.large_room(None, &rooms, 2).is_none());
+        assert_eq!(split(&r, &["big"], 2), None);
         r.join(2, None, "big", &2, None);
-        let first = r.large_room(None, &rooms, 2).unwrap();
-        assert_eq!(first.len(), 2);
+        assert_eq!(split(&r, &["big"], 2), Some((vec![], vec![1, 2])));
         r.join(3, None, "big", &3, None);
         r.leave(1, None, "big");
-        let listed = r.large_room(None, &rooms, 2).unwrap();
-        let mut got = Vec::new();
-        listed.for_each_in(0..listed.len(), "e", |p| got.push(*p));
-        got.sort();
-        assert_eq!(got, [2, 3]);
-        // A list taken before the change is not altered by it.
-        assert_eq!(first.len(), 2);
-        assert!(r
-            .large_room(None, &["big".into(), "other".into()], 1)
-            .is_none());
+        assert_eq!(split(&r, &["big"], 2), Some((vec![], vec![2, 3])));
+        // Members reached through a smaller room are not reached again through the large one.
+        r.join(3, None, "small", &3, None);
+        r.join(4, None, "small", &4, None);
+        assert_eq!(
+            split(&r, &["small", "big", "none"], 2),
+            Some((vec![3, 4], vec![2]))
+        );
+        assert_eq!(split(&r, &["small", "big"], 3), None);
+        assert_eq!(reached(&r, None, &["small", "big"], "e"), [2, 3, 4]);
     }
 
     #[test]

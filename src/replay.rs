@@ -32,15 +32,16 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// Keeps a routed record, taking over its strings rather than copying them.
-    pub fn new(routed: Routed<'_>, frame: Frame) -> Entry {
+    /// Keeps a routed record, taking over its strings rather than copying them. `at` is when
+    /// it was read.
+    pub fn new(routed: Routed<'_>, frame: Frame, at: Instant) -> Entry {
         Entry {
             offset: routed.position.offset,
             tenant: routed.tenant,
             rooms: routed.rooms,
             event: routed.event,
             frame,
-            at: Instant::now(),
+            at,
         }
     }
 
@@ -146,12 +147,13 @@ impl ReplayBuffer {
         let Some(p) = all.get_mut(topic).and_then(|t| t.get_mut(&partition)) else {
             return;
         };
+        // An entry was stamped when it was read: no second clock read per record.
+        let now = entry.as_ref().map_or_else(Instant::now, |e| e.at);
         if let Some(e) = entry {
             p.bytes += e.cost();
             p.entries.push_back(e);
         }
         p.end = offset + 1;
-        let now = Instant::now();
         while p.bytes > p.share
             || p.entries
                 .front()

@@ -109,7 +109,8 @@ impl Template {
 
     /// Renders against `doc`; `None` when a field is missing, null, empty or not a scalar.
     pub fn render(&self, doc: Option<&Doc<'_>>) -> Option<String> {
-        let mut out = String::new();
+        // Room and event names are short: one allocation instead of several growths.
+        let mut out = String::with_capacity(32);
         for part in &self.parts {
             match part {
                 Part::Text(t) => out.push_str(t),

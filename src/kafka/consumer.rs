@@ -151,8 +151,8 @@ impl KafkaConsumer {
         let mut next_refresh = Instant::now();
         let mut next_watermark = Instant::now() + self.positions_every;
         let mut last_positions = Default::default();
+        let mut now = Instant::now();
         while !*stop.borrow() {
-            let now = Instant::now();
             if now >= next_refresh {
                 self.discover();
                 next_refresh = Instant::now() + self.refresh;
@@ -164,10 +164,13 @@ impl KafkaConsumer {
             }
             let wait = next_refresh
                 .min(next_watermark)
-                .saturating_duration_since(Instant::now())
+                .saturating_duration_since(now)
                 .min(POLL_MAX);
-            match self.consumer.poll(wait) {
-                Some(Ok(m)) => self.process(&m),
+            let message = self.consumer.poll(wait);
+            // The one clock read per record: timers, the buffer's age and eviction use it.
+            now = Instant::now();
+            match message {
+                Some(Ok(m)) => self.process(&m, now),
                 Some(Err(e)) => {
                     if let Some(skipped) = self.error_log.admit() {
                         warn!(error = %e, skipped, "kafka consumer error");
@@ -226,7 +229,7 @@ impl KafkaConsumer {
         self.discovered.store(true, Ordering::Release);
     }
 
-    fn process(&self, m: &BorrowedMessage<'_>) {
+    fn process(&self, m: &BorrowedMessage<'_>, read_at: Instant) {
         let record = super::record(m);
         let (topic, partition, offset) = (record.topic, record.partition, record.offset);
         if let Some(counter) = self.consumed.get(topic) {
@@ -259,7 +262,7 @@ impl KafkaConsumer {
             let entry = self
                 .routes
                 .get(topic)
-                .and_then(|route| self.route(route, &record, live, &mut delivered));
+                .and_then(|route| self.route(route, &record, live, read_at, &mut delivered));
             self.hub.replay.push(topic, partition, offset, entry);
         }
         if let Some(delivered) = delivered {
@@ -295,6 +298,7 @@ impl KafkaConsumer {
         route: &Route,
         record: &Record<'_>,
         live: bool,
+        read_at: Instant,
         delivered: &mut Option<Delivered>,
     ) -> Option<Entry> {
         let routed = match route.apply(record) {
@@ -314,7 +318,7 @@ impl KafkaConsumer {
         if live {
             *delivered = Some(self.hub.deliver(&routed, &frame));
         }
-        Some(Entry::new(routed, frame))
+        Some(Entry::new(routed, frame, read_at))
     }
 
     fn observe_latency(&self, timestamp_ms: Option<i64>) {

@@ -164,7 +164,7 @@ impl Job {
         let route = self.route.as_ref()?;
         let routed = route.apply(&super::record(m)).ok()?;
         let frame = protocol::event(&routed).ok()?;
-        let entry = Entry::new(routed, frame);
+        let entry = Entry::new(routed, frame, std::time::Instant::now());
         self.selection.admits(&entry).then_some(entry.frame)
     }
 }

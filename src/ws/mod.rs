@@ -28,6 +28,7 @@ use protocol::{close, Frame};
 
 /// One record's deliveries, some of which may still be under way on other threads.
 #[must_use = "wait for the other parts before delivering the next record"]
+#[derive(Default)]
 pub struct Delivered {
     queued: usize,
     parts: Option<std::sync::mpsc::Receiver<usize>>,
@@ -200,26 +201,23 @@ impl Hub {
     /// connection gets records in order and no session waits on the cut for a part that
     /// needs a worker thread this session is holding.
     pub fn deliver(&self, routed: &Routed<'_>, frame: &Frame) -> Delivered {
-        if let Some(fanout) = &self.fanout {
-            let tenant = routed.tenant.as_deref();
-            let large = self
-                .registry
-                .large_room(tenant, &routed.rooms, 2 * FANOUT_PART);
-            if let Some(members) = large {
-                return self.spread(fanout, members, routed, frame);
-            }
-        }
         let mut tally = Tally::default();
-        self.registry.for_each_recipient(
-            routed.tenant.as_deref(),
-            &routed.rooms,
-            &routed.event,
-            |peer| tally.add(peer.deliver(frame, routed.priority)),
-        );
-        Delivered {
-            queued: tally.count(&self.metrics),
-            parts: None,
-        }
+        let tenant = routed.tenant.as_deref();
+        let (rooms, event) = (&routed.rooms, &routed.event);
+        let mut direct = |peer: &Peer| tally.add(peer.deliver(frame, routed.priority));
+        let large_at = match self.fanout {
+            Some(_) => 2 * FANOUT_PART,
+            None => usize::MAX,
+        };
+        let large = self
+            .registry
+            .reach(tenant, rooms, event, large_at, &mut direct);
+        let mut delivered = match (large, &self.fanout) {
+            (Some(members), Some(fanout)) => self.spread(fanout, members, routed, frame),
+            _ => Delivered::default(),
+        };
+        delivered.queued += tally.count(&self.metrics);
+        delivered
     }
 
     fn spread(

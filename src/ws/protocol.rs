@@ -103,7 +103,6 @@ pub fn valid_room_name(room: &str) -> bool {
 
 /// Encodes an event frame for a routed record: one buffer, the payload spliced in as is.
 pub fn event(routed: &Routed<'_>) -> Result<Frame, std::str::Utf8Error> {
-    use std::fmt::Write;
     let payload = std::str::from_utf8(routed.payload)?.trim();
     let pos = &routed.position;
     let mut out = String::with_capacity(payload.len() + routed.event.len() + pos.topic.len() + 96);
@@ -112,9 +111,15 @@ pub fn event(routed: &Routed<'_>) -> Result<Frame, std::str::Utf8Error> {
     out.push_str(",\"pos\":");
     out.push('"');
     push_escaped(&mut out, &pos.topic);
-    let _ = write!(out, ":{}:{}\"", pos.partition, pos.offset);
+    let mut number = itoa::Buffer::new();
+    out.push(':');
+    out.push_str(number.format(pos.partition));
+    out.push(':');
+    out.push_str(number.format(pos.offset));
+    out.push('"');
     if let Some(ts) = routed.timestamp_ms {
-        let _ = write!(out, ",\"ts\":{ts}");
+        out.push_str(",\"ts\":");
+        out.push_str(number.format(ts));
     }
     if routed.expose_rooms {
         out.push_str(",\"rooms\":[");

@@ -357,3 +357,50 @@ async fn a_topic_created_after_start_is_delivered_from_its_first_record() {
     let got = c.events(3).await;
     assert_eq!(payload_field(&got, "seq"), [json!(0), json!(1), json!(2)]);
 }
+
+/// A room this large is fanned out in parts on several threads (more than twice the part
+/// size of 1,024): every member must still get every record once, in order, and a member that
+/// is also in the record's other room (its own user room) nothing twice.
+#[tokio::test]
+async fn a_room_of_2500_gets_every_record_once_in_order() {
+    const MEMBERS: usize = 2500;
+    const RECORDS: i64 = 60;
+    let topic = unique("large");
+    create_topic(&topic, 1).await;
+    let server = Server::start(&task_route(&topic), "").await;
+    let mut clients = Vec::with_capacity(MEMBERS);
+    let server_ref = &server;
+    for chunk in (0..MEMBERS).collect::<Vec<_>>().chunks(250) {
+        let joins = chunk.iter().map(|i| async move {
+            let server = server_ref;
+            let mut c = server
+                .connect(&token(&format!("m{i}"), &["task:big"]))
+                .await;
+            c.join(&["task:big"]).await;
+            c
+        });
+        clients.extend(futures_util::future::join_all(joins).await);
+    }
+    let p = Producer::new();
+    for seq in 0..RECORDS {
+        // Also to the user room of one of the first ten members.
+        let user = format!("m{}", seq % 10);
+        let value = json!({"taskId": "big", "userId": user, "seq": seq}).to_string();
+        p.send(&topic, value.as_bytes()).await;
+    }
+    let reads = clients.iter_mut().map(|c| async move {
+        let got = c.events(RECORDS as usize).await;
+        let seqs: Vec<i64> = payload_field(&got, "seq")
+            .iter()
+            .map(|s| s.as_i64().unwrap())
+            .collect();
+        c.expect_silence(QUIET).await;
+        seqs
+    });
+    let all = futures_util::future::join_all(reads).await;
+    let expected: Vec<i64> = (0..RECORDS).collect();
+    let wrong = all.iter().filter(|seqs| **seqs != expected).count();
+    assert_eq!(wrong, 0, "members without every record once in order");
+    let delivered = server.metric("roomcast_deliveries_total").await;
+    assert_eq!(delivered as usize, MEMBERS * RECORDS as usize);
+}
