@@ -2,13 +2,15 @@
 //! records/s open-loop, and measures end-to-end latency, deliveries/s, losses and duplicates,
 //! and the server's CPU, write syscalls and memory over the measured window.
 //!
-//! Two modes start the server themselves (`--server-bin`, `--server-config`): the resume
-//! storm (`--resume-storm`, see storm.rs), which restarts it under its clients, and the replay
-//! buffer's memory (`--replay-memory`, see replaymem.rs). The connect storm
-//! (`--connect-storm`, see connstorm.rs) starts every handshake at once against a running server.
+//! Three modes start the server themselves (`--server-bin`, `--server-config`): the resume
+//! storm (`--resume-storm`, see storm.rs), which restarts it under its clients, the replay
+//! buffer's memory (`--replay-memory`, see replaymem.rs), and the routing rate from a backlog
+//! (`--route-backlog`, see backlog.rs). The connect storm (`--connect-storm`, see
+//! connstorm.rs) starts every handshake at once against a running server.
 //!
 //! Only loopback addresses are accepted as targets.
 
+mod backlog;
 mod client;
 mod connstorm;
 mod dist;
@@ -161,7 +163,18 @@ struct Args {
     /// --brokers; the server must read a fresh topic and keep everything (big budget and age).
     #[arg(long)]
     replay_memory: bool,
-    /// The roomcast binary, run as `BIN serve --config CONFIG` (storm and replay-memory modes).
+    /// Route backlog: no connections; produce --records records (rooms from --dist over
+    /// --connections) to a fresh topic as fast as the broker takes them, then start the server
+    /// and measure how fast, and at what CPU, it reads them all back. Needs --server-bin,
+    /// --server-config and --brokers; the server's replay window
+    /// ([resume] buffer_max_age_seconds) must reach back to the first record.
+    #[arg(long)]
+    route_backlog: bool,
+    /// Route backlog: records to produce.
+    #[arg(long, default_value_t = 1_000_000)]
+    records: u64,
+    /// The roomcast binary, run as `BIN serve --config CONFIG` (storm, replay-memory and
+    /// route-backlog modes).
     #[arg(long)]
     server_bin: Option<PathBuf>,
     #[arg(long)]
@@ -359,6 +372,9 @@ async fn run(args: &Args) -> anyhow::Result<Value> {
     }
     if args.replay_memory {
         return replaymem::run(args, args.server_spec()?).await;
+    }
+    if args.route_backlog {
+        return backlog::run(args, args.server_spec()?).await;
     }
     if args.connect_storm {
         return connstorm::run(args).await;

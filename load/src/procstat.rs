@@ -31,22 +31,59 @@ fn clock_ticks() -> f64 {
 /// `pid` is a number or "self".
 pub fn sample(pid: &str) -> Option<ProcSample> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is in parentheses and may hold spaces: fields count from its end.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let (_, cpu_s) = parse_stat(&stat)?;
     let syscw = std::fs::read_to_string(format!("/proc/{pid}/io"))
         .ok()
         .and_then(|io| field(&io, "syscw:"));
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rss_kib = field(&status, "VmRSS:").unwrap_or(0);
     Some(ProcSample {
-        cpu_s: (utime + stime) as f64 / clock_ticks(),
+        cpu_s,
         syscw,
         rss_kib,
     })
+}
+
+/// The command name and user + system CPU seconds of a /proc/.../stat line.
+fn parse_stat(stat: &str) -> Option<(String, f64)> {
+    // The command name is in parentheses and may hold spaces: fields count from its end.
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?.to_string();
+    let fields: Vec<&str> = stat.get(close + 2..)?.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((comm, (utime + stime) as f64 / clock_ticks()))
+}
+
+/// One live thread of a process.
+#[derive(Debug, Clone)]
+pub struct ThreadCpu {
+    pub tid: u32,
+    pub comm: String,
+    pub cpu_s: f64,
+}
+
+/// CPU seconds of each live thread of `pid`. Threads that have exited are missing: their
+/// time is only in the process's total.
+pub fn threads(pid: u32) -> Vec<ThreadCpu> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let tid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+        let (comm, cpu_s) = parse_stat(&stat)?;
+        Some(ThreadCpu { tid, comm, cpu_s })
+    })
+    .collect()
+}
+
+/// A `Name:  N kB` line of /proc/PID/status.
+pub fn status_kib(pid: u32, name: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    field(&s, name)
 }
 
 fn field(text: &str, name: &str) -> Option<u64> {
@@ -323,6 +360,16 @@ mod tests {
         let s = sample("self").expect("own /proc entry");
         assert!(s.rss_kib > 0);
         assert!(s.cpu_s >= 0.0);
+    }
+
+    #[test]
+    fn parses_stat_lines() {
+        let line = "42 (rdk:broker 1) S 1 42 42 0 -1 4194560 10 0 0 0 150 50 0 0 20 0 9 0";
+        let (comm, cpu) = parse_stat(line).unwrap();
+        assert_eq!(comm, "rdk:broker 1");
+        assert!((cpu - 200.0 / clock_ticks()).abs() < 1e-9);
+        let own = threads(std::process::id());
+        assert!(own.iter().any(|t| t.tid == std::process::id()));
     }
 
     #[test]

@@ -163,18 +163,8 @@ pub fn run(sink: &mut Sink, s: &Schedule, counters: &Counters) -> Outcome {
             out.max_send_delay_us = out.max_send_delay_us.max(delay);
             let room = (i % s.rooms as u64) as usize;
             let (key, target) = &fields[room];
-            value.clear();
             let sent_us = s.start_us + off.as_micros() as u64;
-            use std::fmt::Write as _;
-            let _ = write!(
-                value,
-                r#"{{"{key}":"{target}","seq":{i},"sent_us":{sent_us},"pad":""#
-            );
-            // Pad the value to the requested size (the closing `"}` counts).
-            while value.len() + 2 < s.payload_bytes {
-                value.push('x');
-            }
-            value.push_str("\"}");
+            write_value(&mut value, (key, target), i, sent_us, s.payload_bytes);
             out.attempted += 1;
             let ok = match &mut *sink {
                 Sink::Kafka { producer, topic } => {
@@ -219,6 +209,28 @@ pub fn run(sink: &mut Sink, s: &Schedule, counters: &Counters) -> Outcome {
     }
     out.elapsed = s.start.elapsed();
     out
+}
+
+/// A record's JSON value, padded to `payload_bytes`: the shape the receivers and the bench
+/// route config (`user:{userId}`, `task:{taskId}`) expect, from every mode that produces.
+pub fn write_value(
+    value: &mut String,
+    (key, target): (&str, &str),
+    seq: u64,
+    sent_us: u64,
+    payload_bytes: usize,
+) {
+    use std::fmt::Write as _;
+    value.clear();
+    let _ = write!(
+        value,
+        r#"{{"{key}":"{target}","seq":{seq},"sent_us":{sent_us},"pad":""#
+    );
+    // The closing `"}` counts towards the size.
+    while value.len() + 2 < payload_bytes {
+        value.push('x');
+    }
+    value.push_str("\"}");
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -15,7 +15,7 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
 use crate::dist::Dist;
-use crate::procstat;
+use crate::procstat::{self, status_kib};
 use crate::producer::{self, Counters, Schedule, Sink};
 use crate::server::Spec;
 use crate::{round, Args};
@@ -24,15 +24,6 @@ const MIB: f64 = 1024.0 * 1024.0;
 /// Users the records are spread over (`user:u0` .. `user:u999`).
 const ROOMS: usize = 1000;
 const CONSUME_TIMEOUT: Duration = Duration::from_secs(180);
-
-/// A `Name:  N kB` line of /proc/PID/status.
-fn status_kib(pid: u32, name: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix(name))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-}
 
 fn get(m: &Option<HashMap<String, f64>>, key: &str) -> Option<f64> {
     m.as_ref()?.get(key).copied()

@@ -29,6 +29,7 @@ pub struct Server {
     pub pid: u32,
     pub public: SocketAddr,
     pub admin: SocketAddr,
+    pub spawned: Instant,
     /// From spawn to the `listening` line, and to `/readyz` answering 200.
     pub listening_after: Duration,
     pub ready_after: Duration,
@@ -42,6 +43,14 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 impl Spec {
     /// Starts a server and waits until it is ready. Blocking.
     pub fn start(&self) -> anyhow::Result<Server> {
+        let mut server = self.spawn()?;
+        server.wait_ready()?;
+        Ok(server)
+    }
+
+    /// Starts a server and waits only until it listens: its admin endpoint answers from then
+    /// on, while it may still be reading back its replay window. Blocking.
+    pub fn spawn(&self) -> anyhow::Result<Server> {
         let spawned = Instant::now();
         let mut child = Command::new(&self.bin)
             .arg("serve")
@@ -84,6 +93,7 @@ impl Spec {
             pid,
             public: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+            spawned,
             listening_after: Duration::ZERO,
             ready_after: Duration::ZERO,
             exited: false,
@@ -103,26 +113,34 @@ impl Spec {
                 bail!("the server listens on {a}, not on loopback");
             }
         }
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if http_status(server.admin, "/readyz") == Some(200) {
-                break;
-            }
-            if let Ok(Some(status)) = server.child.try_wait() {
-                server.exited = true;
-                bail!("the server exited ({status}) before it was ready");
-            }
-            if Instant::now() > deadline {
-                bail!("the server was not ready within {READY_TIMEOUT:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        server.ready_after = spawned.elapsed();
         Ok(server)
     }
 }
 
 impl Server {
+    /// Waits until `/readyz` answers 200. Blocking.
+    pub fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while http_status(self.admin, "/readyz") != Some(200) {
+            self.check_running()?;
+            if Instant::now() > deadline {
+                bail!("the server was not ready within {READY_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.ready_after = self.spawned.elapsed();
+        Ok(())
+    }
+
+    /// An error if the process has exited.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            self.exited = true;
+            bail!("the server exited ({status})");
+        }
+        Ok(())
+    }
+
     pub fn metrics_url(&self) -> String {
         format!("http://{}/metrics", self.admin)
     }

@@ -51,6 +51,9 @@ pub fn client_config(c: &KafkaConfig, group_id: &str) -> ClientConfig {
         .set("auto.commit.interval.ms", "5000")
         // Bound librdkafka's prefetch per partition (default 64 MiB).
         .set("queued.max.messages.kbytes", "8192")
+        // Once that prefetch is full, librdkafka waits this long before fetching again
+        // (default 1 s): a consumer that catches up would then sit idle for most of a second.
+        .set("fetch.queue.backoff.ms", "10")
         .set("fetch.wait.max.ms", "100")
         .set("statistics.interval.ms", "5000")
         .set("enable.partition.eof", "false")
