@@ -266,7 +266,7 @@ impl KafkaConsumer {
             self.hub.replay.push(topic, partition, offset, entry);
         }
         if let Some(delivered) = delivered {
-            delivered.wait();
+            delivered.finish();
             self.observe_latency(record.timestamp_ms);
         }
     }

@@ -1,6 +1,7 @@
 //! WebSocket side: the [`Hub`] that sessions and the consumer share, the handshake, the
 //! per-connection session, and the wire protocol.
 
+pub mod fanout;
 pub mod handshake;
 pub mod outbox;
 pub mod protocol;
@@ -20,56 +21,24 @@ use crate::config::Config;
 use crate::kafka::replay::KafkaReplay;
 use crate::metrics::Metrics;
 use crate::position::{PartitionTable, PositionMap};
-use crate::registry::{ConnId, Members, Registry};
+use crate::registry::{ConnId, Registry};
 use crate::replay::{self, ReplayBuffer};
 use crate::route::{Priority, Route, Routed};
-use outbox::{Delivery, Peer};
+use fanout::{Fanout, Spread, Tally};
+use outbox::Peer;
 use protocol::{close, Frame};
 
-/// One record's deliveries, some of which may still be under way on other threads.
-#[must_use = "wait for the other parts before delivering the next record"]
+/// One record's deliveries, of which a large room's parts may still be to do.
+#[must_use = "finish the record's fan-out before delivering the next record"]
 #[derive(Default)]
-pub struct Delivered {
-    queued: usize,
-    parts: Option<std::sync::mpsc::Receiver<usize>>,
-}
+pub struct Delivered(Option<Arc<Spread>>);
 
 impl Delivered {
-    /// Waits for every part; returns how many connections the frame was queued for.
-    pub fn wait(self) -> usize {
-        // A part whose task was dropped (the runtime is shutting down) ends the wait too.
-        self.queued + self.parts.map_or(0, |parts| parts.iter().sum())
-    }
-}
-
-/// What one pass of deliveries did, counted into the metrics once at its end.
-#[derive(Default)]
-struct Tally {
-    queued: usize,
-    shed: u64,
-    overflowed: u64,
-}
-
-impl Tally {
-    fn add(&mut self, delivery: Delivery) {
-        match delivery {
-            Delivery::Queued => self.queued += 1,
-            Delivery::Shed => self.shed += 1,
-            Delivery::Overflow => self.overflowed += 1,
-            Delivery::Closed => {}
+    /// Does or waits for what is left of the fan-out.
+    pub fn finish(self) {
+        if let Some(spread) = self.0 {
+            spread.finish();
         }
-    }
-
-    /// Adds the pass to the metrics; returns the number queued.
-    fn count(self, metrics: &Metrics) -> usize {
-        metrics.deliveries.inc_by(self.queued as u64);
-        if self.shed > 0 {
-            metrics.frames_shed.inc_by(self.shed);
-        }
-        if self.overflowed > 0 {
-            metrics.slow_consumer_closes.inc_by(self.overflowed);
-        }
-        self.queued
     }
 }
 
@@ -95,19 +64,6 @@ pub struct Hub {
     /// Where a large room's fan-out is spread; none outside a runtime.
     fanout: Option<Fanout>,
 }
-
-/// Spreads one record's fan-out to a large room over the runtime's worker threads: there
-/// the wake-ups of the recipients' writers land on local run queues, and several cores share
-/// the work the consumer's single thread would otherwise do alone.
-struct Fanout {
-    runtime: tokio::runtime::Handle,
-    /// Parts a fan-out is cut into at most: one per worker, plus the consumer's own.
-    parts: usize,
-}
-
-/// Members per part of a fan-out; rooms below this are served by the consumer alone, as a
-/// task's spawn and hand-back costs about what a thousand deliveries do.
-const FANOUT_PART: usize = 1024;
 
 impl Hub {
     pub fn new(
@@ -158,7 +114,7 @@ impl Hub {
             fanout: tokio::runtime::Handle::try_current()
                 .ok()
                 .map(|runtime| Fanout {
-                    parts: runtime.metrics().num_workers() + 1,
+                    helpers: runtime.metrics().num_workers(),
                     runtime,
                 }),
         }
@@ -196,59 +152,31 @@ impl Hub {
     }
 
     /// Queues one routed record's frame for every connection in its rooms. Never waits on a
-    /// connection. A large room's other parts may still be running when it returns: the
-    /// caller lets go of the cut, then waits for them before the next record, so that each
-    /// connection gets records in order and no session waits on the cut for a part that
-    /// needs a worker thread this session is holding.
+    /// connection. A large room is listed and its parts started, but the caller finishes
+    /// them after letting go of the cut (see `fanout.rs`), before the next record, so each
+    /// connection still gets records in order.
     pub fn deliver(&self, routed: &Routed<'_>, frame: &Frame) -> Delivered {
         let mut tally = Tally::default();
         let tenant = routed.tenant.as_deref();
         let (rooms, event) = (&routed.rooms, &routed.event);
         let mut direct = |peer: &Peer| tally.add(peer.deliver(frame, routed.priority));
         let large_at = match self.fanout {
-            Some(_) => 2 * FANOUT_PART,
+            Some(_) => 2 * fanout::PART,
             None => usize::MAX,
         };
         let large = self
             .registry
             .reach(tenant, rooms, event, large_at, &mut direct);
-        let mut delivered = match (large, &self.fanout) {
-            (Some(members), Some(fanout)) => self.spread(fanout, members, routed, frame),
+        tally.count(&self.metrics);
+        match (large, &self.fanout) {
+            (Some(members), Some(fanout)) => {
+                let metrics = self.metrics.clone();
+                let priority = routed.priority;
+                Delivered(Some(Spread::start(
+                    fanout, members, frame, event, priority, metrics,
+                )))
+            }
             _ => Delivered::default(),
-        };
-        delivered.queued += tally.count(&self.metrics);
-        delivered
-    }
-
-    fn spread(
-        &self,
-        fanout: &Fanout,
-        members: Members<Peer>,
-        routed: &Routed<'_>,
-        frame: &Frame,
-    ) -> Delivered {
-        let parts = members.len().div_ceil(FANOUT_PART).min(fanout.parts);
-        let per_part = members.len().div_ceil(parts);
-        let (done, finished) = std::sync::mpsc::channel();
-        for part in 1..parts {
-            let range = part * per_part..((part + 1) * per_part).min(members.len());
-            let (members, frame, done) = (members.clone(), frame.clone(), done.clone());
-            let (event, priority) = (routed.event.to_string(), routed.priority);
-            let metrics = self.metrics.clone();
-            fanout.runtime.spawn(async move {
-                let mut tally = Tally::default();
-                members.for_each_in(range, &event, |p| tally.add(p.deliver(&frame, priority)));
-                let _ = done.send(tally.count(&metrics));
-            });
-        }
-        drop(done);
-        let mut tally = Tally::default();
-        members.for_each_in(0..per_part, &routed.event, |p| {
-            tally.add(p.deliver(frame, routed.priority))
-        });
-        Delivered {
-            queued: tally.count(&self.metrics),
-            parts: Some(finished),
         }
     }
 
