@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext};
@@ -91,7 +91,7 @@ impl RateLimitedLog {
 }
 
 pub struct KafkaConsumer {
-    consumer: BaseConsumer<Context>,
+    consumer: Arc<BaseConsumer<Context>>,
     routes: Arc<HashMap<String, Route>>,
     /// `records_consumed` per routed topic, looked up once rather than per record.
     consumed: HashMap<String, prometheus::IntCounter>,
@@ -130,7 +130,7 @@ impl KafkaConsumer {
             .collect();
         info!(group = %group, "kafka consumer created");
         Ok(KafkaConsumer {
-            consumer,
+            consumer: Arc::new(consumer),
             routes,
             consumed,
             partitions: hub.partitions.clone(),
@@ -148,24 +148,20 @@ impl KafkaConsumer {
     /// Consumes until `stop` turns true, then commits what was handed out. Blocking: run it on
     /// a thread of its own.
     pub fn run(self, stop: watch::Receiver<bool>) {
-        let mut next_refresh = Instant::now();
+        let found = self.start_discovery(stop.clone());
         let mut next_watermark = Instant::now() + self.positions_every;
         let mut last_positions = Default::default();
         let mut now = Instant::now();
         while !*stop.borrow() {
-            if now >= next_refresh {
-                self.discover();
-                next_refresh = Instant::now() + self.refresh;
+            while let Ok(new) = found.try_recv() {
+                self.assign(new);
             }
             if now >= next_watermark {
                 self.hub.broadcast_positions(&mut last_positions);
                 self.store_offsets();
                 next_watermark = Instant::now() + self.positions_every;
             }
-            let wait = next_refresh
-                .min(next_watermark)
-                .saturating_duration_since(now)
-                .min(POLL_MAX);
+            let wait = next_watermark.saturating_duration_since(now).min(POLL_MAX);
             let message = self.consumer.poll(wait);
             // The one clock read per record: timers, the buffer's age and eviction use it.
             now = Instant::now();
@@ -182,26 +178,46 @@ impl KafkaConsumer {
         self.close();
     }
 
-    /// Assigns partitions of routed topics that are not yet assigned.
-    fn discover(&self) {
+    /// Looks for partitions not yet assigned on a thread of its own, now and then every
+    /// refresh interval: a metadata round trip to a busy broker can take a good part of a
+    /// second, and the loop would stop delivering meanwhile.
+    fn start_discovery(&self, stop: watch::Receiver<bool>) -> mpsc::Receiver<Vec<NewPartition>> {
+        let (found, receiver) = mpsc::channel();
+        let consumer = self.consumer.clone();
         let topics: Vec<String> = self.routes.keys().cloned().collect();
-        let initial = !self.discovered.load(Ordering::Acquire);
-        let found = new_partitions(
-            &self.consumer,
-            &topics,
-            &self.partitions,
-            initial,
-            self.warm_window,
-        );
-        let new = match found {
-            Ok(new) => new,
-            Err(e) => {
-                if let Some(skipped) = self.error_log.admit() {
-                    warn!(error = %e, skipped, "kafka metadata unavailable");
+        let partitions = self.partitions.clone();
+        let (refresh, window) = (self.refresh, self.warm_window);
+        let spawned = std::thread::Builder::new()
+            .name("kafka-discovery".into())
+            .spawn(move || {
+                let error_log = RateLimitedLog::new(Duration::from_secs(5));
+                let mut initial = true;
+                while !*stop.borrow() {
+                    match new_partitions(&consumer, &topics, &partitions, initial, window) {
+                        Ok(new) => {
+                            initial = false;
+                            if found.send(new).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            if let Some(skipped) = error_log.admit() {
+                                warn!(error = %e, skipped, "kafka metadata unavailable");
+                            }
+                        }
+                    }
+                    sleep_unless_stopped(refresh, &stop);
                 }
-                return;
-            }
-        };
+            });
+        if let Err(e) = spawned {
+            warn!(error = %e, "cannot start partition discovery");
+        }
+        receiver
+    }
+
+    /// Assigns what discovery found, leaving out what was assigned since it looked.
+    fn assign(&self, mut new: Vec<NewPartition>) {
+        new.retain(|p| !self.partitions.is_assigned(&p.topic, p.partition));
         if !new.is_empty() {
             let mut tpl = TopicPartitionList::new();
             for p in &new {
@@ -363,6 +379,18 @@ impl KafkaConsumer {
             Ok(Err(e)) => info!(error = %e, "no offsets committed"),
             Err(_) => warn!("kafka did not answer in time; exiting without a final commit"),
         }
+    }
+}
+
+/// Sleeps for `total`, waking early when `stop` turns true.
+fn sleep_unless_stopped(total: Duration, stop: &watch::Receiver<bool>) {
+    let until = Instant::now() + total;
+    while !*stop.borrow() {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(POLL_MAX));
     }
 }
 
