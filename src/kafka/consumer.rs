@@ -23,7 +23,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::position::PartitionTable;
+use crate::position::{PartitionTable, PositionMap};
 use crate::replay::Entry;
 use crate::route::{Record, Route};
 use crate::ws::protocol;
@@ -33,6 +33,9 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest the loop waits in librdkafka, so it sees the stop signal and its timers.
 const POLL_MAX: Duration = Duration::from_millis(100);
+/// Watermarks go to one slice of the connections per tick, so every connection gets one per
+/// interval without all writers waking at once.
+const POSITION_SLICES: u64 = 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
@@ -149,17 +152,24 @@ impl KafkaConsumer {
     /// a thread of its own.
     pub fn run(self, stop: watch::Receiver<bool>) {
         let found = self.start_discovery(stop.clone());
-        let mut next_watermark = Instant::now() + self.positions_every;
-        let mut last_positions = Default::default();
+        let mut next_watermark = Instant::now() + self.positions_every / POSITION_SLICES as u32;
+        let mut last_positions: Vec<PositionMap> =
+            vec![Default::default(); POSITION_SLICES as usize];
+        let mut slice = 0;
+        let tick = self.positions_every / POSITION_SLICES as u32;
         let mut now = Instant::now();
         while !*stop.borrow() {
             while let Ok(new) = found.try_recv() {
                 self.assign(new);
             }
             if now >= next_watermark {
-                self.hub.broadcast_positions(&mut last_positions);
-                self.store_offsets();
-                next_watermark = Instant::now() + self.positions_every;
+                let last = &mut last_positions[slice as usize];
+                self.hub.broadcast_positions(slice, POSITION_SLICES, last);
+                slice = (slice + 1) % POSITION_SLICES;
+                if slice == 0 {
+                    self.store_offsets();
+                }
+                next_watermark = Instant::now() + tick;
             }
             let wait = next_watermark.saturating_duration_since(now).min(POLL_MAX);
             let message = self.consumer.poll(wait);
