@@ -152,26 +152,16 @@ impl KafkaConsumer {
     /// a thread of its own.
     pub fn run(self, stop: watch::Receiver<bool>) {
         let found = self.start_discovery(stop.clone());
-        let mut next_watermark = Instant::now() + self.positions_every / POSITION_SLICES as u32;
-        let mut last_positions: Vec<PositionMap> =
-            vec![Default::default(); POSITION_SLICES as usize];
-        let mut slice = 0;
-        let tick = self.positions_every / POSITION_SLICES as u32;
+        let mut watermarks = Watermarks::new(self.positions_every);
         let mut now = Instant::now();
         while !*stop.borrow() {
             while let Ok(new) = found.try_recv() {
                 self.assign(new);
             }
-            if now >= next_watermark {
-                let last = &mut last_positions[slice as usize];
-                self.hub.broadcast_positions(slice, POSITION_SLICES, last);
-                slice = (slice + 1) % POSITION_SLICES;
-                if slice == 0 {
-                    self.store_offsets();
-                }
-                next_watermark = Instant::now() + tick;
+            if watermarks.send_due(now, &self.hub) {
+                self.store_offsets();
             }
-            let wait = next_watermark.saturating_duration_since(now).min(POLL_MAX);
+            let wait = watermarks.next.saturating_duration_since(now).min(POLL_MAX);
             let message = self.consumer.poll(wait);
             // The one clock read per record: timers, the buffer's age and eviction use it.
             now = Instant::now();
@@ -389,6 +379,39 @@ impl KafkaConsumer {
             Ok(Err(e)) => info!(error = %e, "no offsets committed"),
             Err(_) => warn!("kafka did not answer in time; exiting without a final commit"),
         }
+    }
+}
+
+/// When the next `positions` watermark is due, and for which slice of the connections.
+struct Watermarks {
+    tick: Duration,
+    next: Instant,
+    slice: u64,
+    /// What each slice was last sent.
+    last: Vec<PositionMap>,
+}
+
+impl Watermarks {
+    fn new(interval: Duration) -> Watermarks {
+        let tick = interval / POSITION_SLICES as u32;
+        Watermarks {
+            tick,
+            next: Instant::now() + tick,
+            slice: 0,
+            last: vec![PositionMap::default(); POSITION_SLICES as usize],
+        }
+    }
+
+    /// Sends the due slice its watermark; true when a whole round has just ended.
+    fn send_due(&mut self, now: Instant, hub: &Hub) -> bool {
+        if now < self.next {
+            return false;
+        }
+        let last = &mut self.last[self.slice as usize];
+        hub.broadcast_positions(self.slice, POSITION_SLICES, last);
+        self.slice = (self.slice + 1) % POSITION_SLICES;
+        self.next = Instant::now() + self.tick;
+        self.slice == 0
     }
 }
 
