@@ -73,6 +73,10 @@ pub struct WebSocketConfig {
     pub max_frame_bytes: usize,
     pub read_buffer_bytes: usize,
     pub write_buffer_bytes: usize,
+    /// The kernel's send buffer per connection (SO_SNDBUF); 0 leaves it to the kernel, which
+    /// lets a stalled client's socket take up to `net.ipv4.tcp_wmem`'s maximum (often 4 MB)
+    /// before the queue starts to fill and the 4008 close can come.
+    pub send_buffer_bytes: usize,
     /// Frames queued for one connection before it is closed as a slow consumer (4008).
     pub queue_frames: usize,
     /// Bytes queued for one connection before it is closed as a slow consumer (4008).
@@ -197,6 +201,7 @@ impl Default for WebSocketConfig {
             max_frame_bytes: 64 * 1024,
             read_buffer_bytes: 512,
             write_buffer_bytes: 16 * 1024,
+            send_buffer_bytes: 0,
             queue_frames: 1024,
             queue_bytes: 4 * 1024 * 1024,
             shed_low_priority_after: 256,

@@ -63,8 +63,9 @@ pub enum Error {
 /// and the usual 128 drops SYNs, leaving clients to wait for retransmits.
 const LISTEN_BACKLOG: u32 = 4096;
 
-/// Binds a listener and tells the address it got (the port may have been 0).
-fn bind(key: &str, value: &str) -> Result<(TcpListener, SocketAddr), Error> {
+/// Binds a listener and tells the address it got (the port may have been 0). A send buffer
+/// size set on the listener is inherited by every connection it accepts.
+fn bind(key: &str, value: &str, send_buffer: usize) -> Result<(TcpListener, SocketAddr), Error> {
     let addr = config::parse_addr(key, value)?;
     let bind_error = |source| Error::Bind { addr, source };
     let socket = if addr.is_ipv4() {
@@ -74,6 +75,10 @@ fn bind(key: &str, value: &str) -> Result<(TcpListener, SocketAddr), Error> {
     }
     .map_err(bind_error)?;
     socket.set_reuseaddr(true).map_err(bind_error)?;
+    if send_buffer > 0 {
+        let size = u32::try_from(send_buffer).unwrap_or(u32::MAX);
+        socket.set_send_buffer_size(size).map_err(bind_error)?;
+    }
     socket.bind(addr).map_err(bind_error)?;
     let listener = socket.listen(LISTEN_BACKLOG).map_err(bind_error)?;
     let local = listener.local_addr().map_err(bind_error)?;
@@ -96,8 +101,9 @@ pub async fn serve(
     let discovered = Arc::new(AtomicBool::new(false));
     let consumer = KafkaConsumer::new(&config, hub.clone(), discovered.clone())?;
 
-    let (public, public_addr) = bind("server.listen", &config.server.listen)?;
-    let (admin, admin_addr) = bind("server.admin_listen", &config.server.admin_listen)?;
+    let send_buffer = config.websocket.send_buffer_bytes;
+    let (public, public_addr) = bind("server.listen", &config.server.listen, send_buffer)?;
+    let (admin, admin_addr) = bind("server.admin_listen", &config.server.admin_listen, 0)?;
     info!(public = %public_addr, admin = %admin_addr, server = %config.server.name, "listening");
     if demo_token.is_some() {
         info!("demo page: http://{public_addr}/");

@@ -400,3 +400,49 @@ async fn positions_from_a_deleted_and_recreated_topic_get_resync() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+/// With the default buffers, a stalled socket takes megabytes into the kernel before the
+/// queue fills; `send_buffer_bytes` bounds that, so 1.5 MB is enough to close it with 4008.
+#[tokio::test]
+async fn a_send_buffer_limit_closes_a_stalled_client_sooner() {
+    let topic = unique("sndbuf");
+    create_topic(&topic, 1).await;
+    let extra = "[websocket]\nsend_buffer_bytes = 16384\nqueue_frames = 200\nshed_low_priority_after = 100\n";
+    let server = Server::start(&task_route(&topic), extra).await;
+    let mut fast = server.connect(&token("fast", &["task:*"])).await;
+    fast.join(&["task:stall"]).await;
+    let mut stalled = server.connect(&token("stalled", &["task:*"])).await;
+    stalled.join(&["task:stall"]).await;
+
+    let pad = "z".repeat(1000);
+    let total = 1500u64;
+    let p = Producer::new();
+    let producing = async {
+        for chunk in (0..total).collect::<Vec<_>>().chunks(100) {
+            let sends = chunk.iter().map(|&seq| {
+                let value = json!({"taskId": "stall", "userId": "nobody", "seq": seq, "pad": pad})
+                    .to_string();
+                let p = &p;
+                let topic = &topic;
+                async move { p.send(topic, value.as_bytes()).await }
+            });
+            futures_util::future::join_all(sends).await;
+            // Paced, so the reading client's own 200-frame queue never fills.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let (_, fast_got) = tokio::join!(producing, fast.events(total as usize));
+    assert_eq!(seqs(&fast_got), (0..total).collect::<Vec<_>>());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while server.metric("roomcast_slow_consumer_closes_total").await < 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "no 4008 close");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let code = loop {
+        match stalled.next_or_close().await {
+            Ok(_) => {}
+            Err(code) => break code,
+        }
+    };
+    assert_eq!(code, Some(4008));
+}
