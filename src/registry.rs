@@ -50,7 +50,7 @@ struct Room<P> {
     members: HashMap<ConnId, Member<P>>,
     /// The members as a list that other threads can share, built when a large room is fanned
     /// out and dropped on every change of membership.
-    listed: Mutex<Option<Members<P>>>,
+    listed: Mutex<Option<MemberList<P>>>,
 }
 
 impl<P> Default for Room<P> {
@@ -67,24 +67,20 @@ impl<P: Clone> Room<P> {
         *self.listed.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    fn listed(&self) -> Members<P> {
+    fn listed(&self) -> MemberList<P> {
         let mut listed = self.listed.lock().unwrap_or_else(|e| e.into_inner());
         listed
-            .get_or_insert_with(|| {
-                let list = self.members.iter().map(|(c, m)| (*c, m.clone())).collect();
-                Members {
-                    list,
-                    skip: Arc::default(),
-                }
-            })
+            .get_or_insert_with(|| self.members.iter().map(|(c, m)| (*c, m.clone())).collect())
             .clone()
     }
 }
 
+type MemberList<P> = Arc<[(ConnId, Member<P>)]>;
+
 /// A room's members at one moment, shared by the threads that fan a record out to them, and
 /// the connections to leave out because the record already reached them through another room.
 pub struct Members<P> {
-    list: Arc<[(ConnId, Member<P>)]>,
+    list: MemberList<P>,
     skip: Arc<HashSet<ConnId>>,
 }
 
@@ -221,7 +217,10 @@ impl<P: Clone> Registry<P> {
         if let [room] = rooms {
             let room = self.rooms.get(&room_key(tenant, room))?;
             if room.members.len() >= large_at {
-                return Some(room.listed());
+                return Some(Members {
+                    list: room.listed(),
+                    skip: Arc::default(),
+                });
             }
             for member in room.members.values().filter(|m| m.admits(event)) {
                 deliver(&member.peer);
@@ -250,7 +249,7 @@ impl<P: Clone> Registry<P> {
         let room = self.rooms.get(&keys[largest])?;
         if room.members.len() >= large_at {
             return Some(Members {
-                list: room.listed().list,
+                list: room.listed(),
                 skip: Arc::new(seen),
             });
         }

@@ -475,11 +475,7 @@ fn add_costs(r: &mut Value, a: &Snapshot, b: &Snapshot, rss_peak: Option<u64>, w
 }
 
 fn print(r: &Value) {
-    let ms = |v: &Value| {
-        v.as_f64()
-            .map(|u| format!("{:.1} ms", u / 1000.0))
-            .unwrap_or("-".into())
-    };
+    let ms = |v: &Value| crate::us_as_ms(v, 1);
     let w = &r["welcome_us"];
     eprintln!("== connect storm ({}) {}", r["target"], r["label"]);
     eprintln!(

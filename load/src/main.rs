@@ -361,6 +361,13 @@ fn metric_delta(a: &Samples, b: &Samples, name: &str) -> Option<f64> {
     Some(b.metrics.as_ref()?.get(name)? - a.metrics.as_ref()?.get(name).copied().unwrap_or(0.0))
 }
 
+/// A report's microseconds as milliseconds with `decimals` places, or `-` when absent.
+fn us_as_ms(v: &Value, decimals: usize) -> String {
+    v.as_f64()
+        .map(|u| format!("{:.*} ms", decimals, u / 1000.0))
+        .unwrap_or("-".into())
+}
+
 fn round(x: f64, digits: i32) -> f64 {
     let m = 10f64.powi(digits);
     (x * m).round() / m
@@ -818,11 +825,7 @@ fn print_fanout(r: &Value) {
     let c = &r["connections"];
     let d = &r["deliveries"];
     let l = &r["latency_us"];
-    let ms = |v: &Value| {
-        v.as_f64()
-            .map(|u| format!("{:.2} ms", u / 1000.0))
-            .unwrap_or("-".into())
-    };
+    let ms = |v: &Value| us_as_ms(v, 2);
     eprintln!("== {} ({}) {}", r["dist"], r["target"], r["label"]);
     eprintln!(
         "connections: {} open of {} ({} failed); {} rooms; {} records/s of {} bytes; fan-out {}",

@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
@@ -297,6 +298,11 @@ fn us(d: Duration) -> u64 {
 
 type Ws = WebSocketStream<TcpStream>;
 
+/// The code of a close frame; 1005 (no status) when it carried none.
+fn close_code(frame: Option<CloseFrame>) -> u16 {
+    frame.map_or(1005, |f| u16::from(f.code))
+}
+
 /// Reads until the peer ends the connection (so the close reply gets out), bounded.
 async fn finish_close(ws: &mut Ws) {
     let _ = timeout(CLOSE_READ, async {
@@ -371,7 +377,7 @@ async fn client_task(
                     c.on_text(t.as_str(), &board);
                 }
                 Some(Ok(Message::Close(f))) => {
-                    c.out.first_close = Some(f.map(|f| u16::from(f.code)).unwrap_or(1005));
+                    c.out.first_close = Some(close_code(f));
                     finish_close(&mut ws).await;
                     break;
                 }
@@ -482,7 +488,7 @@ async fn client_task(
                         }
                     }
                     Some(Ok(Message::Close(f))) => {
-                        c.out.second_close = Some(f.map(|f| u16::from(f.code)).unwrap_or(1005));
+                        c.out.second_close = Some(close_code(f));
                         finish_close(&mut ws).await;
                         break;
                     }
@@ -1092,11 +1098,7 @@ pub async fn run(args: &Args, spec: Spec) -> anyhow::Result<Value> {
 
 fn print(r: &Value) {
     let s = &r["storm"];
-    let ms = |v: &Value| {
-        v.as_f64()
-            .map(|u| format!("{:.0} ms", u / 1000.0))
-            .unwrap_or("-".into())
-    };
+    let ms = |v: &Value| crate::us_as_ms(v, 0);
     let dist = |name: &str| {
         let d = &s[name];
         format!(

@@ -170,16 +170,11 @@ impl Hub {
             .registry
             .reach(tenant, rooms, event, large_at, &mut direct);
         tally.count(&self.metrics);
-        match (large, &self.fanout) {
-            (Some(members), Some(fanout)) => {
-                let metrics = self.metrics.clone();
-                let priority = routed.priority;
-                Delivered(Some(Spread::start(
-                    fanout, members, frame, event, priority, metrics,
-                )))
-            }
-            _ => Delivered::default(),
-        }
+        let spread = large.zip(self.fanout.as_ref()).map(|(members, fanout)| {
+            let metrics = self.metrics.clone();
+            Spread::start(fanout, members, frame, event, routed.priority, metrics)
+        });
+        Delivered(spread)
     }
 
     /// Starts draining: no new connections, and every open one is closed with 1001 in paced

@@ -56,6 +56,16 @@ pub struct Limits {
     pub shed_low_after: usize,
 }
 
+impl From<&crate::config::WebSocketConfig> for Limits {
+    fn from(c: &crate::config::WebSocketConfig) -> Limits {
+        Limits {
+            frames: c.queue_frames,
+            bytes: c.queue_bytes,
+            shed_low_after: c.shed_low_priority_after,
+        }
+    }
+}
+
 struct Shared {
     queue: Mutex<VecDeque<Outgoing>>,
     /// Woken when the queue stops being empty.

@@ -67,13 +67,8 @@ where
     // the log subscriber for its whole life.
     let span = debug_span!("session", conn = id, user = %identity.user);
     let ws_cfg = &hub.config.websocket;
-    let limits = Limits {
-        frames: ws_cfg.queue_frames,
-        bytes: ws_cfg.queue_bytes,
-        shed_low_after: ws_cfg.shed_low_priority_after,
-    };
     let heartbeat = Duration::from_secs(ws_cfg.heartbeat_seconds);
-    let (peer, inbox) = Peer::new(limits);
+    let (peer, inbox) = Peer::new(Limits::from(ws_cfg));
     let (sink, stream) = ws.split();
     let mut session = Session {
         id,

@@ -258,23 +258,9 @@ async fn a_slow_client_is_closed_with_4008_and_its_resume_brings_back_everything
     let mut slow = Client::connect_small_buffer(&server.ws_url(), &grant).await;
     slow.join(&["task:shared"]).await;
 
-    let pad = "x".repeat(4000);
     let total = 5000u64;
-    let p = Producer::new();
     // Paced (about 2,500 records/s, 10 MB/s), so the fast client keeps up on a busy machine.
-    let producing = async {
-        for chunk in (0..total).collect::<Vec<_>>().chunks(100) {
-            let sends = chunk.iter().map(|&seq| {
-                let value = json!({"taskId": "shared", "userId": "nobody", "seq": seq, "pad": pad})
-                    .to_string();
-                let p = &p;
-                let topic = &topic;
-                async move { p.send(topic, value.as_bytes()).await }
-            });
-            futures_util::future::join_all(sends).await;
-            tokio::time::sleep(Duration::from_millis(40)).await;
-        }
-    };
+    let producing = produce_padded(&topic, "shared", total, 4000, Duration::from_millis(40));
     // The fast client gets every record, in order, while the slow one is not reading.
     let (_, fast_got) = tokio::join!(producing, fast.events(total as usize));
     assert_eq!(seqs(&fast_got), (0..total).collect::<Vec<_>>());
@@ -414,23 +400,9 @@ async fn a_send_buffer_limit_closes_a_stalled_client_sooner() {
     let mut stalled = server.connect(&token("stalled", &["task:*"])).await;
     stalled.join(&["task:stall"]).await;
 
-    let pad = "z".repeat(1000);
     let total = 1500u64;
-    let p = Producer::new();
-    let producing = async {
-        for chunk in (0..total).collect::<Vec<_>>().chunks(100) {
-            let sends = chunk.iter().map(|&seq| {
-                let value = json!({"taskId": "stall", "userId": "nobody", "seq": seq, "pad": pad})
-                    .to_string();
-                let p = &p;
-                let topic = &topic;
-                async move { p.send(topic, value.as_bytes()).await }
-            });
-            futures_util::future::join_all(sends).await;
-            // Paced, so the reading client's own 200-frame queue never fills.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+    // Paced, so the reading client's own 200-frame queue never fills.
+    let producing = produce_padded(&topic, "stall", total, 1000, Duration::from_millis(50));
     let (_, fast_got) = tokio::join!(producing, fast.events(total as usize));
     assert_eq!(seqs(&fast_got), (0..total).collect::<Vec<_>>());
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -445,4 +417,21 @@ async fn a_send_buffer_limit_closes_a_stalled_client_sooner() {
         }
     };
     assert_eq!(code, Some(4008));
+}
+
+/// Produces records `0..total` for task room `task`, each padded to about `pad` bytes, in
+/// batches of 100 with `pause` between them.
+async fn produce_padded(topic: &str, task: &str, total: u64, pad: usize, pause: Duration) {
+    let pad = "p".repeat(pad);
+    let p = Producer::new();
+    for chunk in (0..total).collect::<Vec<_>>().chunks(100) {
+        let sends = chunk.iter().map(|&seq| {
+            let value =
+                json!({"taskId": task, "userId": "nobody", "seq": seq, "pad": pad}).to_string();
+            let p = &p;
+            async move { p.send(topic, value.as_bytes()).await }
+        });
+        futures_util::future::join_all(sends).await;
+        tokio::time::sleep(pause).await;
+    }
 }
