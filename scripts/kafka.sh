@@ -18,6 +18,8 @@
 #   ROOMCAST_CACHE        cache root (default $HOME/.cache/roomcast)
 #   KAFKA_VERSION         Kafka version(s) to try, in order
 #   KAFKA_HEAP_OPTS       broker heap (default -Xms128m -Xmx512m)
+#   KAFKA_GC_OPTS         broker garbage collector (default G1, 20 ms pause goal)
+#   KAFKA_JVM_OPTS        more JVM options for the broker (default none)
 #   KAFKA_START_TIMEOUT   seconds to wait for the broker (default 90)
 set -euo pipefail
 shopt -s inherit_errexit
@@ -293,7 +295,8 @@ launch() {
   local detach=()
   command -v setsid >/dev/null && detach=(setsid)
   "${detach[@]}" java ${KAFKA_HEAP_OPTS:--Xms128m -Xmx512m} \
-    -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExplicitGCInvokesConcurrent \
+    ${KAFKA_GC_OPTS:--XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:+ExplicitGCInvokesConcurrent} \
+    ${KAFKA_JVM_OPTS:-} \
     -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$dir/log4j2.properties" \
     -Dlog4j2.shutdownHookEnabled=false \

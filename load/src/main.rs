@@ -14,6 +14,7 @@ mod backlog;
 mod client;
 mod connstorm;
 mod dist;
+mod kafkapath;
 mod procstat;
 mod producer;
 mod replaymem;
@@ -203,6 +204,11 @@ struct Args {
     /// Replay memory: buffer sizes (MiB, as the server accounts them) to sample at.
     #[arg(long, default_value = "16,32,64,128")]
     targets_mib: String,
+    /// Kafka path: no server and no connections; produce at --rate to --topic and consume it
+    /// with roomcast's consumer settings in this process, and report each record's age on
+    /// arrival (from its intended send time). Needs --brokers.
+    #[arg(long)]
+    kafka_path: bool,
 }
 
 impl Args {
@@ -385,6 +391,10 @@ async fn run(args: &Args) -> anyhow::Result<Value> {
     }
     if args.connect_storm {
         return connstorm::run(args).await;
+    }
+    if args.kafka_path {
+        let dist = Dist::parse(&args.dist).map_err(anyhow::Error::msg)?;
+        return kafkapath::run(args, dist).await;
     }
     if !(0.0..1.0).contains(&args.slow_fraction) {
         bail!("--slow-fraction must be at least 0 and below 1");

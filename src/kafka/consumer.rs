@@ -34,8 +34,11 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest the loop waits in librdkafka, so it sees the stop signal and its timers.
 const POLL_MAX: Duration = Duration::from_millis(100);
 /// Watermarks go to one slice of the connections per tick, so every connection gets one per
-/// interval without all writers waking at once.
-const POSITION_SLICES: u64 = 10;
+/// interval without all writers waking at once: a tick is about this long, so a slice is
+/// small enough that records arriving meanwhile barely wait behind its frames.
+const POSITION_TICK: Duration = Duration::from_millis(50);
+/// At most this many slices: each tick walks the whole session table to find its slice.
+const MAX_POSITION_SLICES: u64 = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
@@ -387,18 +390,22 @@ struct Watermarks {
     tick: Duration,
     next: Instant,
     slice: u64,
+    slices: u64,
     /// What each slice was last sent.
     last: Vec<PositionMap>,
 }
 
 impl Watermarks {
     fn new(interval: Duration) -> Watermarks {
-        let tick = interval / POSITION_SLICES as u32;
+        let slices = (interval.as_millis() / POSITION_TICK.as_millis()) as u64;
+        let slices = slices.clamp(1, MAX_POSITION_SLICES);
+        let tick = interval / slices as u32;
         Watermarks {
             tick,
             next: Instant::now() + tick,
             slice: 0,
-            last: vec![PositionMap::default(); POSITION_SLICES as usize],
+            slices,
+            last: vec![PositionMap::default(); slices as usize],
         }
     }
 
@@ -408,8 +415,8 @@ impl Watermarks {
             return false;
         }
         let last = &mut self.last[self.slice as usize];
-        hub.broadcast_positions(self.slice, POSITION_SLICES, last);
-        self.slice = (self.slice + 1) % POSITION_SLICES;
+        hub.broadcast_positions(self.slice, self.slices, last);
+        self.slice = (self.slice + 1) % self.slices;
         self.next = Instant::now() + self.tick;
         self.slice == 0
     }

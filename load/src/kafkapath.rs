@@ -1,0 +1,182 @@
+//! The Kafka path on its own (`--kafka-path`): the same open-loop producer as every other mode,
+//! and a consumer configured as roomcast's, in one process with no WebSocket anywhere. The age
+//! of each record when the consumer gets it, measured from its intended send time, is the part
+//! of an end-to-end latency that no fan-out server can remove on this machine: a floor for the
+//! Kafka half of the trip, next to roomcast-floor for the WebSocket half.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::{json, Value};
+
+use crate::client::{now_us, number_after};
+use crate::dist::Dist;
+use crate::producer::{self, Counters, Schedule};
+use crate::{procstat, round, Args};
+
+/// Runs the probe against `--brokers`/`--topic` for `--warmup` + `--duration` seconds.
+pub async fn run(args: &Args, dist: Dist) -> anyhow::Result<Value> {
+    let brokers = args
+        .brokers
+        .clone()
+        .context("--kafka-path needs --brokers")?;
+    let topic = args.topic.clone();
+    let consumer = consumer(&brokers, &topic)?;
+    let rooms = dist.rooms(args.connections.max(1));
+    let counters = Arc::new(Counters::new(rooms));
+    let mut sink = producer::kafka_sink(&brokers, &topic, args.linger_ms, &counters)?;
+    // Let the producer and the consumer connect before the clock starts.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start = Instant::now() + Duration::from_millis(200);
+    let start_us = now_us() + 200_000;
+    let schedule = Schedule {
+        dist,
+        rooms,
+        rate: args.rate,
+        total: ((args.warmup + args.duration) * args.rate) as u64,
+        start,
+        start_us,
+        payload_bytes: args.payload_bytes,
+        stop: None,
+    };
+    let expected = schedule.total;
+    let warmup_us = (args.warmup * 1e6) as u64 + schedule.start_us;
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let done = done.clone();
+        let drain = Duration::from_secs_f64(args.drain);
+        std::thread::spawn(move || read(&consumer, expected, warmup_us, &done, drain))
+    };
+    let broker0 = args
+        .broker_pid
+        .and_then(|p| procstat::sample(&p.to_string()));
+    let self0 = procstat::sample("self");
+    let producer_counters = counters.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        producer::run(&mut sink, &schedule, &producer_counters)
+    })
+    .await?;
+    let wall = outcome.elapsed.as_secs_f64();
+    let broker1 = args
+        .broker_pid
+        .and_then(|p| procstat::sample(&p.to_string()));
+    let self1 = procstat::sample("self");
+    done.store(true, Ordering::Relaxed);
+    let got = tokio::task::spawn_blocking(move || reader.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the reader panicked"))?;
+    let cores = |a: Option<procstat::ProcSample>, b: Option<procstat::ProcSample>| {
+        a.zip(b)
+            .map(|(a, b)| round((b.cpu_s - a.cpu_s) / wall.max(1e-9), 3))
+    };
+    Ok(json!({
+        "tool": "roomcast-load",
+        "mode": "kafka-path",
+        "label": args.label,
+        "rate": args.rate,
+        "linger_ms": args.linger_ms,
+        "payload_bytes": args.payload_bytes,
+        "warmup_s": args.warmup,
+        "duration_s": args.duration,
+        "records": {
+            "attempted": outcome.attempted,
+            "refused": outcome.refused,
+            "received": got.received,
+            "max_send_delay_us": outcome.max_send_delay_us,
+        },
+        "age_us": quantiles(&got.age),
+        "created_after_intended_ms": quantiles(&got.created),
+        "broker_cpu_cores": cores(broker0, broker1),
+        "probe_cpu_cores": cores(self0, self1),
+    }))
+}
+
+/// A consumer with the librdkafka settings roomcast's consumer uses (src/kafka/mod.rs),
+/// assigned to every partition of `topic` from its end.
+fn consumer(brokers: &str, topic: &str) -> anyhow::Result<BaseConsumer> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "roomcast-load-kafka-path")
+        .set("enable.auto.commit", "false")
+        .set("queued.max.messages.kbytes", "8192")
+        .set("fetch.queue.backoff.ms", "10")
+        .set("fetch.wait.max.ms", "100")
+        .set("enable.partition.eof", "false")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut tpl = TopicPartitionList::new();
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            tpl.add_partition_offset(topic, p.id(), Offset::End)?;
+        }
+    }
+    anyhow::ensure!(tpl.count() > 0, "topic {topic} has no partitions");
+    consumer.assign(&tpl)?;
+    Ok(consumer)
+}
+
+struct Got {
+    received: u64,
+    /// Intended send time to the consumer's hand, µs.
+    age: Histogram<u64>,
+    /// Intended send time to the record's CreateTime (set by the producer as it takes the
+    /// record), ms: the producer's own share.
+    created: Histogram<u64>,
+}
+
+fn read(
+    consumer: &BaseConsumer,
+    expected: u64,
+    warmup_us: u64,
+    done: &AtomicBool,
+    drain: Duration,
+) -> Got {
+    let mut got = Got {
+        received: 0,
+        age: Histogram::new(3).expect("histogram"),
+        created: Histogram::new(3).expect("histogram"),
+    };
+    let mut drained_at: Option<Instant> = None;
+    while got.received < expected {
+        if done.load(Ordering::Relaxed) {
+            let since = *drained_at.get_or_insert_with(Instant::now);
+            if since.elapsed() > drain {
+                break;
+            }
+        }
+        let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let now = now_us();
+        got.received += 1;
+        let Some(sent) = m.payload().and_then(|p| number_after(p, b"\"sent_us\":")) else {
+            continue;
+        };
+        if sent < warmup_us {
+            continue;
+        }
+        let _ = got.age.record(now.saturating_sub(sent));
+        if let Some(ts) = m.timestamp().to_millis() {
+            let _ = got.created.record((ts as u64).saturating_sub(sent / 1000));
+        }
+    }
+    got
+}
+
+fn quantiles(h: &Histogram<u64>) -> Value {
+    json!({
+        "count": h.len(),
+        "p50": h.value_at_quantile(0.5),
+        "p90": h.value_at_quantile(0.9),
+        "p99": h.value_at_quantile(0.99),
+        "p999": h.value_at_quantile(0.999),
+        "max": h.max(),
+    })
+}
