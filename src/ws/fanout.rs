@@ -115,7 +115,7 @@ impl Spread {
         while let Some(range) = self.claim() {
             let mut tally = Tally::default();
             self.members.for_each_in(range, &self.event, |peer| {
-                tally.add(peer.deliver(&self.frame, self.priority))
+                tally.add(peer.enqueue(&self.frame, self.priority))
             });
             tally.count(&self.metrics);
             let mut state = self.lock();
@@ -160,7 +160,7 @@ mod tests {
         let registry = Registry::new();
         let mut inboxes = Vec::new();
         for conn in 0..3000 {
-            let (peer, inbox) = Peer::new(limits);
+            let (peer, inbox) = Peer::new(limits, None);
             registry.join(conn, None, "big", &peer, None);
             inboxes.push(inbox);
         }

@@ -11,14 +11,13 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
+use hyper_util::server::conn::auto::upgrade::downcast;
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, warn};
 
 use super::protocol::SUBPROTOCOL;
 use super::{session, Hub};
-use crate::config;
 
 /// A refused upgrade: status, bounded reason (for metrics) and the short body.
 #[derive(Debug, PartialEq, Eq)]
@@ -58,21 +57,29 @@ pub async fn upgrade(State(hub): State<Arc<Hub>>, mut req: Request) -> Response 
         return refusal.into_response();
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let ws_config = websocket_config(&hub.config.websocket);
     let identity = accepted.identity;
     let resume = query_flag(req.uri().query(), "resume");
     let session_hub = hub.clone();
     tokio::spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let io = TokioIo::new(upgraded);
-                let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config)).await;
-                // A task of its own, so what the upgrade needed is freed rather than kept
-                // in the session's state for the connection's whole life.
-                tokio::spawn(session::run(session_hub, ws, identity, permit, resume));
-            }
-            Err(e) => warn!(error = %e, "upgrade failed"),
-        }
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => return warn!(error = %e, "upgrade failed"),
+        };
+        // The session owns the TCP stream itself: it does its own framing (see wire.rs).
+        let Ok(parts) = downcast::<TokioIo<TcpStream>>(upgraded) else {
+            return warn!("upgraded connection is not a TCP stream");
+        };
+        let stream = parts.io.into_inner();
+        // A task of its own, so what the upgrade needed is freed rather than kept in the
+        // session's state for the connection's whole life.
+        tokio::spawn(session::run(
+            session_hub,
+            stream,
+            parts.read_buf,
+            identity,
+            permit,
+            resume,
+        ));
     });
     let mut response = Response::new(Body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -195,18 +202,6 @@ fn query_flag(query: Option<&str>, name: &str) -> bool {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         key == name && matches!(value, "" | "1" | "true")
     })
-}
-
-/// Every tungstenite limit, set explicitly: its defaults (64 MiB messages, 128 KiB buffers,
-/// an unbounded write buffer) are meant for trusted peers.
-pub fn websocket_config(c: &config::WebSocketConfig) -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(c.read_buffer_bytes)
-        .write_buffer_size(c.write_buffer_bytes)
-        .max_write_buffer_size(c.write_buffer_bytes + c.queue_bytes + c.max_message_bytes)
-        .max_message_size(Some(c.max_message_bytes))
-        .max_frame_size(Some(c.max_frame_bytes))
-        .accept_unmasked_frames(false)
 }
 
 #[cfg(test)]

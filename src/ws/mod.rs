@@ -6,6 +6,7 @@ pub mod handshake;
 pub mod outbox;
 pub mod protocol;
 pub mod session;
+pub mod wire;
 pub mod writer;
 
 use std::collections::HashMap;
@@ -27,6 +28,11 @@ use crate::route::{Priority, Route, Routed};
 use fanout::{Fanout, Spread, Tally};
 use outbox::Peer;
 use protocol::{close, Frame};
+
+/// Recipients per record whose frame may be written by the consumer itself when their
+/// connection is quiet: a send costs it a few microseconds, against a task wake-up, a
+/// context switch and the send for a writer.
+const DIRECT_WRITES: usize = 64;
 
 /// One record's deliveries, of which a large room's parts may still be to do.
 #[must_use = "finish the record's fan-out before delivering the next record"]
@@ -161,7 +167,18 @@ impl Hub {
         let mut tally = Tally::default();
         let tenant = routed.tenant.as_deref();
         let (rooms, event) = (&routed.rooms, &routed.event);
-        let mut direct = |peer: &Peer| tally.add(peer.deliver(frame, routed.priority));
+        // The first few recipients of a record may get it written straight away; past that,
+        // frames are queued, so a larger fan-out is written in batches by the writers.
+        let mut budget = DIRECT_WRITES;
+        let mut direct = |peer: &Peer| {
+            let delivery = if budget > 0 {
+                budget -= 1;
+                peer.deliver(frame, routed.priority)
+            } else {
+                peer.enqueue(frame, routed.priority)
+            };
+            tally.add(delivery)
+        };
         let large_at = match self.fanout {
             Some(_) => 2 * fanout::PART,
             None => usize::MAX,

@@ -1,8 +1,12 @@
-//! The outbox: one connection's bounded queue of frames, and its close signal.
+//! The outbox: one connection's bounded queue of frames, its close signal, and its socket's
+//! write side.
 //!
 //! The consumer and the session's reader put frames in with [`Peer::deliver`], which never
-//! waits: a full queue closes the connection with 4008 instead of slowing anyone down. The
-//! session's writer is the only reader of the queue and takes everything queued at once.
+//! waits: a full queue closes the connection with 4008 instead of slowing anyone down. When
+//! nothing is queued and the writer is not in the middle of a write, `deliver` writes the
+//! frame to the socket itself, without blocking: a frame for one quiet connection then costs
+//! one send and no task wake-up. Anything the socket does not take at once is queued, and the
+//! session's writer, the only reader of the queue, sends everything queued in one write.
 //!
 //! The queue is a plain deque under a mutex rather than a channel: an idle connection then
 //! holds no preallocated slots (a channel allocates its first block of 32 up front), and the
@@ -12,6 +16,8 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use bytes::Bytes;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
 use super::protocol::{close, Frame};
@@ -25,9 +31,21 @@ const KEEP_SLOTS: usize = 32;
 /// What the writer takes from the queue.
 pub enum Outgoing {
     Frame(Frame),
+    /// Bytes ready for the wire: the rest of a frame the socket took only part of, or a pong.
+    Wire(Bytes),
     /// Replay what the connection missed, right here in the stream: everything queued after
     /// this item is newer than the plan's cut.
     Resume(Box<ResumePlan>),
+}
+
+impl Outgoing {
+    fn wire_len(&self) -> usize {
+        match self {
+            Outgoing::Frame(f) => f.len(),
+            Outgoing::Wire(b) => b.len(),
+            Outgoing::Resume(_) => 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +58,7 @@ pub struct CloseRequest {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Delivery {
+    /// Queued, or already written to the socket.
     Queued,
     /// Low priority, and the queue is past its soft limit.
     Shed,
@@ -66,8 +85,16 @@ impl From<&crate::config::WebSocketConfig> for Limits {
     }
 }
 
+struct Queue {
+    items: VecDeque<Outgoing>,
+    /// The writer holds a batch it has not finished writing: nobody else writes meanwhile.
+    writing: bool,
+}
+
 struct Shared {
-    queue: Mutex<VecDeque<Outgoing>>,
+    queue: Mutex<Queue>,
+    /// The socket, for writes straight from `deliver`; None in tests without one.
+    socket: Option<Arc<OwnedWriteHalf>>,
     /// Woken when the queue stops being empty.
     ready: Notify,
     /// Receives position watermarks (false while a resume is pending).
@@ -96,9 +123,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Peer {
-    pub fn new(limits: Limits) -> (Peer, Inbox) {
+    pub fn new(limits: Limits, socket: Option<Arc<OwnedWriteHalf>>) -> (Peer, Inbox) {
         let peer = Peer(Arc::new(Shared {
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(Queue {
+                items: VecDeque::new(),
+                writing: false,
+            }),
+            socket,
             ready: Notify::new(),
             live: AtomicBool::new(false),
             closing: AtomicBool::new(false),
@@ -114,18 +145,44 @@ impl Peer {
         (peer, inbox)
     }
 
-    /// Queues a frame without waiting.
+    /// Hands a frame over without waiting: written now if the connection is quiet, else
+    /// queued for its writer.
     pub fn deliver(&self, frame: &Frame, priority: Priority) -> Delivery {
+        self.put(frame, priority, true)
+    }
+
+    /// Queues a frame for the writer, never writing it here: for fan-out to many connections,
+    /// where batching in the writers costs less than one send per frame.
+    pub fn enqueue(&self, frame: &Frame, priority: Priority) -> Delivery {
+        self.put(frame, priority, false)
+    }
+
+    fn put(&self, frame: &Frame, priority: Priority, write_now: bool) -> Delivery {
         let s = &*self.0;
         if s.closing.load(Ordering::Acquire) {
             return Delivery::Closed;
         }
         let queue = lock(&s.queue);
-        if priority == Priority::Low && queue.len() >= s.limits.shed_low_after {
+        if priority == Priority::Low && queue.items.len() >= s.limits.shed_low_after {
             return Delivery::Shed;
         }
+        let quiet = queue.items.is_empty() && !queue.writing;
+        if let (true, true, Some(socket)) = (write_now, quiet, &s.socket) {
+            // Under the queue's lock: the writer cannot start a write in between.
+            match socket.try_write(frame.wire()) {
+                Ok(n) if n == frame.len() => return Delivery::Queued,
+                Ok(n) if n > 0 => {
+                    let rest = frame.wire().slice(n..);
+                    s.queued_bytes.fetch_add(rest.len(), Ordering::AcqRel);
+                    self.push(queue, Outgoing::Wire(rest));
+                    return Delivery::Queued;
+                }
+                // Full, or broken: the writer waits for room, or meets the error.
+                _ => {}
+            }
+        }
         let len = frame.len();
-        let full = queue.len() >= s.limits.frames
+        let full = queue.items.len() >= s.limits.frames
             || s.queued_bytes.load(Ordering::Acquire) + len > s.limits.bytes;
         if full {
             drop(queue);
@@ -136,13 +193,29 @@ impl Peer {
         Delivery::Queued
     }
 
-    fn push(&self, mut queue: MutexGuard<'_, VecDeque<Outgoing>>, item: Outgoing) {
-        let was_empty = queue.is_empty();
-        queue.push_back(item);
+    fn push(&self, mut queue: MutexGuard<'_, Queue>, item: Outgoing) {
+        let was_empty = queue.items.is_empty();
+        queue.items.push_back(item);
         drop(queue);
         if was_empty {
             self.0.ready.notify_one();
         }
+    }
+
+    /// Queues the answer to a client's ping, in order with everything else.
+    pub fn pong(&self, payload: &[u8]) {
+        if self.0.closing.load(Ordering::Acquire) {
+            return;
+        }
+        let queue = lock(&self.0.queue);
+        if queue.items.len() >= self.0.limits.frames {
+            drop(queue);
+            self.overflow();
+            return;
+        }
+        let pong = super::wire::pong(payload);
+        self.0.queued_bytes.fetch_add(pong.len(), Ordering::AcqRel);
+        self.push(queue, Outgoing::Wire(pong));
     }
 
     /// Queues a reply to the client (ok, error, pong), in order with events.
@@ -153,7 +226,7 @@ impl Peer {
     /// Queues a replay at this point of the stream.
     pub fn resume(&self, plan: ResumePlan) {
         let queue = lock(&self.0.queue);
-        if queue.len() >= self.0.limits.frames {
+        if queue.items.len() >= self.0.limits.frames {
             drop(queue);
             self.overflow();
             return;
@@ -213,15 +286,11 @@ impl Peer {
         }
         signal.await;
     }
-
-    /// Called by the writer once frames have left.
-    pub fn sent(&self, bytes: usize) {
-        self.0.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
-    }
 }
 
 impl Inbox {
-    /// Waits until something is queued and takes all of it, oldest first.
+    /// Waits until something is queued and takes all of it, oldest first. The writer owns the
+    /// socket until it calls [`Inbox::written`].
     pub async fn next_batch(&mut self) -> &mut VecDeque<Outgoing> {
         loop {
             if self.take() {
@@ -231,10 +300,28 @@ impl Inbox {
         }
     }
 
-    /// Takes whatever is queued, without waiting.
+    /// Takes whatever is queued, without waiting, and the socket with it (for a ping or the
+    /// close frame, which must not cut into a frame written from `deliver`).
     pub fn take_queued(&mut self) -> &mut VecDeque<Outgoing> {
         self.take();
+        lock(&self.peer.0.queue).writing = true;
         &mut self.batch
+    }
+
+    /// What the last `next_batch` or `take_queued` took.
+    pub fn batch(&self) -> &VecDeque<Outgoing> {
+        &self.batch
+    }
+
+    /// The batch has left: `deliver` may write again, unless more was queued meanwhile.
+    pub fn written(&mut self) {
+        let bytes: usize = self.batch.iter().map(Outgoing::wire_len).sum();
+        self.batch.clear();
+        self.peer.0.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        let mut queue = lock(&self.peer.0.queue);
+        if queue.items.is_empty() {
+            queue.writing = false;
+        }
     }
 
     fn take(&mut self) -> bool {
@@ -242,7 +329,11 @@ impl Inbox {
             self.batch = VecDeque::new();
         }
         self.batch.clear();
-        std::mem::swap(&mut self.batch, &mut *lock(&self.peer.0.queue));
+        let mut queue = lock(&self.peer.0.queue);
+        std::mem::swap(&mut self.batch, &mut queue.items);
+        if !self.batch.is_empty() {
+            queue.writing = true;
+        }
         !self.batch.is_empty()
     }
 }
@@ -250,7 +341,7 @@ impl Inbox {
 impl Drop for Inbox {
     fn drop(&mut self) {
         self.peer.0.closing.store(true, Ordering::Release);
-        lock(&self.peer.0.queue).clear();
+        lock(&self.peer.0.queue).items.clear();
     }
 }
 
@@ -268,7 +359,7 @@ mod tests {
 
     #[test]
     fn full_queue_closes_with_4008_and_sheds_low_first() {
-        let (peer, mut inbox) = Peer::new(limits());
+        let (peer, mut inbox) = Peer::new(limits(), None);
         let f = Frame::from("0123456789");
         assert_eq!(peer.deliver(&f, Priority::Low), Delivery::Queued);
         assert_eq!(peer.deliver(&f, Priority::Normal), Delivery::Queued);
@@ -285,7 +376,7 @@ mod tests {
 
     #[test]
     fn byte_limit_applies() {
-        let (peer, _inbox) = Peer::new(limits());
+        let (peer, _inbox) = Peer::new(limits(), None);
         let big = Frame::from("x".repeat(60));
         assert_eq!(peer.deliver(&big, Priority::Normal), Delivery::Queued);
         assert_eq!(peer.deliver(&big, Priority::Normal), Delivery::Overflow);
@@ -293,7 +384,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_writer_is_woken_for_a_frame_and_for_a_close() {
-        let (peer, mut inbox) = Peer::new(limits());
+        let (peer, mut inbox) = Peer::new(limits(), None);
         let writer = tokio::spawn(async move {
             let n = inbox.next_batch().await.len();
             inbox.peer.closed().await;
@@ -315,7 +406,7 @@ mod tests {
 
     #[test]
     fn first_close_wins() {
-        let (peer, _inbox) = Peer::new(limits());
+        let (peer, _inbox) = Peer::new(limits(), None);
         assert!(peer.close(close::GOING_AWAY, "drain", true));
         assert!(!peer.close(close::SLOW_CONSUMER, "slow", false));
         assert_eq!(peer.close_request().unwrap().code, close::GOING_AWAY);

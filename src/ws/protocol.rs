@@ -6,22 +6,21 @@
 
 use std::collections::BTreeMap;
 
+use crate::route::Routed;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Utf8Bytes;
-
-use crate::route::Routed;
 
 pub const PROTOCOL_VERSION: u32 = 1;
 pub const SUBPROTOCOL: &str = "roomcast.v1";
 
-/// One encoded server frame, shared by every connection it goes to.
-pub type Frame = Utf8Bytes;
+/// One encoded server frame, WebSocket header included, shared by every connection it goes to.
+pub use super::wire::Frame;
 
 /// Close codes the server uses (DESIGN: wire protocol).
 pub mod close {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL: u16 = 1002;
     pub const UNSUPPORTED: u16 = 1003;
     pub const INVALID_PAYLOAD: u16 = 1007;
     pub const POLICY: u16 = 1008;
@@ -105,7 +104,9 @@ pub fn valid_room_name(room: &str) -> bool {
 pub fn event(routed: &Routed<'_>) -> Result<Frame, std::str::Utf8Error> {
     let payload = std::str::from_utf8(routed.payload)?.trim();
     let pos = &routed.position;
-    let mut out = String::with_capacity(payload.len() + routed.event.len() + pos.topic.len() + 96);
+    let mut out = Text(Frame::buffer(
+        payload.len() + routed.event.len() + pos.topic.len() + 96,
+    ));
     out.push_str("{\"type\":\"event\",\"event\":");
     push_json_string(&mut out, &routed.event);
     out.push_str(",\"pos\":");
@@ -134,18 +135,38 @@ pub fn event(routed: &Routed<'_>) -> Result<Frame, std::str::Utf8Error> {
     out.push_str(",\"payload\":");
     out.push_str(payload);
     out.push('}');
-    Ok(Frame::from(out))
+    Ok(Frame::from_buffer(out.0))
+}
+
+/// Text appended to a frame's buffer: only ever whole `&str`s and `char`s, so it stays UTF-8.
+struct Text(Vec<u8>);
+
+impl Text {
+    fn push_str(&mut self, s: &str) {
+        self.0.extend_from_slice(s.as_bytes());
+    }
+
+    fn push(&mut self, c: char) {
+        self.push_str(c.encode_utf8(&mut [0; 4]));
+    }
+}
+
+impl std::fmt::Write for Text {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.push_str(s);
+        Ok(())
+    }
 }
 
 /// Appends `s` as a JSON string literal.
-fn push_json_string(out: &mut String, s: &str) {
+fn push_json_string(out: &mut Text, s: &str) {
     out.push('"');
     push_escaped(out, s);
     out.push('"');
 }
 
 /// Appends `s` escaped for the inside of a JSON string.
-fn push_escaped(out: &mut String, s: &str) {
+fn push_escaped(out: &mut Text, s: &str) {
     use std::fmt::Write;
     for c in s.chars() {
         match c {
@@ -225,7 +246,9 @@ pub fn pong(id: &Option<Value>) -> Frame {
 }
 
 fn to_frame(v: Value) -> Frame {
-    Frame::from(v.to_string())
+    let mut buf = Frame::buffer(128);
+    serde_json::to_writer(&mut buf, &v).expect("a Value always serializes");
+    Frame::from_buffer(buf)
 }
 
 #[cfg(test)]
@@ -273,9 +296,9 @@ mod tests {
             "ctl\u{1}",
             "é✓",
         ] {
-            let mut out = String::new();
+            let mut out = Text(Vec::new());
             push_json_string(&mut out, s);
-            assert_eq!(serde_json::from_str::<String>(&out).unwrap(), s);
+            assert_eq!(serde_json::from_slice::<String>(&out.0).unwrap(), s);
         }
     }
 

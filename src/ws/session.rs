@@ -10,18 +10,17 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::stream::SplitStream;
-use futures_util::StreamExt;
+use bytes::{Bytes, BytesMut};
 use serde_json::Value;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{sleep_until, timeout, Instant};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, debug_span, Instrument};
 
 use super::outbox::{Limits, Peer};
 use super::protocol::{self, close, ClientFrame, Welcome};
+use super::wire::{Decoder, Incoming, WireError};
 use super::{writer, Hub};
 use crate::auth::{now_secs, Identity};
 use crate::pattern::{EventFilter, Pattern};
@@ -52,24 +51,30 @@ struct Session {
 /// Not an `async fn`: everything an async block captures stays in its state for the whole
 /// connection, even once moved out, so the socket and identity are split and placed before
 /// the block, which captures only small handles.
-pub fn run<S>(
+/// `early` holds whatever the client sent right behind its upgrade request.
+pub fn run(
     hub: Arc<Hub>,
-    ws: WebSocketStream<S>,
+    stream: TcpStream,
+    early: Bytes,
     identity: Identity,
     permit: OwnedSemaphorePermit,
     resume_requested: bool,
-) -> impl Future<Output = ()> + Send
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+) -> impl Future<Output = ()> + Send {
     let id = hub.next_connection_id();
     // At debug level only: an enabled span costs every connection a few hundred bytes in
     // the log subscriber for its whole life.
     let span = debug_span!("session", conn = id, user = %identity.user);
     let ws_cfg = &hub.config.websocket;
     let heartbeat = Duration::from_secs(ws_cfg.heartbeat_seconds);
-    let (peer, inbox) = Peer::new(Limits::from(ws_cfg));
-    let (sink, stream) = ws.split();
+    let (read, write) = stream.into_split();
+    let socket = Arc::new(write);
+    let (peer, inbox) = Peer::new(Limits::from(ws_cfg), Some(socket.clone()));
+    let reader = Reader {
+        read,
+        buf: BytesMut::from(&early[..]),
+        decoder: Decoder::new(ws_cfg.max_frame_bytes, ws_cfg.max_message_bytes),
+        chunk: ws_cfg.read_buffer_bytes.max(64),
+    };
     let mut session = Session {
         id,
         hub: hub.clone(),
@@ -82,14 +87,58 @@ where
     hub.metrics.connections.inc();
     hub.metrics.connections_opened.inc();
     span.in_scope(|| session.welcome(resume_requested));
-    let writer = writer::run(hub.clone(), sink, inbox, heartbeat).instrument(span.clone());
+    let writer = writer::run(hub.clone(), socket, inbox, heartbeat).instrument(span.clone());
     let writer = tokio::spawn(writer);
     async move {
         let _permit = permit;
-        session.read_loop(stream).await;
+        session.read_loop(reader).await;
         session.end(writer).await;
     }
     .instrument(span)
+}
+
+/// The socket's read side and the client messages in it.
+struct Reader {
+    read: OwnedReadHalf,
+    /// Bytes read but not yet decoded; empty, and holding no memory, between messages.
+    buf: BytesMut,
+    decoder: Decoder,
+    /// Bytes asked of the socket per read.
+    chunk: usize,
+}
+
+impl Reader {
+    /// The next message; None once the socket is closed or broken.
+    async fn next(&mut self) -> Option<Result<Incoming, WireError>> {
+        loop {
+            match self.decoder.decode(&mut self.buf) {
+                Ok(Some(message)) => {
+                    self.release();
+                    return Some(Ok(message));
+                }
+                Ok(None) => {}
+                Err(e) => return Some(Err(e)),
+            }
+            self.release();
+            // Waits with no buffer: an idle connection holds none.
+            if self.read.readable().await.is_err() {
+                return None;
+            }
+            self.buf.reserve(self.chunk);
+            match self.read.try_read_buf(&mut self.buf) {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    fn release(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 0 {
+            self.buf = BytesMut::new();
+        }
+    }
 }
 
 impl Session {
@@ -143,16 +192,13 @@ impl Session {
         hub.sessions.insert(self.id, self.peer.clone());
     }
 
-    async fn read_loop<S>(&mut self, mut stream: SplitStream<WebSocketStream<S>>)
-    where
-        S: AsyncRead + AsyncWrite + Unpin,
-    {
+    async fn read_loop(&mut self, mut reader: Reader) {
         let idle = Duration::from_secs(self.hub.config.websocket.idle_timeout_seconds);
         let mut silent_until = Instant::now() + idle;
         loop {
             let expiry = sleep_until(self.expiry_instant());
             tokio::select! {
-                next = timeout(silent_until - Instant::now(), stream.next()) => match next {
+                next = timeout(silent_until - Instant::now(), reader.next()) => match next {
                     Err(_) => {
                         self.peer.close(close::GOING_AWAY, "heartbeat timeout", false);
                         break;
@@ -176,9 +222,13 @@ impl Session {
                 _ = self.peer.closed() => break,
             }
         }
-        // Closing: keep reading so the peer's close reply (and pending pongs) get through.
+        // Closing: keep reading until the peer's close reply, so it is not met with a reset.
         let _ = timeout(CLOSE_GRACE, async {
-            while let Some(Ok(_)) = stream.next().await {}
+            while let Some(Ok(message)) = reader.next().await {
+                if matches!(message, Incoming::Close(_)) {
+                    break;
+                }
+            }
         })
         .await;
     }
@@ -188,33 +238,36 @@ impl Session {
         Instant::now() + Duration::from_secs(left.min(u32::MAX as u64))
     }
 
-    fn on_error(&self, e: WsError) {
+    fn on_error(&self, e: WireError) {
         let (code, reason) = match e {
-            WsError::Capacity(_) => (close::TOO_BIG, "message too big"),
-            WsError::Utf8(_) => (close::INVALID_PAYLOAD, "invalid UTF-8"),
-            WsError::Protocol(_) => (close::POLICY, "protocol error"),
-            _ => return,
+            WireError::TooBig => (close::TOO_BIG, "message too big"),
+            WireError::Utf8 => (close::INVALID_PAYLOAD, "invalid UTF-8"),
+            WireError::Protocol(_) => (close::PROTOCOL, "protocol error"),
         };
         self.reject("protocol");
         self.peer.close(code, reason, false);
     }
 
     /// Handles one client message; false when the connection must close.
-    fn on_message(&mut self, message: Message) -> bool {
+    fn on_message(&mut self, message: Incoming) -> bool {
         match message {
-            Message::Text(text) => match ClientFrame::parse(text.as_str()) {
+            Incoming::Text(text) => match ClientFrame::parse(&text) {
                 Ok(frame) => {
                     self.on_frame(frame);
                     true
                 }
                 Err(e) => self.bad_frame(&None, &format!("invalid frame: {e}")),
             },
-            Message::Binary(_) => self.bad_frame(&None, "binary frames are not supported"),
-            Message::Close(_) => {
+            Incoming::Binary => self.bad_frame(&None, "binary frames are not supported"),
+            Incoming::Close(_) => {
                 self.peer.close(close::NORMAL, "", true);
                 false
             }
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => true,
+            Incoming::Ping(payload) => {
+                self.peer.pong(&payload);
+                true
+            }
+            Incoming::Pong => true,
         }
     }
 

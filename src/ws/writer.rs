@@ -1,125 +1,122 @@
-//! The writer: the one task that writes to a connection's socket.
+//! The writer: the task that empties a connection's outbox into its socket.
 //!
-//! It drains the outbox, sending every frame queued at that moment in one write followed by
-//! one flush, pings on the heartbeat, carries out resumes where they stand in the stream, and
-//! finally sends the close frame.
+//! It sends everything queued at that moment in as few writes as the socket takes: one
+//! vectored write over the frames' shared bytes, with no copy and no buffer of its own. It
+//! pings on the heartbeat, carries out resumes where they stand in the stream, and finally
+//! sends the close frame. The only other writes to the socket are the ones `Peer::deliver`
+//! makes while the writer holds nothing (see outbox.rs).
 
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::stream::SplitSink;
-use futures_util::SinkExt;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::WebSocketStream;
 
-use std::collections::VecDeque;
-
-use super::outbox::{Inbox, Outgoing, Peer};
+use super::outbox::{Inbox, Outgoing};
 use super::protocol::{self, Frame};
-use super::Hub;
+use super::{wire, Hub};
 use crate::replay::{self, Replayed, ResumePlan};
 
 /// The close code recorded when the socket broke before a close frame could be sent.
 pub const ABNORMAL: u16 = 1006;
+/// Slices per vectored write.
+const SLICES: usize = 64;
 
-struct Writer<S> {
+struct Writer {
     hub: Arc<Hub>,
-    sink: SplitSink<WebSocketStream<S>, Message>,
-    peer: Peer,
+    socket: Arc<OwnedWriteHalf>,
+    /// At most this many bytes per write call.
+    max_write: usize,
+}
+
+enum Wake {
+    Close,
+    Batch,
+    Ping,
 }
 
 /// Runs until a close is requested (then sends the close frame and returns its code) or the
 /// socket breaks (returns 1006).
-pub async fn run<S>(
+pub async fn run(
     hub: Arc<Hub>,
-    sink: SplitSink<WebSocketStream<S>, Message>,
+    socket: Arc<OwnedWriteHalf>,
     mut inbox: Inbox,
     heartbeat: Duration,
-) -> u16
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut w = Writer {
+) -> u16 {
+    let peer = inbox.peer.clone();
+    let max_write = hub.config.websocket.write_buffer_bytes.max(1);
+    let w = Writer {
         hub,
-        sink,
-        peer: inbox.peer.clone(),
+        socket,
+        max_write,
     };
     let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     loop {
-        tokio::select! {
+        let wake = tokio::select! {
             biased;
-            _ = w.peer.closed() => break,
-            batch = inbox.next_batch() => {
-                if w.write(batch).await.is_err() {
-                    return ABNORMAL;
-                }
-            }
-            _ = ping.tick() => {
-                if w.sink.send(Message::Ping(Default::default())).await.is_err() {
-                    return ABNORMAL;
-                }
-            }
+            _ = peer.closed() => Wake::Close,
+            _ = inbox.next_batch() => Wake::Batch,
+            _ = ping.tick() => Wake::Ping,
+        };
+        let sent = match wake {
+            Wake::Close => break,
+            Wake::Batch => w.write(inbox.batch()).await,
+            Wake::Ping => match w.write(inbox.take_queued()).await {
+                Ok(()) => w.send(&[&wire::ping()]).await,
+                Err(e) => Err(e),
+            },
+        };
+        inbox.written();
+        if sent.is_err() {
+            return ABNORMAL;
         }
     }
-    let request = w.peer.close_request().expect("woken by a close request");
+    let request = peer.close_request().expect("woken by a close request");
+    let queued = inbox.take_queued();
     if request.flush {
-        let _ = w.write(inbox.take_queued()).await;
+        let _ = w.write(queued).await;
     }
-    let frame = CloseFrame {
-        code: CloseCode::from(request.code),
-        reason: request.reason.into(),
-    };
-    match w.sink.send(Message::Close(Some(frame))).await {
+    let frame = wire::close(request.code, request.reason);
+    match w.send(&[&frame]).await {
         Ok(()) => request.code,
         Err(_) => ABNORMAL,
     }
 }
 
-impl<S> Writer<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    async fn write(&mut self, items: &mut VecDeque<Outgoing>) -> Result<(), WsError> {
-        let mut bytes = 0;
-        for item in items.drain(..) {
+impl Writer {
+    /// Sends a batch in order; a resume's replay goes out where it stands.
+    async fn write(&self, items: &VecDeque<Outgoing>) -> io::Result<()> {
+        let mut run: Vec<&[u8]> = Vec::with_capacity(items.len());
+        for item in items {
             match item {
-                Outgoing::Frame(frame) => {
-                    bytes += frame.len();
-                    self.feed(frame).await?;
+                Outgoing::Frame(frame) => run.push(frame.wire()),
+                Outgoing::Wire(bytes) => run.push(bytes),
+                Outgoing::Resume(plan) => {
+                    self.send(&run).await?;
+                    run.clear();
+                    // Boxed: a replay's state is large, and every idle writer would carry it.
+                    Box::pin(self.replay(plan)).await?;
                 }
-                // Boxed: a replay's state is large, and every idle writer would carry it.
-                Outgoing::Resume(plan) => Box::pin(self.replay(*plan)).await?,
             }
         }
-        self.peer.sent(bytes);
-        self.sink.flush().await
-    }
-
-    async fn feed(&mut self, frame: Frame) -> Result<(), WsError> {
-        self.sink.feed(Message::Text(frame)).await
+        self.send(&run).await
     }
 
     /// Sends what the client missed, then the cut as a watermark, then the answer.
-    async fn replay(&mut self, plan: ResumePlan) -> Result<(), WsError> {
-        let hub = self.hub.clone();
-        let outcome = replay::gather(&hub.replay, &hub.kafka_replay, &plan).await;
-        let (count, source) = match outcome {
+    async fn replay(&self, plan: &ResumePlan) -> io::Result<()> {
+        let hub = &self.hub;
+        let outcome = replay::gather(&hub.replay, &hub.kafka_replay, plan).await;
+        let (mut frames, count, source) = match outcome {
             Replayed::Frames { frames, source } => {
                 let count = frames.len();
-                for frame in frames {
-                    self.feed(frame).await?;
-                }
-                (count, source.as_str())
+                (frames, count, source.as_str())
             }
             Replayed::Resync(reason) => {
                 let (conn, user) = (plan.conn, &plan.user);
                 tracing::info!(%reason, conn, %user, "resume answered with resync");
-                self.feed(protocol::resync(&reason)).await?;
-                (0, "resync")
+                (vec![protocol::resync(&reason)], 0, "resync")
             }
         };
         let m = &hub.metrics;
@@ -127,11 +124,56 @@ where
         m.replayed_records
             .with_label_values(&[source])
             .inc_by(count as u64);
-        self.feed(protocol::positions(&plan.cut)).await?;
+        frames.push(protocol::positions(&plan.cut));
         if let Some(id) = &plan.id {
-            self.feed(protocol::resumed(id, &plan.rooms, count, source))
-                .await?;
+            frames.push(protocol::resumed(id, &plan.rooms, count, source));
+        }
+        let chunks: Vec<&[u8]> = frames.iter().map(|f: &Frame| &f.wire()[..]).collect();
+        self.send(&chunks).await
+    }
+
+    /// Writes `chunks` in order, each call taking as many as fit in one vectored write.
+    async fn send(&self, chunks: &[&[u8]]) -> io::Result<()> {
+        let (mut next, mut offset) = (0, 0);
+        while next < chunks.len() {
+            self.socket.writable().await?;
+            let slices = self.slices(&chunks[next..], offset);
+            match self.socket.try_write_vectored(&slices) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(mut n) => {
+                    while n > 0 {
+                        let left = chunks[next].len() - offset;
+                        if n < left {
+                            offset += n;
+                            break;
+                        }
+                        n -= left;
+                        (next, offset) = (next + 1, 0);
+                    }
+                    // Empty chunks need no bytes to be done with.
+                    while next < chunks.len() && chunks[next].len() == offset {
+                        (next, offset) = (next + 1, 0);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
+    }
+
+    /// The next write's slices: the rest of the first chunk, then whole ones, within bounds.
+    fn slices<'a>(&self, chunks: &[&'a [u8]], offset: usize) -> Vec<IoSlice<'a>> {
+        let mut slices = Vec::with_capacity(chunks.len().min(SLICES));
+        let mut bytes = 0;
+        for (i, chunk) in chunks.iter().enumerate() {
+            let chunk = if i == 0 { &chunk[offset..] } else { chunk };
+            if i > 0 && (slices.len() == SLICES || bytes + chunk.len() > self.max_write) {
+                break;
+            }
+            bytes += chunk.len();
+            slices.push(IoSlice::new(chunk));
+        }
+        slices
     }
 }
