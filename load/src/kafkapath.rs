@@ -31,7 +31,7 @@ pub async fn run(args: &Args, dist: Dist) -> anyhow::Result<Value> {
     let consumer = consumer(&brokers, &topic)?;
     let rooms = dist.rooms(args.connections.max(1));
     let counters = Arc::new(Counters::new(rooms));
-    let mut sink = producer::kafka_sink(&brokers, &topic, args.linger_ms, &counters)?;
+    let mut sink = producer::kafka_sink(&brokers, &topic, &args.producer(), &counters)?;
     // Let the producer and the consumer connect before the clock starts.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let start = Instant::now() + Duration::from_millis(200);

@@ -78,6 +78,9 @@ struct Args {
     /// Producer linger.ms.
     #[arg(long, default_value_t = 0)]
     linger_ms: u32,
+    /// More librdkafka properties for the producer, KEY=VALUE (repeatable).
+    #[arg(long = "producer-set", value_parser = key_value)]
+    producer_set: Vec<(String, String)>,
     /// Only create the topic (with --partitions) and exit.
     #[arg(long)]
     create_topic: bool,
@@ -211,7 +214,21 @@ struct Args {
     kafka_path: bool,
 }
 
+/// Parses `KEY=VALUE`.
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
 impl Args {
+    /// The producer's librdkafka settings: linger.ms, then every --producer-set.
+    fn producer(&self) -> Vec<(String, String)> {
+        let mut settings = vec![("linger.ms".to_string(), self.linger_ms.to_string())];
+        settings.extend(self.producer_set.iter().cloned());
+        settings
+    }
+
     fn server_spec(&self) -> anyhow::Result<server::Spec> {
         Ok(server::Spec {
             bin: self
@@ -574,7 +591,7 @@ async fn run(args: &Args) -> anyhow::Result<Value> {
             Sink::Floor(BufWriter::with_capacity(256 * 1024, s))
         }
         (None, Some(brokers)) => {
-            producer::kafka_sink(brokers, &args.topic, args.linger_ms, &counters)?
+            producer::kafka_sink(brokers, &args.topic, &args.producer(), &counters)?
         }
         (None, None) => bail!("give --brokers (Kafka) or --floor-control (floor)"),
     };

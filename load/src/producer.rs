@@ -86,10 +86,11 @@ impl Counters {
     }
 }
 
+/// `settings`: librdkafka properties on top of the defaults below (see `Args::producer`).
 pub fn kafka_sink(
     brokers: &str,
     topic: &str,
-    linger_ms: u32,
+    settings: &[(String, String)],
     counters: &Counters,
 ) -> Result<Sink, KafkaError> {
     let ctx = Ctx {
@@ -97,12 +98,15 @@ pub fn kafka_sink(
         errors: counters.errors.clone(),
         lost_seqs: counters.lost_seqs.clone(),
     };
-    let producer: ThreadedProducer<Ctx> = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", brokers)
-        .set("linger.ms", linger_ms.to_string())
         .set("queue.buffering.max.messages", "1000000")
-        .set("message.timeout.ms", "30000")
-        .create_with_context(ctx)?;
+        .set("message.timeout.ms", "30000");
+    for (key, value) in settings {
+        config.set(key, value);
+    }
+    let producer: ThreadedProducer<Ctx> = config.create_with_context(ctx)?;
     Ok(Sink::Kafka {
         producer,
         topic: topic.to_string(),

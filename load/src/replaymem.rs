@@ -76,7 +76,7 @@ pub async fn run(args: &Args, spec: Spec) -> anyhow::Result<Value> {
     let mut sink = Some(producer::kafka_sink(
         brokers,
         &args.topic,
-        args.linger_ms,
+        &args.producer(),
         &counters,
     )?);
     let mut produced: u64 = 0;

@@ -678,7 +678,7 @@ pub async fn run(args: &Args, spec: Spec) -> anyhow::Result<Value> {
 
     // Produce, open-ended, from now until told to stop.
     let counters = Arc::new(Counters::new(rooms));
-    let mut sink = producer::kafka_sink(brokers, &args.topic, args.linger_ms, &counters)?;
+    let mut sink = producer::kafka_sink(brokers, &args.topic, &args.producer(), &counters)?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let stop_producing = Arc::new(AtomicBool::new(false));
     let schedule = Schedule {

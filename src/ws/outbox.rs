@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use super::protocol::{close, Frame};
@@ -94,7 +94,7 @@ struct Queue {
 struct Shared {
     queue: Mutex<Queue>,
     /// The socket, for writes straight from `deliver`; None in tests without one.
-    socket: Option<Arc<OwnedWriteHalf>>,
+    socket: Option<Arc<TcpStream>>,
     /// Woken when the queue stops being empty.
     ready: Notify,
     /// Receives position watermarks (false while a resume is pending).
@@ -123,7 +123,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Peer {
-    pub fn new(limits: Limits, socket: Option<Arc<OwnedWriteHalf>>) -> (Peer, Inbox) {
+    pub fn new(limits: Limits, socket: Option<Arc<TcpStream>>) -> (Peer, Inbox) {
         let peer = Peer(Arc::new(Shared {
             queue: Mutex::new(Queue {
                 items: VecDeque::new(),

@@ -6,13 +6,12 @@
 //! consumer on them.
 
 use std::collections::HashMap;
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use serde_json::Value;
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{sleep_until, timeout, Instant};
@@ -66,11 +65,12 @@ pub fn run(
     let span = debug_span!("session", conn = id, user = %identity.user);
     let ws_cfg = &hub.config.websocket;
     let heartbeat = Duration::from_secs(ws_cfg.heartbeat_seconds);
-    let (read, write) = stream.into_split();
-    let socket = Arc::new(write);
+    // Shared rather than split: the halves' readiness futures would make every idle
+    // session's state larger, where polling readiness directly costs nothing.
+    let socket = Arc::new(stream);
     let (peer, inbox) = Peer::new(Limits::from(ws_cfg), Some(socket.clone()));
     let reader = Reader {
-        read,
+        socket: socket.clone(),
         buf: BytesMut::from(&early[..]),
         decoder: Decoder::new(ws_cfg.max_frame_bytes, ws_cfg.max_message_bytes),
         chunk: ws_cfg.read_buffer_bytes.max(64),
@@ -99,7 +99,8 @@ pub fn run(
 
 /// The socket's read side and the client messages in it.
 struct Reader {
-    read: OwnedReadHalf,
+    /// Read only here; written by the writer and by `Peer::deliver`.
+    socket: Arc<TcpStream>,
     /// Bytes read but not yet decoded; empty, and holding no memory, between messages.
     buf: BytesMut,
     decoder: Decoder,
@@ -121,11 +122,12 @@ impl Reader {
             }
             self.release();
             // Waits with no buffer: an idle connection holds none.
-            if self.read.readable().await.is_err() {
+            let socket = &self.socket;
+            if poll_fn(|cx| socket.poll_read_ready(cx)).await.is_err() {
                 return None;
             }
             self.buf.reserve(self.chunk);
-            match self.read.try_read_buf(&mut self.buf) {
+            match self.socket.try_read_buf(&mut self.buf) {
                 Ok(0) => return None,
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}

@@ -7,11 +7,12 @@
 //! makes while the writer holds nothing (see outbox.rs).
 
 use std::collections::VecDeque;
+use std::future::poll_fn;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::outbox::{Inbox, Outgoing};
@@ -26,7 +27,7 @@ const SLICES: usize = 64;
 
 struct Writer {
     hub: Arc<Hub>,
-    socket: Arc<OwnedWriteHalf>,
+    socket: Arc<TcpStream>,
     /// At most this many bytes per write call.
     max_write: usize,
 }
@@ -41,7 +42,7 @@ enum Wake {
 /// socket breaks (returns 1006).
 pub async fn run(
     hub: Arc<Hub>,
-    socket: Arc<OwnedWriteHalf>,
+    socket: Arc<TcpStream>,
     mut inbox: Inbox,
     heartbeat: Duration,
 ) -> u16 {
@@ -136,7 +137,8 @@ impl Writer {
     async fn send(&self, chunks: &[&[u8]]) -> io::Result<()> {
         let (mut next, mut offset) = (0, 0);
         while next < chunks.len() {
-            self.socket.writable().await?;
+            let socket = &self.socket;
+            poll_fn(|cx| socket.poll_write_ready(cx)).await?;
             let slices = self.slices(&chunks[next..], offset);
             match self.socket.try_write_vectored(&slices) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
