@@ -404,6 +404,88 @@ mod tests {
         );
     }
 
+    /// A connected pair on loopback: the server's end, shared as a session shares it, and
+    /// the client's.
+    async fn socket_pair() -> (Arc<TcpStream>, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (Arc::new(server), client)
+    }
+
+    async fn read_exactly(client: &mut TcpStream, n: usize) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; n];
+        let read = client.read_exact(&mut buf);
+        tokio::time::timeout(std::time::Duration::from_secs(5), read)
+            .await
+            .expect("written within 5 s")
+            .unwrap();
+        buf
+    }
+
+    #[tokio::test]
+    async fn a_quiet_connection_is_written_at_once_and_a_busy_one_queues_in_order() {
+        let (server, mut client) = socket_pair().await;
+        let big = Limits {
+            frames: 100,
+            bytes: 1 << 20,
+            shed_low_after: 50,
+        };
+        let (peer, mut inbox) = Peer::new(big, Some(server));
+        let a = Frame::from("a");
+        assert_eq!(peer.deliver(&a, Priority::Normal), Delivery::Queued);
+        // No writer runs here: the frame is on the wire already, and nothing is queued.
+        assert_eq!(read_exactly(&mut client, a.len()).await, a.wire().to_vec());
+        assert!(inbox.take_queued().is_empty());
+        inbox.written();
+
+        // Once something is queued, later frames queue behind it rather than jump ahead.
+        let (b, c) = (Frame::from("b"), Frame::from("c"));
+        assert_eq!(peer.enqueue(&b, Priority::Normal), Delivery::Queued);
+        assert_eq!(peer.deliver(&c, Priority::Normal), Delivery::Queued);
+        let queued: Vec<String> = inbox
+            .take_queued()
+            .iter()
+            .map(|item| match item {
+                Outgoing::Frame(f) => f.as_str().to_string(),
+                _ => panic!("only frames were queued"),
+            })
+            .collect();
+        assert_eq!(queued, ["b", "c"]);
+        // The writer holds them: a frame delivered now must wait for them too.
+        assert_eq!(peer.deliver(&a, Priority::Normal), Delivery::Queued);
+        inbox.written();
+        assert_eq!(inbox.take_queued().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_socket_that_takes_nothing_more_leaves_frames_queued_for_the_writer() {
+        let (server, _client) = socket_pair().await;
+        let (peer, mut inbox) = Peer::new(
+            Limits {
+                frames: 100_000,
+                bytes: 1 << 30,
+                shed_low_after: 100_000,
+            },
+            Some(server),
+        );
+        // The client never reads: the kernel's buffers fill, and then every frame queues.
+        let frame = Frame::from("x".repeat(60_000));
+        let mut delivered = 0;
+        while inbox.take_queued().is_empty() {
+            inbox.written();
+            assert_eq!(peer.deliver(&frame, Priority::Normal), Delivery::Queued);
+            delivered += 1;
+            assert!(delivered < 10_000, "the socket never filled");
+        }
+        // Whatever part of a frame the socket took, the rest is queued as raw bytes.
+        let rest: usize = inbox.batch().iter().map(Outgoing::wire_len).sum();
+        assert!(rest > 0 && rest <= frame.len(), "{rest}");
+    }
+
     #[test]
     fn first_close_wins() {
         let (peer, _inbox) = Peer::new(limits(), None);
