@@ -156,6 +156,7 @@ impl KafkaConsumer {
     pub fn run(self, stop: watch::Receiver<bool>) {
         let found = self.start_discovery(stop.clone());
         let mut watermarks = Watermarks::new(self.positions_every);
+        let mut load = Load::new(Instant::now());
         let mut now = Instant::now();
         while !*stop.borrow() {
             while let Ok(new) = found.try_recv() {
@@ -169,7 +170,12 @@ impl KafkaConsumer {
             // The one clock read per record: timers, the buffer's age and eviction use it.
             now = Instant::now();
             match message {
-                Some(Ok(m)) => self.process(&m, now),
+                Some(Ok(m)) => {
+                    self.process(&m, now);
+                    if let Some(busy) = load.record(now, Instant::now()) {
+                        self.hub.set_direct_writes(!busy);
+                    }
+                }
                 Some(Err(e)) => {
                     if let Some(skipped) = self.error_log.admit() {
                         warn!(error = %e, skipped, "kafka consumer error");
@@ -385,6 +391,37 @@ impl KafkaConsumer {
     }
 }
 
+/// How much of its time the loop spends on records, window by window.
+struct Load {
+    window_start: Instant,
+    busy: Duration,
+}
+
+/// The loop's load is judged over windows this long.
+const LOAD_WINDOW: Duration = Duration::from_millis(100);
+
+impl Load {
+    fn new(now: Instant) -> Load {
+        Load {
+            window_start: now,
+            busy: Duration::ZERO,
+        }
+    }
+
+    /// Counts one record's processing; at the end of a window, whether the loop was busy
+    /// for more than half of it.
+    fn record(&mut self, started: Instant, done: Instant) -> Option<bool> {
+        self.busy += done.saturating_duration_since(started);
+        let window = done.saturating_duration_since(self.window_start);
+        if window < LOAD_WINDOW {
+            return None;
+        }
+        let busy = self.busy * 2 > window;
+        *self = Load::new(done);
+        Some(busy)
+    }
+}
+
 /// When the next `positions` watermark is due, and for which slice of the connections.
 struct Watermarks {
     tick: Duration,
@@ -509,6 +546,19 @@ fn window_start(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_load_is_judged_per_window() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut load = Load::new(t0);
+        // 40 ms of work in the first 100 ms: not busy.
+        assert_eq!(load.record(t0 + ms(10), t0 + ms(50)), None);
+        assert_eq!(load.record(t0 + ms(100), t0 + ms(100)), Some(false));
+        // 80 ms of work in the next 100 ms: busy.
+        assert_eq!(load.record(t0 + ms(110), t0 + ms(190)), None);
+        assert_eq!(load.record(t0 + ms(200), t0 + ms(201)), Some(true));
+    }
 
     #[test]
     fn rate_limited_log_counts_what_it_leaves_out() {

@@ -66,6 +66,8 @@ pub struct Hub {
     /// Bounds open connections; a session holds one permit for its whole life.
     pub limit: Arc<Semaphore>,
     draining: AtomicBool,
+    /// Whether the consumer may write quiet connections' frames itself (see `deliver`).
+    direct_writes: AtomicBool,
     next_id: AtomicU64,
     /// Where a large room's fan-out is spread; none outside a runtime.
     fanout: Option<Fanout>,
@@ -116,6 +118,7 @@ impl Hub {
             cut: Mutex::new(()),
             limit,
             draining: AtomicBool::new(false),
+            direct_writes: AtomicBool::new(true),
             next_id: AtomicU64::new(1),
             fanout: tokio::runtime::Handle::try_current()
                 .ok()
@@ -123,6 +126,22 @@ impl Hub {
                     helpers: runtime.metrics().num_workers(),
                     runtime,
                 }),
+        }
+    }
+
+    /// Turns the consumer's own writes on or off. The consumer turns them off while it is
+    /// busy, so that sends move to the writer tasks, which run on every core, and a replica
+    /// with more cores than one is not held to what one thread can send.
+    pub fn set_direct_writes(&self, on: bool) {
+        self.direct_writes.store(on, Ordering::Relaxed);
+    }
+
+    /// Recipients of one record that may be written directly.
+    fn direct_budget(&self) -> usize {
+        if self.direct_writes.load(Ordering::Relaxed) {
+            DIRECT_WRITES
+        } else {
+            0
         }
     }
 
@@ -151,9 +170,14 @@ impl Hub {
             return;
         }
         let frame = protocol::positions(&now);
+        let direct = self.direct_budget() > 0;
         for peer in self.sessions.iter() {
             if peer.key() % slices == slice && peer.is_live() {
-                peer.deliver(&frame, Priority::Critical);
+                if direct {
+                    peer.deliver(&frame, Priority::Critical);
+                } else {
+                    peer.enqueue(&frame, Priority::Critical);
+                }
             }
         }
         *last = now;
@@ -169,7 +193,7 @@ impl Hub {
         let (rooms, event) = (&routed.rooms, &routed.event);
         // The first few recipients of a record may get it written straight away; past that,
         // frames are queued, so a larger fan-out is written in batches by the writers.
-        let mut budget = DIRECT_WRITES;
+        let mut budget = self.direct_budget();
         let mut direct = |peer: &Peer| {
             let delivery = if budget > 0 {
                 budget -= 1;
