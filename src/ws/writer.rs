@@ -136,7 +136,14 @@ impl Writer {
     /// Writes `chunks` in order, each call taking as many as fit in one vectored write.
     async fn send(&self, chunks: &[&[u8]]) -> io::Result<()> {
         let (mut next, mut offset) = (0, 0);
-        while next < chunks.len() {
+        loop {
+            // Empty chunks need no bytes to be done with.
+            while next < chunks.len() && chunks[next].len() == offset {
+                (next, offset) = (next + 1, 0);
+            }
+            if next == chunks.len() {
+                return Ok(());
+            }
             let socket = &self.socket;
             poll_fn(|cx| socket.poll_write_ready(cx)).await?;
             let slices = self.slices(&chunks[next..], offset);
@@ -152,16 +159,11 @@ impl Writer {
                         n -= left;
                         (next, offset) = (next + 1, 0);
                     }
-                    // Empty chunks need no bytes to be done with.
-                    while next < chunks.len() && chunks[next].len() == offset {
-                        (next, offset) = (next + 1, 0);
-                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok(())
     }
 
     /// The next write's slices: the rest of the first chunk, then whole ones, within bounds.
