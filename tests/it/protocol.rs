@@ -180,8 +180,22 @@ impl RawClient {
         self.stream.write_all(&out).await.unwrap();
     }
 
-    /// The next server frame: its first byte and payload. Server frames are never masked.
+    /// The next server frame but `positions` watermarks, which come at any time: its first
+    /// byte and payload.
     async fn frame(&mut self) -> (u8, Vec<u8>) {
+        loop {
+            let (first, payload) = self.raw_frame().await;
+            let watermark = first == 0x81
+                && serde_json::from_slice::<serde_json::Value>(&payload)
+                    .is_ok_and(|v| v["type"] == "positions");
+            if !watermark {
+                return (first, payload);
+            }
+        }
+    }
+
+    /// The next server frame: its first byte and payload. Server frames are never masked.
+    async fn raw_frame(&mut self) -> (u8, Vec<u8>) {
         use tokio::io::AsyncReadExt;
         loop {
             if self.buf.len() >= 2 {
@@ -221,7 +235,9 @@ impl RawClient {
 async fn pings_fragments_and_an_unmasked_frame_on_the_wire() {
     let topic = unique("wire");
     create_topic(&topic, 1).await;
-    let server = Server::start(&task_route(&topic), "").await;
+    // Watermarks every 50 ms, so they fall between everything below.
+    let extra = "[resume]\npositions_interval_seconds = 0.05\n";
+    let server = Server::start(&task_route(&topic), extra).await;
     let mut bystander = server.connect(&token("calm", &[])).await;
     let mut c = RawClient::connect(&server.public, &token("raw", &[])).await;
     assert_eq!(c.json().await["type"], "welcome");
@@ -242,12 +258,7 @@ async fn pings_fragments_and_an_unmasked_frame_on_the_wire() {
     Producer::new()
         .send_json(&topic, json!({"taskId": "7", "userId": "raw"}))
         .await;
-    let event = loop {
-        let frame = c.json().await;
-        if frame["type"] != "positions" {
-            break frame;
-        }
-    };
+    let event = c.json().await;
     assert_eq!(event["type"], "event");
     assert_eq!(event["payload"]["taskId"], "7");
 
