@@ -412,6 +412,9 @@ mod tests {
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
+        // A direct write needs the runtime to have seen the socket writable; until then
+        // `deliver` queues, which is right, but not what these tests are about.
+        server.writable().await.unwrap();
         (Arc::new(server), client)
     }
 
