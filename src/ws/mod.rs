@@ -173,11 +173,7 @@ impl Hub {
         let direct = self.direct_budget() > 0;
         for peer in self.sessions.iter() {
             if peer.key() % slices == slice && peer.is_live() {
-                if direct {
-                    peer.deliver(&frame, Priority::Critical);
-                } else {
-                    peer.enqueue(&frame, Priority::Critical);
-                }
+                peer.hand_over(&frame, Priority::Critical, direct);
             }
         }
         *last = now;
@@ -195,13 +191,9 @@ impl Hub {
         // frames are queued, so a larger fan-out is written in batches by the writers.
         let mut budget = self.direct_budget();
         let mut direct = |peer: &Peer| {
-            let delivery = if budget > 0 {
-                budget -= 1;
-                peer.deliver(frame, routed.priority)
-            } else {
-                peer.enqueue(frame, routed.priority)
-            };
-            tally.add(delivery)
+            let write_now = budget > 0;
+            budget = budget.saturating_sub(1);
+            tally.add(peer.hand_over(frame, routed.priority, write_now))
         };
         let large_at = match self.fanout {
             Some(_) => 2 * fanout::PART,

@@ -148,16 +148,17 @@ impl Peer {
     /// Hands a frame over without waiting: written now if the connection is quiet, else
     /// queued for its writer.
     pub fn deliver(&self, frame: &Frame, priority: Priority) -> Delivery {
-        self.put(frame, priority, true)
+        self.hand_over(frame, priority, true)
     }
 
     /// Queues a frame for the writer, never writing it here: for fan-out to many connections,
     /// where batching in the writers costs less than one send per frame.
     pub fn enqueue(&self, frame: &Frame, priority: Priority) -> Delivery {
-        self.put(frame, priority, false)
+        self.hand_over(frame, priority, false)
     }
 
-    fn put(&self, frame: &Frame, priority: Priority, write_now: bool) -> Delivery {
+    /// `deliver` when `write_now`, else `enqueue`.
+    pub fn hand_over(&self, frame: &Frame, priority: Priority, write_now: bool) -> Delivery {
         let s = &*self.0;
         if s.closing.load(Ordering::Acquire) {
             return Delivery::Closed;
