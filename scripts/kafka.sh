@@ -20,6 +20,8 @@
 #   KAFKA_HEAP_OPTS       broker heap (default -Xms128m -Xmx512m)
 #   KAFKA_GC_OPTS         broker garbage collector (default G1, 20 ms pause goal)
 #   KAFKA_JVM_OPTS        more JVM options for the broker (default none)
+#   KAFKA_BROKER_CONFIG   more server.properties lines, space separated key=value
+#                         (e.g. "num.io.threads=2"; default none)
 #   KAFKA_START_TIMEOUT   seconds to wait for the broker (default 90)
 set -euo pipefail
 shopt -s inherit_errexit
@@ -255,6 +257,11 @@ share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=false
 EOF
+  local kv
+  for kv in ${KAFKA_BROKER_CONFIG:-}; do
+    [[ "$kv" == *=* ]] || die "KAFKA_BROKER_CONFIG: '$kv' is not key=value"
+    echo "$kv" >>"$dir/server.properties"
+  done
   # The readiness probe gives up after 15 s instead of the admin default 60.
   printf 'default.api.timeout.ms=15000\nrequest.timeout.ms=10000\n' >"$dir/admin.properties"
   # The broker logs INFO to stdout, which start redirects to kafka.log.

@@ -25,6 +25,9 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{client_async_with_config, WebSocketStream};
 
 const HIST_SHARDS: usize = 16;
+/// The worst latency is also kept per slot of this many µs of intended send time, so a tail
+/// can be told apart as a few stalls or as a steady spread, and lined up with other logs.
+pub const SLOT_US: u64 = 100_000;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub fn now_us() -> u64 {
@@ -50,10 +53,14 @@ pub struct Shared {
     pub received_in_window: AtomicU64,
     pub event_bytes: AtomicU64,
     pub other_frames: AtomicU64,
+    /// The worst latency (µs) of the records sent in each `SLOT_US` of the window.
+    worst: Vec<AtomicU64>,
 }
 
 impl Shared {
-    pub fn new() -> Shared {
+    /// `window` is the measured window's length: one worst-latency slot per `SLOT_US` of it.
+    pub fn new(window: Duration) -> Shared {
+        let slots = (window.as_micros() as u64).div_ceil(SLOT_US) as usize;
         Shared {
             hist: (0..HIST_SHARDS)
                 .map(|_| Mutex::new(new_histogram()))
@@ -64,6 +71,22 @@ impl Shared {
             received_in_window: AtomicU64::new(0),
             event_bytes: AtomicU64::new(0),
             other_frames: AtomicU64::new(0),
+            worst: (0..slots).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// The worst latency of each slot of the window, in µs (0: nothing sent in it arrived).
+    pub fn worst_per_slot(&self) -> Vec<u64> {
+        self.worst
+            .iter()
+            .map(|w| w.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    fn record_worst(&self, sent: u64, start: u64, latency: u64) {
+        let slot = ((sent - start) / SLOT_US) as usize;
+        if let Some(w) = self.worst.get(slot) {
+            w.fetch_max(latency, Ordering::Relaxed);
         }
     }
 
@@ -337,8 +360,9 @@ impl Receiver {
         }
         self.last = Some(seq);
         if sent >= start && sent < end {
-            let mut h = self.shard_lock(shared);
-            h.saturating_record(now.saturating_sub(sent).max(1));
+            let latency = now.saturating_sub(sent).max(1);
+            self.shard_lock(shared).saturating_record(latency);
+            shared.record_worst(sent, start, latency);
         }
     }
 
@@ -515,6 +539,19 @@ mod tests {
         assert_eq!(number_after(f, b"\"seq\":"), Some(123));
         assert_eq!(number_after(f, b"\"sent_us\":"), Some(456));
         assert_eq!(number_after(f, b"\"nope\":"), None);
+    }
+
+    #[test]
+    fn worst_latency_is_kept_per_slot_of_send_time() {
+        let shared = Shared::new(Duration::from_millis(250));
+        let start = 1_000_000;
+        shared.record_worst(start, start, 700);
+        shared.record_worst(start + SLOT_US - 1, start, 300);
+        shared.record_worst(start + 2 * SLOT_US + 5, start, 12_000);
+        shared.record_worst(start + 2 * SLOT_US + 6, start, 9_000);
+        // Past the window (a late drain): dropped, not a panic or a new slot.
+        shared.record_worst(start + 3 * SLOT_US, start, 50_000);
+        assert_eq!(shared.worst_per_slot(), vec![700, 0, 12_000]);
     }
 
     #[test]

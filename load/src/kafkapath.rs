@@ -16,7 +16,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 
-use crate::client::{now_us, number_after};
+use crate::client::{now_us, number_after, SLOT_US};
 use crate::dist::Dist;
 use crate::producer::{self, Counters, Schedule};
 use crate::{procstat, round, Args};
@@ -96,6 +96,64 @@ pub async fn run(args: &Args, dist: Dist) -> anyhow::Result<Value> {
         "broker_cpu_cores": cores(broker0, broker1),
         "probe_cpu_cores": cores(self0, self1),
     }))
+}
+
+/// A consumer beside a fan-out run (`--kafka-probe`): reads the run's topic with roomcast's
+/// settings and keeps the age on arrival of every record sent in the window, and its worst per
+/// slot, so an end-to-end tail can be split into Kafka's part and the rest on the same run.
+pub struct Probe {
+    done: Arc<AtomicBool>,
+    reader: std::thread::JoinHandle<(Histogram<u64>, Vec<u64>)>,
+}
+
+impl Probe {
+    pub fn start(brokers: &str, topic: &str, window_us: (u64, u64)) -> anyhow::Result<Probe> {
+        let consumer = consumer(brokers, topic)?;
+        let done = Arc::new(AtomicBool::new(false));
+        let stop = done.clone();
+        let reader = std::thread::Builder::new()
+            .name("kafka-probe".into())
+            .spawn(move || probe(&consumer, window_us, &stop))?;
+        Ok(Probe { done, reader })
+    }
+
+    pub fn finish(self) -> Value {
+        self.done.store(true, Ordering::Relaxed);
+        let Ok((age, worst)) = self.reader.join() else {
+            return Value::Null;
+        };
+        json!({
+            "age_us": quantiles(&age),
+            "over_10ms": worst.iter().filter(|&&w| w > 10_000).count(),
+            "worst_us": worst,
+        })
+    }
+}
+
+fn probe(
+    consumer: &BaseConsumer,
+    (start, end): (u64, u64),
+    done: &AtomicBool,
+) -> (Histogram<u64>, Vec<u64>) {
+    let mut age = Histogram::new(3).expect("histogram");
+    let mut worst = vec![0u64; (end - start).div_ceil(SLOT_US) as usize];
+    while !done.load(Ordering::Relaxed) {
+        let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let now = now_us();
+        let Some(sent) = m.payload().and_then(|p| number_after(p, b"\"sent_us\":")) else {
+            continue;
+        };
+        if sent < start || sent >= end {
+            continue;
+        }
+        let a = now.saturating_sub(sent);
+        let _ = age.record(a);
+        let slot = &mut worst[((sent - start) / SLOT_US) as usize];
+        *slot = (*slot).max(a);
+    }
+    (age, worst)
 }
 
 /// A consumer with the librdkafka settings roomcast's consumer uses (src/kafka/mod.rs),

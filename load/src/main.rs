@@ -212,6 +212,10 @@ struct Args {
     /// arrival (from its intended send time). Needs --brokers.
     #[arg(long)]
     kafka_path: bool,
+    /// Fan-out runs through Kafka: also read the topic in this process with roomcast's consumer
+    /// settings and report each record's age on arrival there, beside the end-to-end latency.
+    #[arg(long)]
+    kafka_probe: bool,
 }
 
 /// Parses `KEY=VALUE`.
@@ -265,6 +269,18 @@ fn main() -> anyhow::Result<()> {
     // Connections are dropped with the runtime, without close handshakes.
     runtime.shutdown_timeout(Duration::from_secs(1));
     Ok(())
+}
+
+/// The worst latency per `SLOT_US` of intended send time, with the window's start (µs since
+/// the epoch) to line the slots up with other logs, and how many slots were worse than 10 ms.
+fn worst_per_slot(shared: &Shared) -> serde_json::Value {
+    let worst = shared.worst_per_slot();
+    json!({
+        "slot_us": client::SLOT_US,
+        "window_start_us": shared.window_start_us.load(Ordering::Relaxed),
+        "over_10ms": worst.iter().filter(|&&w| w > 10_000).count(),
+        "worst_us": worst,
+    })
 }
 
 fn loopback(addr: &SocketAddr) -> anyhow::Result<()> {
@@ -474,7 +490,7 @@ async fn run(args: &Args) -> anyhow::Result<Value> {
     }
 
     let baseline = take(args);
-    let shared = Arc::new(Shared::new());
+    let shared = Arc::new(Shared::new(Duration::from_secs_f64(args.duration)));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
     eprintln!(
@@ -620,6 +636,14 @@ async fn run(args: &Args) -> anyhow::Result<Value> {
         "producing {total} records at {}/s to {} rooms ({}s warm-up, {}s measured)",
         args.rate, rooms, args.warmup, args.duration
     );
+    let probe = match (&args.brokers, args.kafka_probe) {
+        (Some(brokers), true) => Some(kafkapath::Probe::start(
+            brokers,
+            &args.topic,
+            (window_start_us, window_end_us),
+        )?),
+        _ => None,
+    };
     let producer_counters = counters.clone();
     let producer = std::thread::Builder::new()
         .name("producer".into())
@@ -684,6 +708,7 @@ async fn run(args: &Args) -> anyhow::Result<Value> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let after_drain = take(args);
+    let kafka_probe = probe.map(kafkapath::Probe::finish);
     let _ = stop_tx.send(true);
     let handles = spawner.await?;
     let mut stats: Vec<ConnStats> = Vec::with_capacity(handles.len());
@@ -768,6 +793,8 @@ async fn run(args: &Args) -> anyhow::Result<Value> {
             "max": hist.max(),
             "mean": round(hist.mean(), 1),
         },
+        "worst_per_slot": worst_per_slot(&shared),
+        "kafka_probe": kafka_probe,
         "window_s": round(wall, 3),
         "server": proc_delta(a.server, b.server, wall, in_window),
         "server_rss_after_drain_kib": after_drain.server.map(|s| s.rss_kib),
