@@ -87,7 +87,7 @@ pub fn run(
     hub.metrics.connections.inc();
     hub.metrics.connections_opened.inc();
     span.in_scope(|| session.welcome(resume_requested));
-    let writer = writer::run(hub.clone(), socket, inbox, heartbeat).instrument(span.clone());
+    let writer = writer::run(hub.clone(), socket, inbox, id, heartbeat).instrument(span.clone());
     let writer = tokio::spawn(writer);
     async move {
         let _permit = permit;

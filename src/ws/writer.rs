@@ -2,7 +2,7 @@
 //!
 //! It sends everything queued at that moment in as few writes as the socket takes: one
 //! vectored write over the frames' shared bytes, with no copy and no buffer of its own. It
-//! pings on the heartbeat, carries out resumes where they stand in the stream, and finally
+//! pings on the heartbeat (each connection at its own phase of it), carries out resumes where they stand in the stream, and finally
 //! sends the close frame. The only other writes to the socket are the ones `Peer::deliver`
 //! makes while the writer holds nothing (see outbox.rs).
 
@@ -18,12 +18,24 @@ use tokio::time::Instant;
 use super::outbox::{Inbox, Outgoing};
 use super::protocol::{self, Frame};
 use super::{wire, Hub};
+use crate::registry::ConnId;
 use crate::replay::{self, Replayed, ResumePlan};
 
 /// The close code recorded when the socket broke before a close frame could be sent.
 pub const ABNORMAL: u16 = 1006;
 /// Slices per vectored write.
 const SLICES: usize = 64;
+
+/// How long after its start a connection sends its first ping: somewhere in (0, heartbeat],
+/// spread by its id. Connections opened together (a deploy, a reconnect storm) would
+/// otherwise ping together every heartbeat from then on, and each such burst of thousands
+/// of pings and pongs holds up the records behind it for tens of milliseconds.
+fn first_ping(id: ConnId, heartbeat: Duration) -> Duration {
+    // Consecutive ids times the golden ratio, modulo 1, fill [0, 1) evenly at every length.
+    const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+    let phase = (id.wrapping_mul(GOLDEN) >> 11) as f64 / (1u64 << 53) as f64;
+    heartbeat.mul_f64(1.0 - phase)
+}
 
 struct Writer {
     hub: Arc<Hub>,
@@ -44,6 +56,7 @@ pub async fn run(
     hub: Arc<Hub>,
     socket: Arc<TcpStream>,
     mut inbox: Inbox,
+    id: ConnId,
     heartbeat: Duration,
 ) -> u16 {
     let peer = inbox.peer.clone();
@@ -53,7 +66,7 @@ pub async fn run(
         socket,
         max_write,
     };
-    let mut ping = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+    let mut ping = tokio::time::interval_at(Instant::now() + first_ping(id, heartbeat), heartbeat);
     loop {
         let wake = tokio::select! {
             biased;
@@ -179,5 +192,33 @@ impl Writer {
             slices.push(IoSlice::new(chunk));
         }
         slices
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_pings_fall_within_one_heartbeat_and_spread_evenly() {
+        let heartbeat = Duration::from_secs(25);
+        let mut per_second = [0u32; 25];
+        for id in 1..=10_000u64 {
+            let first = first_ping(id, heartbeat);
+            assert!(
+                first > Duration::ZERO && first <= heartbeat,
+                "{id}: {first:?}"
+            );
+            per_second[(first.as_secs_f64() as usize).min(24)] += 1;
+        }
+        // 400 per second if perfectly even; connections opened together ping apart.
+        for (second, n) in per_second.iter().enumerate() {
+            assert!((395..=405).contains(n), "second {second}: {n} first pings");
+        }
+        // Any 100 consecutive ids (a burst of connects) are spread over the whole interval.
+        let mut burst: Vec<Duration> = (500..600).map(|id| first_ping(id, heartbeat)).collect();
+        burst.sort();
+        let widest_gap = burst.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+        assert!(widest_gap < Duration::from_millis(700), "{widest_gap:?}");
     }
 }
