@@ -166,6 +166,7 @@ fn consumer(brokers: &str, topic: &str) -> anyhow::Result<BaseConsumer> {
         .set("queued.max.messages.kbytes", "8192")
         .set("fetch.queue.backoff.ms", "10")
         .set("fetch.wait.max.ms", "100")
+        .set("socket.nagle.disable", "true")
         .set("enable.partition.eof", "false")
         .create()?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;

@@ -55,6 +55,10 @@ pub fn client_config(c: &KafkaConfig, group_id: &str) -> ClientConfig {
         // (default 1 s): a consumer that catches up would then sit idle for most of a second.
         .set("fetch.queue.backoff.ms", "10")
         .set("fetch.wait.max.ms", "100")
+        // Fetch requests are small and each one gates delivery. With Nagle's algorithm on, one
+        // written while another request (a commit, a metadata refresh) is unacknowledged
+        // waits for the broker's ACK (docs/BENCHMARKS.md, targeted).
+        .set("socket.nagle.disable", "true")
         .set("statistics.interval.ms", "5000")
         .set("enable.partition.eof", "false")
         // An out-of-range position (a recreated topic) restarts from the beginning: nothing
@@ -64,4 +68,21 @@ pub fn client_config(c: &KafkaConfig, group_id: &str) -> ClientConfig {
         cc.set(key, value);
     }
     cc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_leave_at_once_unless_configured_otherwise() {
+        let mut c = KafkaConfig::default();
+        let cc = client_config(&c, "g");
+        assert_eq!(cc.get("socket.nagle.disable"), Some("true"));
+        assert_eq!(cc.get("group.id"), Some("g"));
+        c.properties
+            .insert("socket.nagle.disable".into(), "false".into());
+        let cc = client_config(&c, "g");
+        assert_eq!(cc.get("socket.nagle.disable"), Some("false"));
+    }
 }
