@@ -125,6 +125,46 @@ async fn a_silent_peer_is_closed_and_a_live_one_is_kept() {
     assert_eq!(live.frame().await.unwrap()["type"], "pong");
 }
 
+#[tokio::test]
+async fn connections_opened_together_ping_apart() {
+    let topic = unique("pingphase");
+    create_topic(&topic, 1).await;
+    let server = Server::start(&task_route(&topic), "[websocket]\nheartbeat_seconds = 2\n").await;
+    let heartbeat = Duration::from_secs(2);
+    let mut readers = Vec::new();
+    for i in 0..8 {
+        let mut client = server.connect(&token(&format!("p{i}"), &[])).await;
+        let opened = tokio::time::Instant::now();
+        readers.push(tokio::spawn(async move {
+            let first = client.next_ping(heartbeat * 2).await.expect("a first ping");
+            let second = client
+                .next_ping(heartbeat * 2)
+                .await
+                .expect("a second ping");
+            (first - opened, second - first)
+        }));
+    }
+    let mut firsts = Vec::new();
+    for reader in readers {
+        let (first, interval) = reader.await.unwrap();
+        // Within one heartbeat of the welcome (plus scheduling slack), then every heartbeat.
+        assert!(
+            first <= heartbeat + Duration::from_millis(300),
+            "first ping after {first:?}"
+        );
+        let off = interval.abs_diff(heartbeat);
+        assert!(off < Duration::from_millis(300), "pings {interval:?} apart");
+        firsts.push(first);
+    }
+    // Opened within milliseconds of each other, yet their first pings span most of the
+    // interval (all would come 2 s after opening if the phase followed the connect time).
+    let span = *firsts.iter().max().unwrap() - *firsts.iter().min().unwrap();
+    assert!(
+        span >= Duration::from_secs(1),
+        "first pings within {span:?}: {firsts:?}"
+    );
+}
+
 /// A connection spoken to byte by byte, to send what client libraries never would.
 struct RawClient {
     stream: tokio::net::TcpStream,

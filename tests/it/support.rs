@@ -491,6 +491,22 @@ impl Client {
         }
     }
 
+    /// Reads until the server's next WebSocket ping and says when it came (None: closed, or
+    /// nothing within `limit`). Other frames are dropped.
+    pub async fn next_ping(&mut self, limit: Duration) -> Option<tokio::time::Instant> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let m = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()??;
+            match m.ok()? {
+                Message::Ping(_) => return Some(tokio::time::Instant::now()),
+                Message::Close(_) => return None,
+                _ => continue,
+            }
+        }
+    }
+
     /// Subscribes and returns (per-room error frames, the final frame: ok or a roomless error).
     pub async fn subscribe(&mut self, mut frame: Value) -> (Vec<Value>, Value) {
         self.next_id += 1;
