@@ -147,13 +147,14 @@ async fn connections_opened_together_ping_apart() {
     let mut firsts = Vec::new();
     for reader in readers {
         let (first, interval) = reader.await.unwrap();
-        // Within one heartbeat of the welcome (plus scheduling slack), then every heartbeat.
+        // Within one heartbeat of the welcome, then every heartbeat; the slack is for a
+        // machine busy with the other tests.
         assert!(
-            first <= heartbeat + Duration::from_millis(300),
+            first <= heartbeat + Duration::from_millis(700),
             "first ping after {first:?}"
         );
         let off = interval.abs_diff(heartbeat);
-        assert!(off < Duration::from_millis(300), "pings {interval:?} apart");
+        assert!(off < Duration::from_millis(700), "pings {interval:?} apart");
         firsts.push(first);
     }
     // Opened within milliseconds of each other, yet their first pings span most of the
