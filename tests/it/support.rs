@@ -473,10 +473,7 @@ impl Client {
     pub async fn frame_within(&mut self, limit: Duration) -> Option<Value> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            let m = tokio::time::timeout_at(deadline, self.ws.next())
-                .await
-                .ok()??;
-            match m.ok()? {
+            match self.message_until(deadline).await? {
                 Message::Text(t) => {
                     let v: Value = serde_json::from_str(t.as_str()).unwrap();
                     self.tracker.see(&v);
@@ -491,15 +488,20 @@ impl Client {
         }
     }
 
+    /// The next WebSocket message (None: closed, broken, or nothing before `deadline`).
+    async fn message_until(&mut self, deadline: tokio::time::Instant) -> Option<Message> {
+        let m = tokio::time::timeout_at(deadline, self.ws.next())
+            .await
+            .ok()??;
+        m.ok()
+    }
+
     /// Reads until the server's next WebSocket ping and says when it came (None: closed, or
     /// nothing within `limit`). Other frames are dropped.
     pub async fn next_ping(&mut self, limit: Duration) -> Option<tokio::time::Instant> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            let m = tokio::time::timeout_at(deadline, self.ws.next())
-                .await
-                .ok()??;
-            match m.ok()? {
+            match self.message_until(deadline).await? {
                 Message::Ping(_) => return Some(tokio::time::Instant::now()),
                 Message::Close(_) => return None,
                 _ => continue,
