@@ -2,9 +2,9 @@
 //!
 //! It sends everything queued at that moment in as few writes as the socket takes: one
 //! vectored write over the frames' shared bytes, with no copy and no buffer of its own. It
-//! pings on the heartbeat (each connection at its own phase of it), carries out resumes where they stand in the stream, and finally
-//! sends the close frame. The only other writes to the socket are the ones `Peer::deliver`
-//! makes while the writer holds nothing (see outbox.rs).
+//! pings on the heartbeat (each connection at its own phase of it), carries out resumes where
+//! they stand in the stream, and finally sends the close frame. The only other writes to the
+//! socket are the ones `Peer::deliver` makes while the writer holds nothing (see outbox.rs).
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
