@@ -104,7 +104,24 @@ impl<P> Members<P> {
 
     /// Calls `deliver` for the members in `range` whose filter admits `event`.
     pub fn for_each_in(&self, range: Range<usize>, event: &str, mut deliver: impl FnMut(&P)) {
-        for (conn, member) in &self.list[range] {
+        self.for_each_ahead(range, event, |_| {}, &mut deliver)
+    }
+
+    /// `for_each_in`, calling `ahead` on the member `AHEAD` places further on first.
+    pub fn for_each_ahead(
+        &self,
+        range: Range<usize>,
+        event: &str,
+        ahead: impl Fn(&P),
+        mut deliver: impl FnMut(&P),
+    ) {
+        const AHEAD: usize = 8;
+        let end = range.end;
+        for i in range {
+            if let Some((_, next)) = self.list.get(i + AHEAD).filter(|_| i + AHEAD < end) {
+                ahead(&next.peer);
+            }
+            let (conn, member) = &self.list[i];
             if member.admits(event) && !self.skip.contains(conn) {
                 deliver(&member.peer);
             }
@@ -340,6 +357,31 @@ mod tests {
         direct.sort();
         listed.sort();
         Some((direct, listed))
+    }
+
+    #[test]
+    fn a_part_looks_ahead_only_within_itself_and_delivers_as_without() {
+        let r = Registry::new();
+        for conn in 0..20u64 {
+            r.join(conn, None, "big", &conn, None);
+        }
+        let members = r.reach(None, &["big".to_string()], "e", 2, |_| {}).unwrap();
+        let ahead = std::cell::RefCell::new(Vec::new());
+        let mut delivered = Vec::new();
+        members.for_each_ahead(
+            4..15,
+            "e",
+            |p| ahead.borrow_mut().push(*p),
+            |p| delivered.push(*p),
+        );
+        let mut plain = Vec::new();
+        members.for_each_in(4..15, "e", |p| plain.push(*p));
+        assert_eq!(delivered, plain);
+        assert_eq!(delivered.len(), 11);
+        // Each looked-ahead member is one the same part delivers to later, once.
+        let ahead = ahead.into_inner();
+        assert_eq!(ahead, delivered[delivered.len() - ahead.len()..]);
+        assert_eq!(ahead.len(), 11 - 8);
     }
 
     #[test]

@@ -114,9 +114,10 @@ impl Spread {
     fn work(&self) {
         while let Some(range) = self.claim() {
             let mut tally = Tally::default();
-            self.members.for_each_in(range, &self.event, |peer| {
-                tally.add(peer.enqueue(&self.frame, self.priority))
-            });
+            self.members
+                .for_each_ahead(range, &self.event, Peer::prefetch, |peer| {
+                    tally.add(peer.enqueue(&self.frame, self.priority))
+                });
             tally.count(&self.metrics);
             let mut state = self.lock();
             state.running -= 1;
