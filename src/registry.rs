@@ -102,12 +102,8 @@ impl<P> Members<P> {
         self.list.is_empty()
     }
 
-    /// Calls `deliver` for the members in `range` whose filter admits `event`.
-    pub fn for_each_in(&self, range: Range<usize>, event: &str, mut deliver: impl FnMut(&P)) {
-        self.for_each_ahead(range, event, |_| {}, &mut deliver)
-    }
-
-    /// `for_each_in`, calling `ahead` on the member `AHEAD` places further on first.
+    /// Calls `deliver` for the members in `range` whose filter admits `event`, and before
+    /// each, `ahead` on the member `AHEAD` places further on in `range` (to prefetch it).
     pub fn for_each_ahead(
         &self,
         range: Range<usize>,
@@ -353,14 +349,14 @@ mod tests {
         let mut direct = Vec::new();
         let members = r.reach(None, &rooms, "e", min, |p| direct.push(*p))?;
         let mut listed = Vec::new();
-        members.for_each_in(0..members.len(), "e", |p| listed.push(*p));
+        members.for_each_ahead(0..members.len(), "e", |_| {}, |p| listed.push(*p));
         direct.sort();
         listed.sort();
         Some((direct, listed))
     }
 
     #[test]
-    fn a_part_looks_ahead_only_within_itself_and_delivers_as_without() {
+    fn a_part_looks_ahead_only_within_itself_and_delivers_the_same() {
         let r = Registry::new();
         for conn in 0..20u64 {
             r.join(conn, None, "big", &conn, None);
@@ -375,7 +371,7 @@ mod tests {
             |p| delivered.push(*p),
         );
         let mut plain = Vec::new();
-        members.for_each_in(4..15, "e", |p| plain.push(*p));
+        members.for_each_ahead(4..15, "e", |_| {}, |p| plain.push(*p));
         assert_eq!(delivered, plain);
         assert_eq!(delivered.len(), 11);
         // Each looked-ahead member is one the same part delivers to later, once.
