@@ -114,8 +114,8 @@ impl<P> Members<P> {
         const AHEAD: usize = 8;
         let end = range.end;
         for i in range {
-            if let Some((_, next)) = self.list.get(i + AHEAD).filter(|_| i + AHEAD < end) {
-                ahead(&next.peer);
+            if i + AHEAD < end {
+                ahead(&self.list[i + AHEAD].1.peer);
             }
             let (conn, member) = &self.list[i];
             if member.admits(event) && !self.skip.contains(conn) {

@@ -28,6 +28,18 @@ const HIST_SHARDS: usize = 16;
 /// The worst latency is also kept per slot of this many µs of intended send time, so a tail
 /// can be told apart as a few stalls or as a steady spread, and lined up with other logs.
 pub const SLOT_US: u64 = 100_000;
+/// Slots whose worst latency is above this count as stalls in the reports.
+const STALL_US: u64 = 10_000;
+
+/// The slot of a record sent at `sent`, for a window starting at `start` (`sent >= start`).
+pub fn slot_of(sent: u64, start: u64) -> usize {
+    ((sent - start) / SLOT_US) as usize
+}
+
+/// How many slots had a worst latency above `STALL_US`.
+pub fn stalls(worst: &[u64]) -> usize {
+    worst.iter().filter(|&&w| w > STALL_US).count()
+}
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub fn now_us() -> u64 {
@@ -84,9 +96,12 @@ impl Shared {
     }
 
     fn record_worst(&self, sent: u64, start: u64, latency: u64) {
-        let slot = ((sent - start) / SLOT_US) as usize;
-        if let Some(w) = self.worst.get(slot) {
-            w.fetch_max(latency, Ordering::Relaxed);
+        // Every connection's receiver lands here: read first, so that the common case (not
+        // a new worst) leaves the shared cache line alone.
+        if let Some(w) = self.worst.get(slot_of(sent, start)) {
+            if latency > w.load(Ordering::Relaxed) {
+                w.fetch_max(latency, Ordering::Relaxed);
+            }
         }
     }
 

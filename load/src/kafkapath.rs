@@ -16,7 +16,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 
-use crate::client::{now_us, number_after, SLOT_US};
+use crate::client::{self, now_us, number_after, SLOT_US};
 use crate::dist::Dist;
 use crate::producer::{self, Counters, Schedule};
 use crate::{procstat, round, Args};
@@ -124,7 +124,7 @@ impl Probe {
         };
         json!({
             "age_us": quantiles(&age),
-            "over_10ms": worst.iter().filter(|&&w| w > 10_000).count(),
+            "over_10ms": client::stalls(&worst),
             "worst_us": worst,
         })
     }
@@ -150,7 +150,7 @@ fn probe(
         }
         let a = now.saturating_sub(sent);
         let _ = age.record(a);
-        let slot = &mut worst[((sent - start) / SLOT_US) as usize];
+        let slot = &mut worst[client::slot_of(sent, start)];
         *slot = (*slot).max(a);
     }
     (age, worst)

@@ -278,7 +278,7 @@ fn worst_per_slot(shared: &Shared) -> serde_json::Value {
     json!({
         "slot_us": client::SLOT_US,
         "window_start_us": shared.window_start_us.load(Ordering::Relaxed),
-        "over_10ms": worst.iter().filter(|&&w| w > 10_000).count(),
+        "over_10ms": client::stalls(&worst),
         "worst_us": worst,
     })
 }
