@@ -10,11 +10,12 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
+use memchr::memmem::Finder;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::timeout;
@@ -23,6 +24,8 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{client_async_with_config, WebSocketStream};
+
+use crate::wire::{self, Frame};
 
 const HIST_SHARDS: usize = 16;
 /// The worst latency is also kept per slot of this many µs of intended send time, so a tail
@@ -245,8 +248,8 @@ async fn connection(
     };
     let opened = timeout(HANDSHAKE_TIMEOUT, open(&plan, &target, &shared)).await;
     drop(permit);
-    let mut ws = match opened {
-        Ok(Ok(ws)) => ws,
+    let mut conn = match opened {
+        Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
             let _ = ready.send((plan.index, Err(e)));
             return stats;
@@ -260,7 +263,7 @@ async fn connection(
     let _ = ready.send((plan.index, Ok(())));
     drop(ready);
     if plan.slow {
-        hold_unread(ws, stop, target.slow_keepalive).await;
+        hold_unread(conn, stop, target.slow_keepalive).await;
         return stats;
     }
     let mut recv = Receiver {
@@ -273,34 +276,47 @@ async fn connection(
     if *stop.borrow() {
         return stats;
     }
-    loop {
+    stats.closed_by_server = loop {
+        // One clock reading per read: every frame in it arrived by then.
+        let mut batch = Batch::new(now_us(), &shared);
+        let closed = loop {
+            match conn.buffered() {
+                Ok(Some(Frame::Text(t))) => recv.on_text(t, &mut batch, &shared, &mut stats),
+                Ok(Some(Frame::Close(code))) => break Some(code),
+                Ok(None) => break None,
+                Err(_) => break Some(PROTOCOL_ERROR),
+            }
+        };
+        batch.count(&shared);
+        if closed.is_some() {
+            break closed;
+        }
+        if conn.answer_pings().await.is_err() {
+            break Some(ABNORMAL);
+        }
         tokio::select! {
             biased;
-            _ = stop.changed() => break,
-            m = ws.next() => match m {
-                Some(Ok(Message::Text(t))) => recv.on_text(t.as_bytes(), &shared, &mut stats),
-                Some(Ok(Message::Close(f))) => {
-                    stats.closed_by_server = Some(f.map(|f| u16::from(f.code)).unwrap_or(1005));
-                    break;
-                }
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => {
-                    stats.closed_by_server = Some(1006);
-                    break;
-                }
+            _ = stop.changed() => break None,
+            read = conn.fill() => if !matches!(read, Ok(n) if n > 0) {
+                break Some(ABNORMAL);
             },
         }
-    }
+    };
     stats.unique = recv.bits.iter().map(|w| w.count_ones() as u64).sum();
     stats
 }
+
+/// The close code counted when the socket ended without a close frame.
+const ABNORMAL: u16 = 1006;
+/// The close code counted when the server sent something this side cannot parse.
+const PROTOCOL_ERROR: u16 = 1002;
 
 /// Keeps the socket open without ever reading it again (no reply to pings or to a close),
 /// until the run ends: the kernel buffers fill, then the server's queue for this connection.
 /// With `keepalive`, an unsolicited pong goes out that often: the server hears from the peer,
 /// and owes it no answer (RFC 6455, 5.5.3).
 async fn hold_unread(
-    mut ws: WebSocketStream<TcpStream>,
+    mut conn: wire::Conn,
     mut stop: watch::Receiver<bool>,
     keepalive: Option<Duration>,
 ) {
@@ -313,15 +329,53 @@ async fn hold_unread(
                 }
             }
             _ = tokio::time::sleep(every) => {
-                let sent = timeout(HANDSHAKE_TIMEOUT, ws.send(Message::Pong(Default::default())));
-                if !matches!(sent.await, Ok(Ok(()))) {
+                if !matches!(timeout(HANDSHAKE_TIMEOUT, conn.send_pong()).await, Ok(Ok(()))) {
                     // Closed by the server, most likely: hold the socket anyway, quietly.
                     every = Duration::MAX;
                 }
             }
         }
     }
-    drop(ws);
+    drop(conn);
+}
+
+/// What the frames of one read add to the shared counters, added once per read: three
+/// atomic additions per frame on lines both client threads write cost more than the parsing.
+struct Batch {
+    now: u64,
+    in_window: bool,
+    received: u64,
+    bytes: u64,
+    other: u64,
+}
+
+impl Batch {
+    fn new(now: u64, shared: &Shared) -> Batch {
+        let start = shared.window_start_us.load(Ordering::Relaxed);
+        let end = shared.window_end_us.load(Ordering::Relaxed);
+        Batch {
+            now,
+            in_window: now >= start && now < end,
+            received: 0,
+            bytes: 0,
+            other: 0,
+        }
+    }
+
+    fn count(self, shared: &Shared) {
+        if self.received > 0 {
+            shared.received.fetch_add(self.received, Ordering::Relaxed);
+            shared.event_bytes.fetch_add(self.bytes, Ordering::Relaxed);
+            if self.in_window {
+                shared
+                    .received_in_window
+                    .fetch_add(self.received, Ordering::Relaxed);
+            }
+        }
+        if self.other > 0 {
+            shared.other_frames.fetch_add(self.other, Ordering::Relaxed);
+        }
+    }
 }
 
 struct Receiver {
@@ -334,28 +388,17 @@ struct Receiver {
 }
 
 impl Receiver {
-    fn on_text(&mut self, text: &[u8], shared: &Shared, stats: &mut ConnStats) {
+    fn on_text(&mut self, text: &[u8], batch: &mut Batch, shared: &Shared, stats: &mut ConnStats) {
         if !text.starts_with(b"{\"type\":\"event\"") {
-            shared.other_frames.fetch_add(1, Ordering::Relaxed);
+            batch.other += 1;
             return;
         }
-        let now = now_us();
-        let (Some(seq), Some(sent)) = (
-            number_after(text, b"\"seq\":"),
-            number_after(text, b"\"sent_us\":"),
-        ) else {
-            shared.other_frames.fetch_add(1, Ordering::Relaxed);
+        let (Some(seq), Some(sent)) = (number_with(text, &SEQ), number_with(text, &SENT)) else {
+            batch.other += 1;
             return;
         };
-        shared.received.fetch_add(1, Ordering::Relaxed);
-        shared
-            .event_bytes
-            .fetch_add(text.len() as u64, Ordering::Relaxed);
-        let start = shared.window_start_us.load(Ordering::Relaxed);
-        let end = shared.window_end_us.load(Ordering::Relaxed);
-        if now >= start && now < end {
-            shared.received_in_window.fetch_add(1, Ordering::Relaxed);
-        }
+        batch.received += 1;
+        batch.bytes += text.len() as u64;
         if seq % self.rooms != self.room {
             stats.misrouted += 1;
             return;
@@ -374,8 +417,10 @@ impl Receiver {
             stats.out_of_order += 1;
         }
         self.last = Some(seq);
+        let start = shared.window_start_us.load(Ordering::Relaxed);
+        let end = shared.window_end_us.load(Ordering::Relaxed);
         if sent >= start && sent < end {
-            let latency = now.saturating_sub(sent).max(1);
+            let latency = batch.now.saturating_sub(sent).max(1);
             self.shard_lock(shared).saturating_record(latency);
             shared.record_worst(sent, start, latency);
         }
@@ -388,9 +433,20 @@ impl Receiver {
     }
 }
 
+static SEQ: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"seq\":"));
+static SENT: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"sent_us\":"));
+
 /// The unsigned integer right after `key` in `text` (a flat scan; keys are unique here).
 pub fn number_after(text: &[u8], key: &[u8]) -> Option<u64> {
-    let at = memchr::memmem::find(text, key)? + key.len();
+    digits_at(text, memchr::memmem::find(text, key)? + key.len())
+}
+
+/// `number_after` with a searcher built once, for the receive path.
+fn number_with(text: &[u8], key: &Finder<'_>) -> Option<u64> {
+    digits_at(text, key.find(text)? + key.needle().len())
+}
+
+fn digits_at(text: &[u8], at: usize) -> Option<u64> {
     let mut n: u64 = 0;
     let mut digits = 0;
     for &b in &text[at..] {
@@ -406,24 +462,39 @@ pub fn number_after(text: &[u8], key: &[u8]) -> Option<u64> {
     (digits > 0).then_some(n)
 }
 
-async fn open(
-    plan: &Plan,
-    target: &Target,
-    shared: &Shared,
-) -> Result<WebSocketStream<TcpStream>, String> {
+async fn open(plan: &Plan, target: &Target, shared: &Shared) -> Result<wire::Conn, String> {
     let source = target.sources[(plan.index / target.per_source.max(1)) % target.sources.len()];
-    let (mut ws, _welcome) = handshake(
-        &target.url,
-        target.addr,
-        source,
-        &plan.token,
-        target.read_buffer,
-    )
-    .await?;
+    let tcp = connect(bound_socket(source)?, target.addr).await?;
+    let seed = (plan.index as u32).wrapping_mul(0x9E37_79B9);
+    let (mut conn, _welcome) =
+        wire::upgrade(&target.url, tcp, &plan.token, target.read_buffer, seed).await?;
     if let Some(room) = &plan.subscribe {
-        subscribe(&mut ws, room, &shared.other_frames).await?;
+        subscribe_on(&mut conn, room, &shared.other_frames).await?;
     }
-    Ok(ws)
+    Ok(conn)
+}
+
+/// Joins `room` and waits for the `ok`; frames before it are counted in `other`.
+async fn subscribe_on(conn: &mut wire::Conn, room: &str, other: &AtomicU64) -> Result<(), String> {
+    conn.send_text(&subscribe_frame(room))
+        .await
+        .map_err(|e| format!("subscribe: {e}"))?;
+    loop {
+        match conn.next().await {
+            Ok(Frame::Text(t)) if t.starts_with(b"{\"type\":\"ok\"") => return Ok(()),
+            Ok(Frame::Text(t)) if t.starts_with(b"{\"type\":\"error\"") => {
+                return Err(format!("subscribe refused: {}", String::from_utf8_lossy(t)))
+            }
+            Ok(Frame::Text(_)) => {
+                other.fetch_add(1, Ordering::Relaxed);
+            }
+            other => return Err(format!("closed while subscribing: {other:?}")),
+        }
+    }
+}
+
+fn subscribe_frame(room: &str) -> String {
+    format!(r#"{{"type":"subscribe","id":1,"rooms":["{room}"]}}"#)
 }
 
 /// Why a connection did not get as far as its welcome frame.
@@ -444,6 +515,9 @@ pub enum HandshakeError {
     WebSocket(tungstenite::Error),
     #[error("expected a welcome frame, got {0}")]
     NoWelcome(String),
+    /// The server's answer is not a WebSocket upgrade this side can read.
+    #[error("protocol: {0}")]
+    Protocol(String),
 }
 
 impl From<HandshakeError> for String {
@@ -522,8 +596,7 @@ pub async fn subscribe(
     room: &str,
     other: &AtomicU64,
 ) -> Result<(), String> {
-    let frame = format!(r#"{{"type":"subscribe","id":1,"rooms":["{room}"]}}"#);
-    ws.send(Message::text(frame))
+    ws.send(Message::text(subscribe_frame(room)))
         .await
         .map_err(|e| format!("subscribe: {e}"))?;
     loop {

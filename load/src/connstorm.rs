@@ -80,7 +80,9 @@ fn reason(e: &HandshakeError) -> String {
         HandshakeError::WebSocket(tungstenite::Error::Io(e)) => {
             format!("{} during upgrade", io_kind(e))
         }
-        HandshakeError::WebSocket(_) => "upgrade protocol error".into(),
+        HandshakeError::WebSocket(_) | HandshakeError::Protocol(_) => {
+            "upgrade protocol error".into()
+        }
         HandshakeError::NoWelcome(_) => "no welcome".into(),
     }
 }

@@ -20,6 +20,7 @@ mod producer;
 mod replaymem;
 mod server;
 mod storm;
+mod wire;
 
 use std::collections::HashMap;
 use std::io::{BufWriter, Write};
