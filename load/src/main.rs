@@ -90,6 +90,10 @@ struct Args {
     /// roomcast-floor's control address: send records there instead of Kafka.
     #[arg(long)]
     floor_control: Option<String>,
+    /// The server at --url is roomcast-floor reading the topic from Kafka (its --brokers):
+    /// records go to Kafka as for roomcast, and the run is labelled `floor-kafka`.
+    #[arg(long)]
+    floor_kafka: bool,
     /// HS256 secret the server verifies tokens with.
     #[arg(long, default_value = "bench-secret-0123456789")]
     secret: String,
@@ -457,10 +461,10 @@ async fn run(args: &Args) -> anyhow::Result<Value> {
         );
     }
     let n = args.connections;
-    let target_kind = if args.floor_control.is_some() {
-        "floor"
-    } else {
-        "roomcast"
+    let target_kind = match (&args.floor_control, args.floor_kafka) {
+        (Some(_), _) => "floor",
+        (None, true) => "floor-kafka",
+        (None, false) => "roomcast",
     };
     let addr = ws_addr(&args.url)?;
     let rooms = dist.rooms(n);

@@ -64,6 +64,11 @@ struct Args {
     /// Exit after this many seconds whatever happens.
     #[arg(long, default_value_t = 3600)]
     max_seconds: u64,
+    /// Read records from --topic on these Kafka brokers, with roomcast's consumer settings,
+    /// instead of from the control socket: a floor with Kafka's path in it. A record's room
+    /// is named by the first field of its value (`userId` → user:ID, else task:ID).
+    #[arg(long)]
+    brokers: Option<String>,
 }
 
 type Members = HashMap<u64, mpsc::Sender<Bytes>>;
@@ -184,6 +189,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             });
         }
     });
+    if let Some(brokers) = &args.brokers {
+        let consumer = kafka::consumer(brokers, &args.topic)?;
+        let (h, topic, event) = (hub.clone(), args.topic.clone(), args.event.clone());
+        std::thread::Builder::new()
+            .name("floor-kafka".into())
+            .spawn(move || kafka::run(&consumer, &h, &topic, &event))?;
+    }
     let h = hub.clone();
     let (topic, event) = (args.topic.clone(), args.event.clone());
     tokio::spawn(async move {
@@ -250,14 +262,87 @@ async fn control_loop(
             continue;
         };
         let targets: Vec<&str> = rooms.split(' ').filter(|r| !r.is_empty()).collect();
-        // Byte for byte the shape of roomcast's event frame.
-        let json = format!(
-            r#"{{"type":"event","event":{event},"pos":"{topic}:0:{offset}","ts":{},"payload":{}}}"#,
-            now_ms(),
-            value.trim()
-        );
+        let frame = event_frame(&event, topic, 0, offset, now_ms(), value.trim().as_bytes());
         offset += 1;
-        hub.publish(&targets, &text_frame(json.as_bytes()));
+        hub.publish(&targets, &frame);
+    }
+}
+
+/// Byte for byte the shape of roomcast's event frame; `event` is already a JSON string.
+fn event_frame(
+    event: &str,
+    topic: &str,
+    partition: i32,
+    offset: u64,
+    ts: u64,
+    value: &[u8],
+) -> Bytes {
+    let mut json = format!(
+        r#"{{"type":"event","event":{event},"pos":"{topic}:{partition}:{offset}","ts":{ts},"payload":"#
+    )
+    .into_bytes();
+    json.extend_from_slice(value);
+    json.push(b'}');
+    text_frame(&json)
+}
+
+/// The floor fed by Kafka: one thread polls the topic and publishes each record.
+mod kafka {
+    use std::time::Duration;
+
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+    use super::Hub;
+
+    /// A consumer with the librdkafka settings roomcast's consumer uses (src/kafka/mod.rs),
+    /// assigned to every partition of `topic` from its end.
+    pub fn consumer(brokers: &str, topic: &str) -> anyhow::Result<BaseConsumer> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", "roomcast-floor")
+            .set("enable.auto.commit", "false")
+            .set("queued.max.messages.kbytes", "8192")
+            .set("fetch.queue.backoff.ms", "10")
+            .set("fetch.wait.max.ms", "100")
+            .set("socket.nagle.disable", "true")
+            .set("enable.partition.eof", "false")
+            .create()?;
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let mut tpl = TopicPartitionList::new();
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                tpl.add_partition_offset(topic, p.id(), Offset::End)?;
+            }
+        }
+        anyhow::ensure!(tpl.count() > 0, "topic {topic} has no partitions");
+        consumer.assign(&tpl)?;
+        Ok(consumer)
+    }
+
+    pub fn run(consumer: &BaseConsumer, hub: &Hub, topic: &str, event: &str) {
+        let event = serde_json::Value::from(event).to_string();
+        loop {
+            let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) else {
+                continue;
+            };
+            let Some(value) = m.payload() else { continue };
+            let Some(room) = room_of(value) else { continue };
+            let ts = m.timestamp().to_millis().unwrap_or(0).max(0) as u64;
+            let offset = m.offset().max(0) as u64;
+            let frame = super::event_frame(&event, topic, m.partition(), offset, ts, value);
+            hub.publish(&[room.as_str()], &frame);
+        }
+    }
+
+    /// `{"userId":"u7",...}` → `user:u7`; `{"taskId":"g3",...}` → `task:g3`.
+    pub fn room_of(value: &[u8]) -> Option<String> {
+        let text = std::str::from_utf8(value).ok()?;
+        let rest = text.strip_prefix("{\"")?;
+        let (key, rest) = rest.split_once("\":\"")?;
+        let (id, _) = rest.split_once('"')?;
+        let kind = if key == "userId" { "user" } else { "task" };
+        Some(format!("{kind}:{id}"))
     }
 }
 
@@ -496,6 +581,24 @@ mod tests {
         assert_eq!(buf.len(), 1);
         let f = text_frame(&[b'x'; 300]);
         assert_eq!(&f[..4], &[0x81, 126, 1, 44]);
+    }
+
+    #[test]
+    fn a_kafka_record_names_its_room_in_its_first_field() {
+        assert_eq!(
+            kafka::room_of(br#"{"userId":"u7","seq":1}"#).as_deref(),
+            Some("user:u7")
+        );
+        assert_eq!(
+            kafka::room_of(br#"{"taskId":"g3","seq":1}"#).as_deref(),
+            Some("task:g3")
+        );
+        assert_eq!(kafka::room_of(b"not json"), None);
+        let f = event_frame("\"e\"", "t", 2, 9, 5, br#"{"a":1}"#);
+        assert_eq!(
+            &f[2..],
+            br#"{"type":"event","event":"e","pos":"t:2:9","ts":5,"payload":{"a":1}}"#
+        );
     }
 
     #[test]
