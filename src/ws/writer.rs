@@ -80,11 +80,9 @@ pub async fn run(
         };
         let sent = match wake {
             Wake::Close => break,
-            Wake::Batch => w.write(inbox.batch()).await,
-            Wake::Ping => match w.write(inbox.take_queued()).await {
-                Ok(()) => w.send(&[&wire::ping()]).await,
-                Err(e) => Err(e),
-            },
+            Wake::Batch => w.write(inbox.batch(), None).await,
+            // The ping rides in the same write as whatever is queued.
+            Wake::Ping => w.write(inbox.take_queued(), Some(&wire::ping()[..])).await,
         };
         inbox.written();
         if sent.is_err() {
@@ -94,7 +92,7 @@ pub async fn run(
     let request = peer.close_request().expect("woken by a close request");
     let queued = inbox.take_queued();
     if request.flush {
-        let _ = w.write(queued).await;
+        let _ = w.write(queued, None).await;
     }
     let frame = wire::close(request.code, request.reason);
     match w.send(&[&frame]).await {
@@ -104,8 +102,8 @@ pub async fn run(
 }
 
 impl Writer {
-    /// Sends a batch in order; a resume's replay goes out where it stands.
-    async fn write(&self, items: &VecDeque<Outgoing>) -> io::Result<()> {
+    /// Sends a batch in order, then `last`; a resume's replay goes out where it stands.
+    async fn write(&self, items: &VecDeque<Outgoing>, last: Option<&[u8]>) -> io::Result<()> {
         let mut run: Vec<&[u8]> = Vec::with_capacity(items.len());
         for item in items {
             match item {
@@ -119,6 +117,7 @@ impl Writer {
                 }
             }
         }
+        run.extend(last);
         self.send(&run).await
     }
 
