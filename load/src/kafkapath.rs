@@ -10,10 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hdrhistogram::Histogram;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 
 use crate::client::{self, now_us, number_after, SLOT_US};
@@ -156,29 +154,8 @@ fn probe(
     (age, worst)
 }
 
-/// A consumer with the librdkafka settings roomcast's consumer uses (src/kafka/mod.rs),
-/// assigned to every partition of `topic` from its end.
 fn consumer(brokers: &str, topic: &str) -> anyhow::Result<BaseConsumer> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "roomcast-load-kafka-path")
-        .set("enable.auto.commit", "false")
-        .set("queued.max.messages.kbytes", "8192")
-        .set("fetch.queue.backoff.ms", "10")
-        .set("fetch.wait.max.ms", "100")
-        .set("socket.nagle.disable", "true")
-        .set("enable.partition.eof", "false")
-        .create()?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let mut tpl = TopicPartitionList::new();
-    for t in metadata.topics() {
-        for p in t.partitions() {
-            tpl.add_partition_offset(topic, p.id(), Offset::End)?;
-        }
-    }
-    anyhow::ensure!(tpl.count() > 0, "topic {topic} has no partitions");
-    consumer.assign(&tpl)?;
-    Ok(consumer)
+    crate::tail::from_end(brokers, topic, "roomcast-load-kafka-path")
 }
 
 struct Got {

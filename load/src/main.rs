@@ -20,6 +20,7 @@ mod producer;
 mod replaymem;
 mod server;
 mod storm;
+mod tail;
 mod wire;
 
 use std::collections::HashMap;

@@ -286,38 +286,20 @@ fn event_frame(
     text_frame(&json)
 }
 
+#[path = "../tail.rs"]
+mod tail;
+
 /// The floor fed by Kafka: one thread polls the topic and publishes each record.
 mod kafka {
     use std::time::Duration;
 
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+    use rdkafka::consumer::BaseConsumer;
+    use rdkafka::Message;
 
     use super::Hub;
 
-    /// A consumer with the librdkafka settings roomcast's consumer uses (src/kafka/mod.rs),
-    /// assigned to every partition of `topic` from its end.
     pub fn consumer(brokers: &str, topic: &str) -> anyhow::Result<BaseConsumer> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("group.id", "roomcast-floor")
-            .set("enable.auto.commit", "false")
-            .set("queued.max.messages.kbytes", "8192")
-            .set("fetch.queue.backoff.ms", "10")
-            .set("fetch.wait.max.ms", "100")
-            .set("socket.nagle.disable", "true")
-            .set("enable.partition.eof", "false")
-            .create()?;
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-        let mut tpl = TopicPartitionList::new();
-        for t in metadata.topics() {
-            for p in t.partitions() {
-                tpl.add_partition_offset(topic, p.id(), Offset::End)?;
-            }
-        }
-        anyhow::ensure!(tpl.count() > 0, "topic {topic} has no partitions");
-        consumer.assign(&tpl)?;
-        Ok(consumer)
+        super::tail::from_end(brokers, topic, "roomcast-floor")
     }
 
     pub fn run(consumer: &BaseConsumer, hub: &Hub, topic: &str, event: &str) {
