@@ -576,6 +576,19 @@ impl Client {
     }
 
     /// Reads until the server's close frame; returns it (None if the socket just ended).
+    /// After a close frame: reads on, which sends the close reply, until the server ends the
+    /// connection. True if it did within the wait.
+    pub async fn finish_close(&mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Ok(Some(Ok(_))) => continue,
+                Ok(Some(Err(_))) | Ok(None) => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+
     pub async fn close_frame(&mut self) -> Option<CloseFrame> {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
