@@ -343,7 +343,9 @@ async fn hold_unread(
 /// atomic additions per frame on lines both client threads write cost more than the parsing.
 struct Batch {
     now: u64,
-    in_window: bool,
+    /// The measured window, read once per read too.
+    start: u64,
+    end: u64,
     received: u64,
     bytes: u64,
     other: u64,
@@ -355,7 +357,8 @@ impl Batch {
         let end = shared.window_end_us.load(Ordering::Relaxed);
         Batch {
             now,
-            in_window: now >= start && now < end,
+            start,
+            end,
             received: 0,
             bytes: 0,
             other: 0,
@@ -366,7 +369,7 @@ impl Batch {
         if self.received > 0 {
             shared.received.fetch_add(self.received, Ordering::Relaxed);
             shared.event_bytes.fetch_add(self.bytes, Ordering::Relaxed);
-            if self.in_window {
+            if self.now >= self.start && self.now < self.end {
                 shared
                     .received_in_window
                     .fetch_add(self.received, Ordering::Relaxed);
@@ -417,12 +420,10 @@ impl Receiver {
             stats.out_of_order += 1;
         }
         self.last = Some(seq);
-        let start = shared.window_start_us.load(Ordering::Relaxed);
-        let end = shared.window_end_us.load(Ordering::Relaxed);
-        if sent >= start && sent < end {
+        if sent >= batch.start && sent < batch.end {
             let latency = batch.now.saturating_sub(sent).max(1);
             self.shard_lock(shared).saturating_record(latency);
-            shared.record_worst(sent, start, latency);
+            shared.record_worst(sent, batch.start, latency);
         }
     }
 

@@ -137,16 +137,16 @@ impl Conn {
         &self.buf[self.start..self.end]
     }
 
-    /// Consumes the control frames at the front (owing a pong for each ping); true when a
-    /// whole text or close frame follows.
-    fn skip_control(&mut self) -> Result<bool, WireError> {
+    /// Consumes the control frames at the front (owing a pong for each ping); then the
+    /// header of the whole text or close frame that follows, if one does.
+    fn skip_control(&mut self) -> Result<Option<Header>, WireError> {
         loop {
             let Some(h) = header(self.unparsed())? else {
-                return Ok(false);
+                return Ok(None);
             };
             let payload = self.start + h.payload.start..self.start + h.payload.end;
             match h.opcode {
-                TEXT | CLOSE => return Ok(true),
+                TEXT | CLOSE => return Ok(Some(h)),
                 PING => {
                     let key = self.key();
                     let pong = masked(PONG, &self.buf[payload.clone()], key);
@@ -161,10 +161,9 @@ impl Conn {
 
     /// The next text or close frame already in the buffer, if a whole one is there.
     pub fn buffered(&mut self) -> Result<Option<Frame<'_>>, WireError> {
-        if !self.skip_control()? {
+        let Some(h) = self.skip_control()? else {
             return Ok(None);
-        }
-        let h = header(self.unparsed())?.expect("a whole frame is there");
+        };
         let payload = self.start + h.payload.start..self.start + h.payload.end;
         self.start = payload.end;
         let p = &self.buf[payload];
@@ -178,7 +177,7 @@ impl Conn {
     /// The next text or close frame, reading as needed; a stream that ends without a close
     /// frame gives `Close(1006)`.
     pub async fn next(&mut self) -> Result<Frame<'_>, WireError> {
-        while !self.skip_control()? {
+        while self.skip_control()?.is_none() {
             self.answer_pings().await?;
             if self.fill().await? == 0 {
                 return Ok(Frame::Close(1006));
@@ -210,7 +209,9 @@ impl Conn {
         self.buf.copy_within(self.start..self.end, 0);
         (self.start, self.end) = (0, self.end - self.start);
         let need = frame_len(self.unparsed()).map_or(0, |n| n.min(MAX_FRAME + 14));
-        let size = need.max(self.buf.len() + usize::from(self.end == self.buf.len()) * 64);
+        // Full without a frame longer than the buffer: a long response head.
+        let full = self.end == self.buf.len();
+        let size = need.max(if full { 2 * self.buf.len() } else { 0 });
         if size > self.buf.len() {
             self.buf.resize(size, 0);
         }

@@ -48,8 +48,10 @@ impl Drop for Floor {
     }
 }
 
-/// Runs roomcast-load with `args` and returns its JSON report.
-fn load(args: &[&str]) -> serde_json::Value {
+/// Runs roomcast-load against `target` (its server and record flags) with `conns`
+/// connections in rooms by `dist`, 200 records/s for 1 s of warm-up and 2 measured, and
+/// returns its JSON report.
+fn load(target: &[&str], conns: &str, dist: &str) -> serde_json::Value {
     let out = std::env::temp_dir().join(format!(
         "roomcast-load-floor-{}-{}.jsonl",
         std::process::id(),
@@ -57,7 +59,11 @@ fn load(args: &[&str]) -> serde_json::Value {
     ));
     let status = Command::new(env!("CARGO_BIN_EXE_roomcast-load"))
         .args(["--secret", "floor-run-secret-0123456789"])
-        .args(args)
+        .args(target)
+        .args([
+            "-n", conns, "--dist", dist, "--rate", "200", "--warmup", "1",
+        ])
+        .args(["--duration", "2", "--drain", "10", "--threads", "2"])
         .arg("--json-out")
         .arg(&out)
         .stdout(Stdio::null())
@@ -90,26 +96,11 @@ fn assert_exact(r: &serde_json::Value, sent: u64, fanout: u64) {
 fn every_record_reaches_its_room_once() {
     let floor = Floor::start(&[]);
     let url = format!("ws://{}/ws", floor.public);
-    let r = load(&[
-        "--url",
-        &url,
-        "--floor-control",
-        &floor.control,
-        "-n",
+    let r = load(
+        &["--url", &url, "--floor-control", &floor.control],
         "200",
-        "--dist",
         "groups:10",
-        "--rate",
-        "200",
-        "--warmup",
-        "1",
-        "--duration",
-        "2",
-        "--drain",
-        "5",
-        "--threads",
-        "2",
-    ]);
+    );
     assert_eq!(r["connections"]["open"], 200);
     assert_eq!(r["target"], "floor");
     // 200 records/s for 3 s; rooms of 10: each record is for the ten connections of its room.
@@ -133,7 +124,7 @@ fn the_floor_fed_by_kafka_delivers_every_record_once() {
     assert!(created.success());
     let floor = Floor::start(&["--brokers", &brokers, "--topic", &topic]);
     let url = format!("ws://{}/ws", floor.public);
-    let r = load(&[
+    let target = [
         "--url",
         &url,
         "--brokers",
@@ -141,19 +132,8 @@ fn the_floor_fed_by_kafka_delivers_every_record_once() {
         "--topic",
         &topic,
         "--floor-kafka",
-        "-n",
-        "100",
-        "--dist",
-        "user",
-        "--rate",
-        "200",
-        "--warmup",
-        "1",
-        "--duration",
-        "2",
-        "--drain",
-        "10",
-    ]);
+    ];
+    let r = load(&target, "100", "user");
     assert_eq!(r["target"], "floor-kafka");
     // One room per user: each record is for one connection.
     assert_exact(&r, 600, 1);
