@@ -69,14 +69,8 @@ fn header(bytes: &[u8]) -> Result<Option<Header>, WireError> {
     if !fin || opcode == 0 {
         return Err(WireError::Fragmented(opcode));
     }
-    let (len, at) = match b1 & 0x7F {
-        126 if bytes.len() >= 4 => (u16::from_be_bytes([bytes[2], bytes[3]]) as u64, 4),
-        127 if bytes.len() >= 10 => {
-            let n: [u8; 8] = bytes[2..10].try_into().expect("eight bytes");
-            (u64::from_be_bytes(n), 10)
-        }
-        126 | 127 => return Ok(None),
-        n => (n as u64, 2),
+    let Some((at, len)) = lengths(bytes) else {
+        return Ok(None);
     };
     if len > MAX_FRAME as u64 {
         return Err(WireError::TooLong(len));
@@ -251,24 +245,23 @@ impl Conn {
     }
 }
 
-/// The whole length of the frame at the start of `bytes`, once its header is there.
-fn frame_len(bytes: &[u8]) -> Option<usize> {
-    let b1 = *bytes.get(1)?;
-    let (len, at): (usize, usize) = match b1 & 0x7F {
+/// Where the payload of the frame at the start of `bytes` begins, and its length, once the
+/// length field is there.
+fn lengths(bytes: &[u8]) -> Option<(usize, u64)> {
+    Some(match *bytes.get(1)? & 0x7F {
         126 => (
-            u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?]) as usize,
             4,
+            u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?]) as u64,
         ),
-        127 => {
-            let n: [u8; 8] = bytes.get(2..10)?.try_into().ok()?;
-            (
-                usize::try_from(u64::from_be_bytes(n)).unwrap_or(usize::MAX),
-                10,
-            )
-        }
-        n => (n as usize, 2),
-    };
-    Some(at.saturating_add(len))
+        127 => (10, u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?)),
+        n => (2, n as u64),
+    })
+}
+
+/// The whole length of the frame at the start of `bytes`, once its length field is there.
+fn frame_len(bytes: &[u8]) -> Option<usize> {
+    let (at, len) = lengths(bytes)?;
+    Some(at.saturating_add(usize::try_from(len).unwrap_or(usize::MAX)))
 }
 
 /// The upgrade to a WebSocket with the token in the subprotocol, then the welcome frame;
