@@ -60,6 +60,25 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// How long SIGTERM spends closing clients (in paced batches) before exiting.
     pub drain_seconds: f64,
+    /// Time a connection has from being accepted to being upgraded (or its HTTP answered);
+    /// a peer that sends its request head slowly is closed when it runs out.
+    pub handshake_timeout_seconds: f64,
+    /// Largest request head (request line and headers) read before the upgrade; a larger
+    /// one is answered 431.
+    pub max_request_head_bytes: usize,
+    /// Connections accepted but not yet upgraded, across all peers; past it a new
+    /// connection is answered 503 at once.
+    pub max_handshakes: usize,
+    /// Connections not yet upgraded from one peer address (0: no limit). Peers listed in
+    /// `trusted_proxies` are exempt: they carry many clients.
+    pub max_handshakes_per_address: usize,
+    /// Open connections of one user of one tenant (0: no limit).
+    pub max_connections_per_user: usize,
+    /// Open connections from one client address (0: no limit). Behind a proxy the address
+    /// is read from `X-Forwarded-For`, but only when the peer is in `trusted_proxies`.
+    pub max_connections_per_address: usize,
+    /// Addresses or CIDR ranges of proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -188,6 +207,13 @@ impl Default for ServerConfig {
             allowed_origins: Vec::new(),
             max_connections: 100_000,
             drain_seconds: 5.0,
+            handshake_timeout_seconds: 10.0,
+            max_request_head_bytes: 16 * 1024,
+            max_handshakes: 4096,
+            max_handshakes_per_address: 256,
+            max_connections_per_user: 100,
+            max_connections_per_address: 0,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -350,6 +376,13 @@ impl Config {
                     self.server.max_connections = parse_env(&name, &value)?;
                 }
                 "DRAIN_SECONDS" => self.server.drain_seconds = parse_env(&name, &value)?,
+                "TRUSTED_PROXIES" => self.server.trusted_proxies = split_list(&value),
+                "MAX_CONNECTIONS_PER_USER" => {
+                    self.server.max_connections_per_user = parse_env(&name, &value)?;
+                }
+                "MAX_CONNECTIONS_PER_ADDRESS" => {
+                    self.server.max_connections_per_address = parse_env(&name, &value)?;
+                }
                 "KAFKA_BROKERS" => self.kafka.brokers = value,
                 "KAFKA_GROUP_PREFIX" => self.kafka.group_prefix = value,
                 "JWT_SECRET" => self.auth.secret = Some(value),
@@ -413,6 +446,7 @@ impl Config {
                 "must be between 0 and 3600",
             ));
         }
+        self.validate_edge()?;
         self.validate_websocket()?;
         self.validate_resume()?;
         if self.kafka.brokers.trim().is_empty() {
@@ -442,6 +476,30 @@ impl Config {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// What bounds a connection before it has authenticated.
+    fn validate_edge(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if !(s.handshake_timeout_seconds >= 0.1 && s.handshake_timeout_seconds <= 300.0) {
+            return Err(ConfigError::invalid(
+                "server.handshake_timeout_seconds",
+                "must be between 0.1 and 300",
+            ));
+        }
+        // hyper reads at least 8 KiB at a time and cannot be bounded below that.
+        if !(8192..=1024 * 1024).contains(&s.max_request_head_bytes) {
+            return Err(ConfigError::invalid(
+                "server.max_request_head_bytes",
+                "must be between 8192 and 1048576",
+            ));
+        }
+        if s.max_handshakes == 0 {
+            return Err(ConfigError::invalid("server.max_handshakes", "must be > 0"));
+        }
+        crate::proxy::TrustedProxies::parse(&s.trusted_proxies)
+            .map_err(|e| ConfigError::invalid("server.trusted_proxies", e))?;
         Ok(())
     }
 

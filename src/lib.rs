@@ -8,11 +8,14 @@ pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod doc;
+pub mod edge;
 pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod pattern;
 pub mod position;
+pub mod proxy;
+pub mod quota;
 pub mod registry;
 pub mod replay;
 pub mod route;
@@ -25,9 +28,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::{ListenerExt, TapIo};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tracing::{info, warn};
+use axum::serve::ListenerExt;
+use tokio::net::{TcpListener, TcpSocket};
+use tracing::info;
 
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError};
@@ -64,12 +67,9 @@ pub enum Error {
 /// and the usual 128 drops SYNs, leaving clients to wait for retransmits.
 const LISTEN_BACKLOG: u32 = 4096;
 
-/// A listener whose accepted connections send without delay.
-type Listener = TapIo<TcpListener, fn(&mut TcpStream)>;
-
 /// Binds a listener and tells the address it got (the port may have been 0). A send buffer
 /// size set on the listener is inherited by every connection it accepts.
-fn bind(key: &str, value: &str, send_buffer: usize) -> Result<(Listener, SocketAddr), Error> {
+fn bind(key: &str, value: &str, send_buffer: usize) -> Result<(TcpListener, SocketAddr), Error> {
     let addr = config::parse_addr(key, value)?;
     let bind_error = |source| Error::Bind { addr, source };
     let socket = if addr.is_ipv4() {
@@ -86,16 +86,7 @@ fn bind(key: &str, value: &str, send_buffer: usize) -> Result<(Listener, SocketA
     socket.bind(addr).map_err(bind_error)?;
     let listener = socket.listen(LISTEN_BACKLOG).map_err(bind_error)?;
     let local = listener.local_addr().map_err(bind_error)?;
-    Ok((listener.tap_io(no_delay as fn(&mut TcpStream)), local))
-}
-
-/// Frames are small and must leave at once. With Nagle's algorithm on, a frame written while
-/// an earlier one (a ping, an event) is unacknowledged waits for the peer's delayed ACK,
-/// 40 ms on Linux.
-fn no_delay(stream: &mut TcpStream) {
-    if let Err(e) = stream.set_nodelay(true) {
-        warn!(error = %e, "could not turn Nagle's algorithm off for a connection");
-    }
+    Ok((listener, local))
 }
 
 /// Runs the service until `stop` resolves, then drains and returns.
@@ -126,20 +117,25 @@ pub async fn serve(
     let stop_consuming = stages.stop_consuming.subscribe();
     let consuming = tokio::task::spawn_blocking(move || consumer.run(stop_consuming));
     let public_router = http::public_router(hub.clone(), demo_token);
-    let public_task = tokio::spawn(
-        axum::serve(public, public_router)
-            .with_graceful_shutdown(shutdown::wait(stages.stop_accepting.subscribe()))
-            .into_future(),
+    let edge = edge::Edge::new(
+        &config.server,
+        public_router,
+        hub.metrics.clone(),
+        hub.proxies.clone(),
     );
+    let public_task = tokio::spawn(edge.run(public, stages.stop_accepting.subscribe()));
     let admin_state = http::AdminState {
         hub: hub.clone(),
         discovered,
     };
     let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
     let admin_task = tokio::spawn(
-        axum::serve(admin, http::admin_router(admin_state))
-            .with_graceful_shutdown(shutdown::wait(admin_stopped))
-            .into_future(),
+        axum::serve(
+            admin.tap_io(|s| edge::no_delay(s)),
+            http::admin_router(admin_state),
+        )
+        .with_graceful_shutdown(shutdown::wait(admin_stopped))
+        .into_future(),
     );
 
     stop.await;
@@ -151,18 +147,4 @@ pub async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
     info!("stopped");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use axum::serve::Listener as _;
-
-    #[tokio::test]
-    async fn accepted_connections_send_without_delay() {
-        let (mut listener, addr) = bind("server.listen", "127.0.0.1:0", 0).unwrap();
-        let _client = TcpStream::connect(addr).await.unwrap();
-        let (accepted, _) = listener.accept().await;
-        assert!(accepted.nodelay().unwrap());
-    }
 }

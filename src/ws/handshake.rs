@@ -1,23 +1,34 @@
 //! The `/ws` handshake: every refusal happens here, as a plain HTTP answer before the upgrade.
 //!
 //! Order of checks: draining (503), a well-formed upgrade request (400), Origin (403), token
-//! (401), connection limit (503). The token may come from `Authorization: Bearer`, from the
+//! (401), connections of this user (429), connections from this address (429), connection
+//! limit (503). The token may come from `Authorization: Bearer`, from the
 //! `bearer.<jwt>` subprotocol, or from `?token=`; it is never logged.
 
 use std::sync::Arc;
 
+use std::net::{IpAddr, SocketAddr};
+
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
-use hyper_util::server::conn::auto::upgrade::downcast;
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tracing::{debug, warn};
 
 use super::protocol::SUBPROTOCOL;
 use super::{session, Hub};
+use crate::quota::{Quota, Share};
+
+/// What an open connection holds against the limits; all of it is given back when it ends.
+pub struct Admission {
+    _permit: OwnedSemaphorePermit,
+    _user: Share<(Option<String>, String)>,
+    _address: Share<IpAddr>,
+}
 
 /// A refused upgrade: status, bounded reason (for metrics) and the short body.
 #[derive(Debug, PartialEq, Eq)]
@@ -39,22 +50,15 @@ fn refuse(status: StatusCode, reason: &'static str) -> Refusal {
 pub async fn upgrade(State(hub): State<Arc<Hub>>, mut req: Request) -> Response {
     let accepted = match check(&hub, req.headers(), req.uri().query()) {
         Ok(a) => a,
-        Err(refusal) => {
-            hub.metrics
-                .handshake_failures
-                .with_label_values(&[refusal.reason])
-                .inc();
-            debug!(reason = refusal.reason, "upgrade refused");
-            return refusal.into_response();
-        }
+        Err(refusal) => return refused(&hub, refusal),
     };
-    let Ok(permit) = hub.limit.clone().try_acquire_owned() else {
-        let refusal = refuse(StatusCode::SERVICE_UNAVAILABLE, "too_many_connections");
-        hub.metrics
-            .handshake_failures
-            .with_label_values(&[refusal.reason])
-            .inc();
-        return refusal.into_response();
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let admission = match admit(&hub, &accepted.identity, peer, req.headers()) {
+        Ok(a) => a,
+        Err(refusal) => return refused(&hub, refusal),
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let identity = accepted.identity;
@@ -66,7 +70,7 @@ pub async fn upgrade(State(hub): State<Arc<Hub>>, mut req: Request) -> Response 
             Err(e) => return warn!(error = %e, "upgrade failed"),
         };
         // The session owns the TCP stream itself: it does its own framing (see wire.rs).
-        let Ok(parts) = downcast::<TokioIo<TcpStream>>(upgraded) else {
+        let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
             return warn!("upgraded connection is not a TCP stream");
         };
         let stream = parts.io.into_inner();
@@ -77,7 +81,7 @@ pub async fn upgrade(State(hub): State<Arc<Hub>>, mut req: Request) -> Response 
             stream,
             parts.read_buf,
             identity,
-            permit,
+            admission,
             resume,
         ));
     });
@@ -96,6 +100,50 @@ pub async fn upgrade(State(hub): State<Arc<Hub>>, mut req: Request) -> Response 
         );
     }
     response
+}
+
+fn refused(hub: &Hub, refusal: Refusal) -> Response {
+    hub.metrics
+        .handshake_failures
+        .with_label_values(&[refusal.reason])
+        .inc();
+    debug!(reason = refusal.reason, "upgrade refused");
+    refusal.into_response()
+}
+
+/// Takes this connection's share of the per-user and per-address limits and of the
+/// connection limit.
+fn admit(
+    hub: &Hub,
+    identity: &crate::auth::Identity,
+    peer: Option<IpAddr>,
+    headers: &HeaderMap,
+) -> Result<Admission, Refusal> {
+    let user_key = (identity.tenant.clone(), identity.user.clone());
+    let user = hub.users.take(user_key).ok_or(refuse(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_connections_for_user",
+    ))?;
+    let address = match peer {
+        Some(peer) => hub
+            .addresses
+            .take(hub.proxies.client_address(peer, headers))
+            .ok_or(refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_connections_for_address",
+            ))?,
+        None => Quota::unlimited(),
+    };
+    let permit = hub
+        .limit
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| refuse(StatusCode::SERVICE_UNAVAILABLE, "too_many_connections"))?;
+    Ok(Admission {
+        _permit: permit,
+        _user: user,
+        _address: address,
+    })
 }
 
 struct Accepted {

@@ -10,6 +10,7 @@ pub mod wire;
 pub mod writer;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -22,6 +23,8 @@ use crate::config::Config;
 use crate::kafka::replay::KafkaReplay;
 use crate::metrics::Metrics;
 use crate::position::{PartitionTable, PositionMap};
+use crate::proxy::TrustedProxies;
+use crate::quota::Quota;
 use crate::registry::{ConnId, Registry};
 use crate::replay::{self, ReplayBuffer};
 use crate::route::{Priority, Route, Routed};
@@ -65,6 +68,11 @@ pub struct Hub {
     cut: Mutex<()>,
     /// Bounds open connections; a session holds one permit for its whole life.
     pub limit: Arc<Semaphore>,
+    /// Open connections per (tenant, user) and per client address.
+    pub users: Arc<Quota<(Option<String>, String)>>,
+    pub addresses: Arc<Quota<IpAddr>>,
+    /// Whose `X-Forwarded-For` names the client address.
+    pub proxies: TrustedProxies,
     draining: AtomicBool,
     /// Whether the consumer may write quiet connections' frames itself (see `deliver`).
     direct_writes: AtomicBool,
@@ -92,6 +100,8 @@ impl Hub {
                 })
                 .collect(),
         );
+        let proxies = TrustedProxies::parse(&config.server.trusted_proxies)
+            .expect("trusted proxies are validated with the config");
         let r = &config.resume;
         let replay = ReplayBuffer::new(replay::Limits {
             bytes: r.buffer_bytes,
@@ -106,6 +116,8 @@ impl Hub {
             r.max_replay_records,
         );
         Hub {
+            users: Quota::new(config.server.max_connections_per_user),
+            addresses: Quota::new(config.server.max_connections_per_address),
             config,
             auth,
             metrics,
@@ -117,6 +129,7 @@ impl Hub {
             kafka_replay,
             cut: Mutex::new(()),
             limit,
+            proxies,
             draining: AtomicBool::new(false),
             direct_writes: AtomicBool::new(true),
             next_id: AtomicU64::new(1),

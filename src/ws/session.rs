@@ -13,10 +13,10 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use serde_json::Value;
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{sleep_until, timeout, Instant};
 use tracing::{debug, debug_span, Instrument};
 
+use super::handshake::Admission;
 use super::outbox::{Limits, Peer};
 use super::protocol::{self, close, ClientFrame, Welcome};
 use super::wire::{Decoder, Incoming, WireError};
@@ -45,7 +45,8 @@ struct Session {
 }
 
 /// Starts a session: queues its welcome and spawns its writer now, and returns the reader,
-/// which runs the session to its end. The permit is released when that returns.
+/// which runs the session to its end. The admission (its share of the connection limits) is
+/// given back when that returns.
 ///
 /// Not an `async fn`: everything an async block captures stays in its state for the whole
 /// connection, even once moved out, so the socket and identity are split and placed before
@@ -56,7 +57,7 @@ pub fn run(
     stream: TcpStream,
     early: Bytes,
     identity: Identity,
-    permit: OwnedSemaphorePermit,
+    admission: Admission,
     resume_requested: bool,
 ) -> impl Future<Output = ()> + Send {
     let id = hub.next_connection_id();
@@ -90,7 +91,7 @@ pub fn run(
     let writer = writer::run(hub.clone(), socket, inbox, id, heartbeat).instrument(span.clone());
     let writer = tokio::spawn(writer);
     async move {
-        let _permit = permit;
+        let _admission = admission;
         session.read_loop(reader).await;
         session.end(writer).await;
     }

@@ -196,6 +196,16 @@ impl Server {
 
     /// Like `start`, with extra environment variables for the process.
     pub async fn start_with(routes: &str, extra: &str, env: &[(&str, &str)]) -> Server {
+        Server::start_keys(routes, "", extra, env).await
+    }
+
+    /// Like `start_with`, with `server_keys` added to the `[server]` table.
+    pub async fn start_keys(
+        routes: &str,
+        server_keys: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> Server {
         let dir = TempDir::new();
         let config = format!(
             r#"
@@ -204,6 +214,7 @@ listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 name = "{name}"
 drain_seconds = 1.0
+{server_keys}
 
 [kafka]
 brokers = "{brokers}"
