@@ -477,10 +477,7 @@ impl Session {
 
     fn admit(&self, room: &str, grants: &[Pattern]) -> Result<(), (&'static str, &'static str)> {
         if !protocol::valid_room_name(room) {
-            return Err((
-                "invalid_room",
-                "room names are 1 to 200 printable characters",
-            ));
+            return Err(("invalid_room", protocol::INVALID_ROOM_MESSAGE));
         }
         if !self.identity.may_join(room) && !grants.iter().any(|g| g.matches(room)) {
             return Err(("forbidden", "not allowed to join this room"));
