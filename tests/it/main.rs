@@ -3,6 +3,7 @@
 
 mod auth;
 mod delivery;
+mod hostile_patterns;
 mod ops;
 mod protocol;
 mod resume;
