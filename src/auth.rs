@@ -6,7 +6,7 @@
 //! config). A backend can also hand out short-lived subscription tokens that grant named rooms
 //! to one user, so roomcast never needs to know the domain behind `task:{id}`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{decode, errors::ErrorKind, DecodingKey, Validation};
@@ -14,6 +14,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Algorithm, AuthConfig, ConfigError};
 use crate::pattern::Pattern;
+
+/// Most room patterns one token may grant in its `rooms` claim, and most entries of its
+/// `perms` claim (and most patterns `auth.perms` may map one permission to): every join is
+/// checked against all of an identity's grants.
+pub const MAX_TOKEN_GRANTS: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
@@ -115,10 +120,7 @@ impl Authenticator {
             .perms
             .iter()
             .map(|(perm, rooms)| {
-                let patterns = rooms
-                    .iter()
-                    .map(|r| Pattern::room(r))
-                    .collect::<Result<Vec<_>, _>>()
+                let patterns = room_patterns(rooms)
                     .map_err(|e| ConfigError::invalid(format!("auth.perms.{perm}"), e))?;
                 Ok((perm.clone(), patterns))
             })
@@ -144,8 +146,16 @@ impl Authenticator {
     /// Validates a connection token.
     pub fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
         let claims = self.claims(token)?;
-        let mut grants = room_patterns(&claims.rooms)?;
-        for perm in &claims.perms {
+        let mut grants = claimed_rooms(&claims.rooms)?;
+        if claims.perms.len() > MAX_TOKEN_GRANTS {
+            return Err(AuthError::Claims(format!(
+                "perms: {} entries are over the limit of {MAX_TOKEN_GRANTS}",
+                claims.perms.len()
+            )));
+        }
+        // Each permission once: a token repeating one must not multiply its patterns.
+        let perms: BTreeSet<&String> = claims.perms.iter().collect();
+        for perm in perms {
             if let Some(patterns) = self.perms.get(perm) {
                 grants.extend(patterns.iter().cloned());
             }
@@ -169,15 +179,26 @@ impl Authenticator {
         {
             return Err(AuthError::Mismatch);
         }
-        room_patterns(&claims.rooms)
+        claimed_rooms(&claims.rooms)
     }
 }
 
-fn room_patterns(rooms: &[String]) -> Result<Vec<Pattern>, AuthError> {
+/// Room patterns within the limits of a grant; the error says which limit.
+fn room_patterns(rooms: &[String]) -> Result<Vec<Pattern>, String> {
+    if rooms.len() > MAX_TOKEN_GRANTS {
+        return Err(format!(
+            "{} patterns are over the limit of {MAX_TOKEN_GRANTS}",
+            rooms.len()
+        ));
+    }
     rooms
         .iter()
-        .map(|r| Pattern::room(r).map_err(AuthError::Claims))
+        .map(|r| Pattern::room(r).map_err(|e| e.to_string()))
         .collect()
+}
+
+fn claimed_rooms(rooms: &[String]) -> Result<Vec<Pattern>, AuthError> {
+    room_patterns(rooms).map_err(|e| AuthError::Claims(format!("rooms: {e}")))
 }
 
 fn classify(e: jsonwebtoken::errors::Error) -> AuthError {
@@ -393,6 +414,87 @@ mod tests {
         assert_eq!(
             a.subscription_grants(&id, &other).unwrap_err(),
             AuthError::Mismatch
+        );
+    }
+
+    #[test]
+    fn a_token_grants_a_bounded_number_of_bounded_patterns() {
+        let a = auth();
+        let mut c = claims("42", 60);
+        c.rooms = (0..MAX_TOKEN_GRANTS).map(|i| format!("task:{i}")).collect();
+        assert!(a.authenticate(&sign_hs256(SECRET, &c)).is_ok());
+        c.rooms.push("task:x".into());
+        let err = a.authenticate(&sign_hs256(SECRET, &c)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid claims: rooms: 257 patterns are over the limit of 256"
+        );
+        assert_eq!(err.reason(), "invalid_claims");
+        c.rooms = vec![format!("task:{}", "x".repeat(300))];
+        assert_eq!(
+            a.authenticate(&sign_hs256(SECRET, &c)).unwrap_err(),
+            AuthError::Claims(
+                "rooms: a pattern of 305 bytes is over the limit of 256 bytes".into()
+            )
+        );
+        c.rooms = Vec::new();
+        c.perms = vec!["users:read".into(); MAX_TOKEN_GRANTS + 1];
+        assert_eq!(
+            a.authenticate(&sign_hs256(SECRET, &c)).unwrap_err(),
+            AuthError::Claims("perms: 257 entries are over the limit of 256".into())
+        );
+    }
+
+    #[test]
+    fn a_repeated_permission_grants_its_patterns_once() {
+        let mut c = claims("42", 60);
+        c.perms = vec!["users:read".into(); MAX_TOKEN_GRANTS];
+        let id = auth().authenticate(&sign_hs256(SECRET, &c)).unwrap();
+        assert_eq!(id.grants.len(), 1);
+    }
+
+    #[test]
+    fn subscription_grants_are_bounded() {
+        let a = auth();
+        let id = a
+            .authenticate(&sign_hs256(SECRET, &claims("42", 60)))
+            .unwrap();
+        let mut grant = claims("42", 30);
+        grant.rooms = vec![vec!["x"; 33].join(":")];
+        assert_eq!(
+            a.subscription_grants(&id, &sign_hs256(SECRET, &grant))
+                .unwrap_err(),
+            AuthError::Claims(
+                "rooms: a pattern of 33 segments is over the limit of 32 segments".into()
+            )
+        );
+    }
+
+    #[test]
+    fn configured_permissions_are_bounded_and_name_their_key() {
+        let mut c = AuthConfig {
+            secret: Some(SECRET.into()),
+            ..AuthConfig::default()
+        };
+        c.perms.insert(
+            "tasks:all".into(),
+            (0..=MAX_TOKEN_GRANTS)
+                .map(|i| format!("task:{i}"))
+                .collect(),
+        );
+        let err = Authenticator::from_config(&c).err().unwrap().to_string();
+        assert_eq!(
+            err,
+            "auth.perms.tasks:all: 257 patterns are over the limit of 256"
+        );
+        c.perms.insert(
+            "tasks:all".into(),
+            vec![format!("task:{}", "*:".repeat(200))],
+        );
+        let err = Authenticator::from_config(&c).err().unwrap().to_string();
+        assert_eq!(
+            err,
+            "auth.perms.tasks:all: a pattern of 405 bytes is over the limit of 256 bytes"
         );
     }
 

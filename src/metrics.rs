@@ -233,7 +233,10 @@ impl Metrics {
                     "invalid_token",
                 ],
             ),
-            (&self.client_frames_rejected, &["bad_frame", "protocol"]),
+            (
+                &self.client_frames_rejected,
+                &["bad_frame", "protocol", "filter_too_large"],
+            ),
             (&self.resumes, &["nothing", "memory", "kafka", "resync"]),
             (&self.replayed_records, &["memory", "kafka"]),
         ];

@@ -95,9 +95,48 @@ pub fn requested_rooms(rooms: Vec<String>, features: Vec<String>) -> Vec<String>
     all
 }
 
-/// A room name a client may ask for: printable, bounded, no control characters.
+/// Why a room name was refused (`invalid_room`).
+pub const INVALID_ROOM_MESSAGE: &str =
+    "room names are 1 to 200 bytes, with no '*' and no control or invisible formatting characters";
+
+/// A room name a client may ask for: bounded, and nothing in it that is not what it looks
+/// like. A `*` would only ever join a room literally named so, never the rooms a client
+/// meant by it; an invisible character makes a name that reads like another.
 pub fn valid_room_name(room: &str) -> bool {
-    !room.is_empty() && room.len() <= 200 && !room.chars().any(char::is_control)
+    !room.is_empty() && room.len() <= 200 && !room.chars().any(refused_in_room_name)
+}
+
+fn refused_in_room_name(c: char) -> bool {
+    c == '*' || c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') || is_format(c)
+}
+
+/// Unicode general category Cf (format characters: zero-width, bidirectional overrides,
+/// byte order mark, soft hyphen, tags, ...), as of Unicode 15.
+fn is_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{0600}'..='\u{0605}'
+            | '\u{061C}'
+            | '\u{06DD}'
+            | '\u{070F}'
+            | '\u{0890}'..='\u{0891}'
+            | '\u{08E2}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{110BD}'
+            | '\u{110CD}'
+            | '\u{13430}'..='\u{1343F}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0001}'
+            | '\u{E0020}'..='\u{E007F}'
+    )
 }
 
 /// Encodes an event frame for a routed record: one buffer, the payload spliced in as is.
@@ -341,5 +380,66 @@ mod tests {
         assert!(!valid_room_name(""));
         assert!(!valid_room_name("a\u{1}b"));
         assert!(!valid_room_name(&"x".repeat(201)));
+        assert!(valid_room_name(&"x".repeat(200)));
+    }
+
+    #[test]
+    fn patterns_are_not_room_names() {
+        for room in ["feature:*", "task:**", "*", "task-*", "a*b"] {
+            assert!(!valid_room_name(room), "{room:?}");
+        }
+    }
+
+    #[test]
+    fn invisible_characters_are_not_in_room_names() {
+        let refused = [
+            '\u{0}',
+            '\u{7f}',
+            '\u{85}',
+            '\u{2028}',
+            '\u{2029}',
+            '\u{ad}',
+            '\u{61c}',
+            '\u{180e}',
+            '\u{200b}',
+            '\u{200c}',
+            '\u{200d}',
+            '\u{200e}',
+            '\u{200f}',
+            '\u{202a}',
+            '\u{202e}',
+            '\u{2060}',
+            '\u{2064}',
+            '\u{2066}',
+            '\u{206f}',
+            '\u{feff}',
+            '\u{fff9}',
+            '\u{fffb}',
+            '\u{e0001}',
+            '\u{e0020}',
+            '\u{e007f}',
+            '\u{600}',
+            '\u{110bd}',
+            '\u{1d173}',
+        ];
+        for c in refused {
+            assert!(
+                !valid_room_name(&format!("task:a{c}b")),
+                "U+{:04X}",
+                c as u32
+            );
+        }
+        // Visible characters, including neighbours of the refused ranges.
+        let kept = [
+            "task:é",
+            "room:日本",
+            "task:🙂",
+            "a\u{2010}b",
+            "a\u{2027}b",
+            "a\u{fffc}b",
+        ];
+        for room in kept {
+            assert!(valid_room_name(room), "{room:?}");
+        }
     }
 }

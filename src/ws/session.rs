@@ -22,7 +22,7 @@ use super::protocol::{self, close, ClientFrame, Welcome};
 use super::wire::{Decoder, Incoming, WireError};
 use super::{writer, Hub};
 use crate::auth::{now_secs, Identity};
-use crate::pattern::{EventFilter, Pattern};
+use crate::pattern::{EventFilter, Pattern, PatternError};
 use crate::position::PositionMap;
 use crate::registry::ConnId;
 use crate::replay::{ResumePlan, Selection};
@@ -275,7 +275,22 @@ impl Session {
     }
 
     fn bad_frame(&mut self, id: &Option<Value>, message: &str) -> bool {
-        self.reject("bad_frame");
+        self.refuse_frame("bad_frame", id, message)
+    }
+
+    /// A refused `events` filter; one over a limit is counted apart.
+    fn bad_filter(&mut self, id: &Option<Value>, e: &PatternError) {
+        let reason = if e.is_limit() {
+            "filter_too_large"
+        } else {
+            "bad_frame"
+        };
+        self.refuse_frame(reason, id, &format!("events: {e}"));
+    }
+
+    /// Answers `bad_request`, counted under `reason`; false when the connection must close.
+    fn refuse_frame(&mut self, reason: &str, id: &Option<Value>, message: &str) -> bool {
+        self.reject(reason);
         self.bad_frames += 1;
         self.peer
             .reply(protocol::error(id, "bad_request", None, message));
@@ -355,7 +370,7 @@ impl Session {
         let filter = match events.map(|e| EventFilter::parse(&e)).transpose() {
             Ok(f) => f.map(Arc::new),
             Err(e) => {
-                self.bad_frame(id, &format!("events: {e}"));
+                self.bad_filter(id, &e);
                 return;
             }
         };
@@ -416,7 +431,7 @@ impl Session {
             Ok(f) => f.map(Arc::new),
             Err(e) => {
                 self.awaiting_resume = Some(welcome_positions);
-                self.bad_frame(id, &format!("events: {e}"));
+                self.bad_filter(id, &e);
                 return;
             }
         };
@@ -463,10 +478,7 @@ impl Session {
 
     fn admit(&self, room: &str, grants: &[Pattern]) -> Result<(), (&'static str, &'static str)> {
         if !protocol::valid_room_name(room) {
-            return Err((
-                "invalid_room",
-                "room names are 1 to 200 printable characters",
-            ));
+            return Err(("invalid_room", protocol::INVALID_ROOM_MESSAGE));
         }
         if !self.identity.may_join(room) && !grants.iter().any(|g| g.matches(room)) {
             return Err(("forbidden", "not allowed to join this room"));

@@ -4,6 +4,7 @@
 mod auth;
 mod delivery;
 mod hostile_edge;
+mod hostile_patterns;
 mod ops;
 mod protocol;
 mod resume;
