@@ -11,6 +11,7 @@ pub mod doc;
 pub mod edge;
 pub mod http;
 pub mod kafka;
+pub mod memory;
 pub mod metrics;
 pub mod pattern;
 pub mod position;
@@ -124,6 +125,7 @@ pub async fn serve(
         hub.proxies.clone(),
     );
     let public_task = tokio::spawn(edge.run(public, stages.stop_accepting.subscribe()));
+    tokio::spawn(memory::run(hub.clone(), stages.stop_accepting.subscribe()));
     let admin_state = http::AdminState {
         hub: hub.clone(),
         discovered,

@@ -278,6 +278,14 @@ impl<P: Clone> Registry<P> {
         self.rooms.len()
     }
 
+    /// Gives back the room and membership tables' capacity once most of it stands empty: a
+    /// hash table never shrinks by itself, and after a burst of connections with hundreds of
+    /// rooms each had closed, the empty tables still held hundreds of megabytes. True if
+    /// anything shrank.
+    pub fn shrink(&self) -> bool {
+        shrink_map(&self.rooms) | shrink_map(&self.joined)
+    }
+
     pub fn member_count(&self, tenant: Option<&str>, room: &str) -> usize {
         self.rooms
             .get(&room_key(tenant, room))
@@ -285,9 +293,48 @@ impl<P: Clone> Registry<P> {
     }
 }
 
+/// Shrinks `map` when over three quarters of its capacity stand empty (and it is not small).
+pub fn shrink_map<K: Eq + std::hash::Hash, V>(map: &DashMap<K, V>) -> bool {
+    const SMALL: usize = 4096;
+    let capacity = map.capacity();
+    if capacity > SMALL && capacity > 4 * map.len() {
+        map.shrink_to_fit();
+        true
+    } else {
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn emptied_tables_give_their_capacity_back() {
+        let r = Registry::new();
+        for conn in 0..20_000u64 {
+            r.join(conn, None, &format!("task:{conn}"), &conn, None);
+        }
+        let full = r.rooms.capacity();
+        assert!(!r.shrink(), "a full table is left alone");
+        for conn in 100..20_000u64 {
+            r.leave_all(conn);
+        }
+        let kept = r.rooms.capacity();
+        assert!(
+            kept > full / 2,
+            "a hash table does not shrink by itself ({kept} of {full})"
+        );
+        assert!(r.shrink());
+        assert!(
+            r.rooms.capacity() < full / 10,
+            "{} of {full}",
+            r.rooms.capacity()
+        );
+        assert!(r.joined.capacity() < full / 10);
+        assert_eq!(reached(&r, None, &["task:7"], "e"), [7]);
+        assert!(!r.shrink(), "nothing left to give back");
+    }
 
     fn reached(r: &Registry<u64>, tenant: Option<&str>, rooms: &[&str], event: &str) -> Vec<u64> {
         let rooms: Vec<String> = rooms.iter().map(|s| s.to_string()).collect();
