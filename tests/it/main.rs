@@ -3,6 +3,7 @@
 
 mod auth;
 mod delivery;
+mod hostile_records;
 mod ops;
 mod protocol;
 mod resume;
