@@ -91,8 +91,7 @@ async fn a_record_without_its_tenant_is_skipped_counted_and_the_next_delivered()
 async fn a_route_with_optional_tenants_still_delivers_tenant_less_records() {
     let topic = unique("optional-tenant");
     create_topic(&topic, 1).await;
-    let route = format!("{}tenant_optional = true\n", entity_route(&topic));
-    let server = Server::start(&route, "").await;
+    let server = Server::start(&tenantless_entity_route(&topic), "").await;
     let mut acme = users_client(&server, "a", Some("acme")).await;
     let mut none = users_client(&server, "n", None).await;
     let p = Producer::new();
