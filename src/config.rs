@@ -40,6 +40,7 @@ pub struct Config {
     pub kafka: KafkaConfig,
     pub auth: AuthConfig,
     pub resume: ResumeConfig,
+    pub records: RecordsConfig,
     pub log: LogConfig,
     /// Routes, one per topic. Empty means the two default routes.
     #[serde(rename = "route", skip_serializing_if = "Vec::is_empty")]
@@ -168,6 +169,21 @@ pub struct ResumeConfig {
     pub positions_interval_seconds: f64,
 }
 
+/// Bounds on one Kafka record, checked at routing: a record past any of them is skipped and
+/// counted, so that one producer's mistake never reaches, or disconnects, every client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RecordsConfig {
+    /// Largest value (plus the event name and exposed rooms it renders): a frame must fit in
+    /// a connection's queue (`websocket.queue_bytes`), or every recipient is closed with 4008.
+    pub max_bytes: usize,
+    /// Most distinct rooms one record may target.
+    pub max_rooms: usize,
+    /// Deepest nesting of arrays and objects in a value: it is spliced into frames as is,
+    /// and many clients' parsers give up on deep documents.
+    pub max_depth: usize,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
@@ -196,6 +212,13 @@ pub struct RouteConfig {
     /// Send the record's room list to recipients (off: it could tell one user who else got it).
     #[serde(default)]
     pub expose_rooms: bool,
+    /// With a `tenant` template, whether a record whose tenant cannot be read goes to the
+    /// tenant-less namespace; off, such a record is skipped as malformed (`no_tenant`).
+    #[serde(default)]
+    pub tenant_optional: bool,
+    /// The `[records]` bounds, copied in when the configuration is assembled.
+    #[serde(skip)]
+    pub limits: RecordsConfig,
 }
 
 impl Default for ServerConfig {
@@ -275,6 +298,16 @@ impl Default for ResumeConfig {
     }
 }
 
+impl Default for RecordsConfig {
+    fn default() -> Self {
+        RecordsConfig {
+            max_bytes: 1024 * 1024,
+            max_rooms: 1000,
+            max_depth: 64,
+        }
+    }
+}
+
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
@@ -298,6 +331,8 @@ pub fn default_routes() -> Vec<RouteConfig> {
             priority: Some("{meta.priority}".into()),
             tenant: Some("{meta.tenantId}".into()),
             expose_rooms: false,
+            tenant_optional: false,
+            limits: RecordsConfig::default(),
         },
         RouteConfig {
             topic: "task-updates".into(),
@@ -306,6 +341,8 @@ pub fn default_routes() -> Vec<RouteConfig> {
             priority: None,
             tenant: None,
             expose_rooms: false,
+            tenant_optional: false,
+            limits: RecordsConfig::default(),
         },
     ]
 }
@@ -336,6 +373,9 @@ impl Config {
         config.apply_overrides(overrides);
         if config.routes.is_empty() {
             config.routes = default_routes();
+        }
+        for route in &mut config.routes {
+            route.limits = config.records;
         }
         Ok(config)
     }
@@ -395,6 +435,9 @@ impl Config {
                 }
                 "JWT_AUDIENCE" => self.auth.audience = Some(value),
                 "JWT_ISSUER" => self.auth.issuer = Some(value),
+                "RECORDS_MAX_BYTES" => self.records.max_bytes = parse_env(&name, &value)?,
+                "RECORDS_MAX_ROOMS" => self.records.max_rooms = parse_env(&name, &value)?,
+                "RECORDS_MAX_DEPTH" => self.records.max_depth = parse_env(&name, &value)?,
                 "LOG" => self.log.level = value,
                 "LOG_FORMAT" => {
                     self.log.format = match value.as_str() {
@@ -449,6 +492,7 @@ impl Config {
         self.validate_edge()?;
         self.validate_websocket()?;
         self.validate_resume()?;
+        self.validate_records()?;
         if self.kafka.brokers.trim().is_empty() {
             return Err(ConfigError::invalid("kafka.brokers", "must not be empty"));
         }
@@ -559,6 +603,26 @@ impl Config {
             return Err(ConfigError::invalid(
                 "resume.positions_interval_seconds",
                 "must be between 0.05 and 3600",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_records(&self) -> Result<(), ConfigError> {
+        let r = &self.records;
+        for (key, value) in [
+            ("records.max_bytes", r.max_bytes),
+            ("records.max_rooms", r.max_rooms),
+            ("records.max_depth", r.max_depth),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(key, "must be > 0"));
+            }
+        }
+        if r.max_bytes > self.websocket.queue_bytes {
+            return Err(ConfigError::invalid(
+                "records.max_bytes",
+                "must not exceed websocket.queue_bytes: a larger frame closes every recipient",
             ));
         }
         Ok(())
@@ -709,5 +773,67 @@ mod tests {
         assert!(!shown.contains("hunter2"));
         assert!(!shown.contains("s3cret"));
         assert!(shown.contains("<hidden>"));
+    }
+
+    #[test]
+    fn records_bounds_come_from_file_and_env_and_reach_every_route() {
+        let mut c = Config::from_toml("[records]\nmax_bytes = 2048\nmax_depth = 8\n").unwrap();
+        let vars = [
+            ("ROOMCAST_RECORDS_MAX_ROOMS", "12"),
+            ("ROOMCAST_RECORDS_MAX_DEPTH", "9"),
+        ];
+        c.apply_env(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .unwrap();
+        let expected = RecordsConfig {
+            max_bytes: 2048,
+            max_rooms: 12,
+            max_depth: 9,
+        };
+        assert_eq!(c.records, expected);
+        let err = c
+            .apply_env([("ROOMCAST_RECORDS_MAX_BYTES".into(), "big".into())].into_iter())
+            .unwrap_err();
+        assert!(err.to_string().starts_with("ROOMCAST_RECORDS_MAX_BYTES:"));
+        let path =
+            std::env::temp_dir().join(format!("roomcast-records-{}.toml", std::process::id()));
+        std::fs::write(&path, "[records]\nmax_rooms = 7\n").unwrap();
+        let assembled = Config::assemble(Some(&path), &Overrides::default());
+        std::fs::remove_file(&path).unwrap();
+        let assembled = assembled.unwrap();
+        assert_eq!(assembled.routes.len(), 2);
+        assert!(assembled.routes.iter().all(|r| r.limits.max_rooms == 7));
+    }
+
+    #[test]
+    fn records_max_bytes_may_not_exceed_the_queue() {
+        let mut c = hs_config();
+        assert_eq!(c.records.max_bytes, 1024 * 1024);
+        c.records.max_bytes = c.websocket.queue_bytes;
+        assert!(c.validate().is_ok());
+        c.records.max_bytes = c.websocket.queue_bytes + 1;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.starts_with("records.max_bytes:"), "{err}");
+        for key in ["max_bytes", "max_rooms", "max_depth"] {
+            let mut c = hs_config();
+            match key {
+                "max_bytes" => c.records.max_bytes = 0,
+                "max_rooms" => c.records.max_rooms = 0,
+                _ => c.records.max_depth = 0,
+            }
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.starts_with(&format!("records.{key}:")), "{err}");
+        }
+    }
+
+    #[test]
+    fn tenant_optional_is_off_unless_a_route_says_so() {
+        let c = Config::from_toml(
+            "[[route]]\ntopic = \"a\"\nevent = \"e\"\nrooms = [\"r\"]\ntenant = \"{t}\"\n\n\
+             [[route]]\ntopic = \"b\"\nevent = \"e\"\nrooms = [\"r\"]\ntenant = \"{t}\"\ntenant_optional = true\n",
+        )
+        .unwrap();
+        assert!(!c.routes[0].tenant_optional);
+        assert!(c.routes[1].tenant_optional);
+        assert!(default_routes().iter().all(|r| !r.tenant_optional));
     }
 }

@@ -22,6 +22,11 @@ pub const DEMO_USER: &str = "42";
 pub async fn run(mut config: Config, stop: impl Future<Output = ()>) -> Result<(), Error> {
     let mock = MockCluster::new(1).map_err(|e| Error::Demo(format!("mock cluster: {e}")))?;
     config.routes = default_routes();
+    for route in &mut config.routes {
+        // The demo's user and records have no tenant.
+        route.tenant_optional = true;
+        route.limits = config.records;
+    }
     for route in &config.routes {
         mock.create_topic(&route.topic, 3, 1)
             .map_err(|e| Error::Demo(format!("topic {}: {e}", route.topic)))?;

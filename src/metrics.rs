@@ -254,6 +254,10 @@ impl Metrics {
                 "no_rooms",
                 "bad_header",
                 "not_utf8",
+                "no_tenant",
+                "too_large",
+                "too_many_rooms",
+                "too_deep",
             ] {
                 self.records_malformed.with_label_values(&[*topic, reason]);
             }

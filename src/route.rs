@@ -5,10 +5,11 @@
 //! by Kafka headers (`rooms`, `event`, `priority`, `tenant`) so a producer can target rooms
 //! without the service having to understand the value.
 
+use std::collections::HashSet;
 use std::fmt;
 
-use crate::config::RouteConfig;
-use crate::doc::Doc;
+use crate::config::{RecordsConfig, RouteConfig};
+use crate::doc::{self, Doc};
 
 /// Why a record could not be routed. Each one is counted and the consumer moves on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -23,6 +24,14 @@ pub enum RouteError {
     NoRooms,
     #[error("header {0:?} is not UTF-8")]
     BadHeader(&'static str),
+    #[error("no tenant: the route reads one and the record has none")]
+    NoTenant,
+    #[error("record of {bytes} bytes or more is larger than records.max_bytes ({max})")]
+    TooLarge { bytes: usize, max: usize },
+    #[error("record targets more than records.max_rooms ({0}) rooms")]
+    TooManyRooms(usize),
+    #[error("value nests deeper than records.max_depth ({0})")]
+    TooDeep(usize),
 }
 
 impl RouteError {
@@ -34,6 +43,10 @@ impl RouteError {
             RouteError::NoEvent => "no_event",
             RouteError::NoRooms => "no_rooms",
             RouteError::BadHeader(_) => "bad_header",
+            RouteError::NoTenant => "no_tenant",
+            RouteError::TooLarge { .. } => "too_large",
+            RouteError::TooManyRooms(_) => "too_many_rooms",
+            RouteError::TooDeep(_) => "too_deep",
         }
     }
 }
@@ -182,7 +195,9 @@ pub struct Route {
     rooms: Vec<Template>,
     priority: Option<Template>,
     tenant: Option<Template>,
+    tenant_optional: bool,
     expose_rooms: bool,
+    limits: RecordsConfig,
 }
 
 impl Route {
@@ -205,13 +220,20 @@ impl Route {
                 .map_err(|e| format!("rooms: {e}"))?,
             priority: optional(&c.priority).map_err(|e| format!("priority: {e}"))?,
             tenant: optional(&c.tenant).map_err(|e| format!("tenant: {e}"))?,
+            tenant_optional: c.tenant_optional,
             expose_rooms: c.expose_rooms,
+            limits: c.limits,
         })
     }
 
-    /// Routes one record. The value is parsed at most once, and only when a template needs it.
+    /// Routes one record. The value is parsed at most once, and only when a template needs it;
+    /// the cheap bounds are checked before it is.
     pub fn apply<'a>(&self, record: &Record<'a>) -> Result<Routed<'a>, RouteError> {
         let payload = record.value.ok_or(RouteError::NoValue)?;
+        self.check_size(payload.len())?;
+        if doc::deeper_than(payload, self.limits.max_depth) {
+            return Err(RouteError::TooDeep(self.limits.max_depth));
+        }
         let header_event = record.header("event")?;
         let header_rooms = record.header("rooms")?;
         let needs_value = (header_event.is_none() && self.event.needs_value())
@@ -232,12 +254,9 @@ impl Route {
             None => self.event.render(value).ok_or(RouteError::NoEvent)?,
         };
         let rooms = match header_rooms {
-            Some(list) => dedup(list.split(',').map(|r| r.trim().to_string())),
-            None => dedup(self.rooms.iter().filter_map(|t| t.render(value))),
+            Some(list) => header_room_list(list, self.limits.max_rooms)?,
+            None => self.template_rooms(value)?,
         };
-        if rooms.is_empty() {
-            return Err(RouteError::NoRooms);
-        }
         let priority = match record.header("priority")? {
             Some(p) => Priority::parse(p),
             None => self
@@ -247,10 +266,12 @@ impl Route {
                 .map(|p| Priority::parse(&p))
                 .unwrap_or_default(),
         };
-        let tenant = match record.header("tenant")? {
-            Some(t) => Some(t.to_string()),
-            None => self.tenant.as_ref().and_then(|t| t.render(value)),
+        let tenant = self.tenant(record, value)?;
+        let exposed: usize = match self.expose_rooms {
+            true => rooms.iter().map(String::len).sum(),
+            false => 0,
         };
+        self.check_size(payload.len() + event.len() + exposed)?;
         Ok(Routed {
             event,
             rooms,
@@ -266,16 +287,73 @@ impl Route {
             expose_rooms: self.expose_rooms,
         })
     }
-}
 
-fn dedup(rooms: impl Iterator<Item = String>) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for room in rooms.filter(|r| !r.is_empty()) {
-        if !out.contains(&room) {
-            out.push(room);
+    /// A frame larger than a connection's queue would close every recipient with 4008.
+    fn check_size(&self, bytes: usize) -> Result<(), RouteError> {
+        match bytes > self.limits.max_bytes {
+            true => Err(RouteError::TooLarge {
+                bytes,
+                max: self.limits.max_bytes,
+            }),
+            false => Ok(()),
         }
     }
-    out
+
+    fn template_rooms(&self, value: Option<&Doc<'_>>) -> Result<Vec<String>, RouteError> {
+        // As many candidates as the route has templates: a linear search is the cheapest.
+        let mut rooms: Vec<String> = Vec::with_capacity(self.rooms.len());
+        for room in self.rooms.iter().filter_map(|t| t.render(value)) {
+            if !room.is_empty() && !rooms.contains(&room) {
+                rooms.push(room);
+            }
+        }
+        if rooms.is_empty() {
+            return Err(RouteError::NoRooms);
+        }
+        if rooms.len() > self.limits.max_rooms {
+            return Err(RouteError::TooManyRooms(self.limits.max_rooms));
+        }
+        Ok(rooms)
+    }
+
+    /// The header's, else the template's. A route that reads a tenant refuses a record without
+    /// one unless it says tenant-less records are intended: otherwise a producer's mistake
+    /// would show a tenant's record to every tenant-less connection.
+    fn tenant(
+        &self,
+        record: &Record<'_>,
+        value: Option<&Doc<'_>>,
+    ) -> Result<Option<String>, RouteError> {
+        if let Some(t) = record.header("tenant")? {
+            return Ok(Some(t.to_string()));
+        }
+        let Some(template) = &self.tenant else {
+            return Ok(None);
+        };
+        match template.render(value) {
+            Some(t) => Ok(Some(t)),
+            None if self.tenant_optional => Ok(None),
+            None => Err(RouteError::NoTenant),
+        }
+    }
+}
+
+/// The distinct rooms of a `rooms` header, in order; refused past `max`, before reading on.
+fn header_room_list(list: &str, max: usize) -> Result<Vec<String>, RouteError> {
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut rooms = Vec::new();
+    for room in list.split(',').map(str::trim).filter(|r| !r.is_empty()) {
+        if seen.insert(room) {
+            if rooms.len() == max {
+                return Err(RouteError::TooManyRooms(max));
+            }
+            rooms.push(room.to_string());
+        }
+    }
+    if rooms.is_empty() {
+        return Err(RouteError::NoRooms);
+    }
+    Ok(rooms)
 }
 
 #[cfg(test)]
@@ -401,5 +479,231 @@ mod tests {
         // Even when no template needs it, the value must be JSON to be spliced into a frame.
         let headers: Vec<(&str, &[u8])> = vec![("rooms", b"a"), ("event", b"e")];
         assert!(route.apply(&record("t", b"{oops", headers)).is_err());
+    }
+
+    fn limited(mut c: RouteConfig, limits: RecordsConfig) -> Route {
+        c.limits = limits;
+        Route::from_config(&c).unwrap()
+    }
+
+    const ENTITY: &str = r#"{"feature":"users","entity":"user","action":"deleted","data":{"id":"u1"},"meta":{"tenantId":"acme"}}"#;
+
+    #[test]
+    fn a_nested_escaped_tenant_key_keeps_its_tenant() {
+        let value = br#"{"feature":"users","entity":"user","action":"deleted","data":{"id":"u1"},"meta":{"\u0074enantId":"beta"}}"#;
+        let routed = entity_route().apply(&record("e", value, vec![])).unwrap();
+        assert_eq!(routed.tenant.as_deref(), Some("beta"));
+    }
+
+    #[test]
+    fn a_record_without_its_tenant_is_malformed_unless_the_route_allows_it() {
+        let base = r#""feature":"users","entity":"user","action":"deleted","data":{"id":"u1""#;
+        let missing = [
+            format!(r#"{{{base}}}}}"#),
+            format!(r#"{{{base}}},"meta":{{}}}}"#),
+            format!(r#"{{{base}}},"meta":{{"tenantId":null}}}}"#),
+            format!(r#"{{{base}}},"meta":{{"tenantId":""}}}}"#),
+            format!(r#"{{{base}}},"meta":{{"tenantId":{{"id":"acme"}}}}}}"#),
+            format!(r#"{{{base}}},"meta":"acme"}}"#),
+        ];
+        let mut optional = default_routes()[0].clone();
+        optional.tenant_optional = true;
+        let optional = Route::from_config(&optional).unwrap();
+        for value in &missing {
+            let r = record("e", value.as_bytes(), vec![]);
+            assert_eq!(
+                entity_route().apply(&r).unwrap_err(),
+                RouteError::NoTenant,
+                "{value}"
+            );
+            assert_eq!(optional.apply(&r).unwrap().tenant, None, "{value}");
+            // The header still names it.
+            let headed = record("e", value.as_bytes(), vec![("tenant", b"acme")]);
+            let routed = entity_route().apply(&headed).unwrap();
+            assert_eq!(routed.tenant.as_deref(), Some("acme"));
+        }
+        // A route that reads no tenant is not concerned.
+        let task = Route::from_config(&default_routes()[1]).unwrap();
+        assert_eq!(
+            task.apply(&record("t", br#"{"taskId":1}"#, vec![]))
+                .unwrap()
+                .tenant,
+            None
+        );
+    }
+
+    #[test]
+    fn records_up_to_max_bytes_pass_and_larger_ones_are_refused() {
+        // The value and the event name go into the frame.
+        let event = "users.user.deleted".len();
+        let max = ENTITY.len() + event;
+        let limits = RecordsConfig {
+            max_bytes: max,
+            ..RecordsConfig::default()
+        };
+        let route = limited(default_routes()[0].clone(), limits);
+        assert!(route.apply(&record("e", ENTITY.as_bytes(), vec![])).is_ok());
+        let padded = format!("{ENTITY} ");
+        assert_eq!(
+            route
+                .apply(&record("e", padded.as_bytes(), vec![]))
+                .unwrap_err(),
+            RouteError::TooLarge {
+                bytes: max + 1,
+                max
+            }
+        );
+        // A value alone over the bound is refused before it is parsed.
+        let huge = format!("{ENTITY}{}", " ".repeat(max));
+        assert_eq!(
+            route
+                .apply(&record("e", huge.as_bytes(), vec![]))
+                .unwrap_err(),
+            RouteError::TooLarge {
+                bytes: huge.len(),
+                max
+            }
+        );
+        // The event and exposed rooms go into the frame too.
+        let mut exposed = default_routes()[0].clone();
+        exposed.expose_rooms = true;
+        let rooms = "feature:users".len() + "feature:users:entity:user".len() + "user:u1".len();
+        let fits = RecordsConfig {
+            max_bytes: max + rooms,
+            ..RecordsConfig::default()
+        };
+        assert!(limited(exposed.clone(), fits)
+            .apply(&record("e", ENTITY.as_bytes(), vec![]))
+            .is_ok());
+        let short = RecordsConfig {
+            max_bytes: max + rooms - 1,
+            ..RecordsConfig::default()
+        };
+        assert_eq!(
+            limited(exposed, short)
+                .apply(&record("e", ENTITY.as_bytes(), vec![]))
+                .unwrap_err()
+                .reason(),
+            "too_large"
+        );
+    }
+
+    #[test]
+    fn header_rooms_up_to_max_rooms_pass_and_more_are_refused() {
+        let limits = RecordsConfig {
+            max_rooms: 3,
+            ..RecordsConfig::default()
+        };
+        let route = limited(default_routes()[1].clone(), limits);
+        let apply = |rooms: &str| {
+            let headers: Vec<(&str, &[u8])> = vec![("rooms", rooms.as_bytes()), ("event", b"e")];
+            route
+                .apply(&record("t", b"{}", headers))
+                .map(|routed| routed.rooms)
+        };
+        // Repeats and blanks are not rooms.
+        assert_eq!(apply("a,b,a, ,c,b,c").unwrap(), ["a", "b", "c"]);
+        assert_eq!(apply("a,b,c,d").unwrap_err(), RouteError::TooManyRooms(3));
+        assert_eq!(apply(" , ,").unwrap_err(), RouteError::NoRooms);
+        // Templates count too.
+        let one = RecordsConfig {
+            max_rooms: 1,
+            ..RecordsConfig::default()
+        };
+        let route = limited(default_routes()[1].clone(), one);
+        let both = br#"{"userId":"1","taskId":"2"}"#;
+        assert_eq!(
+            route
+                .apply(&record("t", both, vec![]))
+                .unwrap_err()
+                .reason(),
+            "too_many_rooms"
+        );
+        assert!(route
+            .apply(&record("t", br#"{"userId":"1"}"#, vec![]))
+            .is_ok());
+    }
+
+    #[test]
+    fn a_large_rooms_header_is_deduplicated_in_one_pass() {
+        let list: Vec<String> = (0..50_000)
+            .map(|i| format!("room:{}", i % 25_000))
+            .collect();
+        let limits = RecordsConfig {
+            max_rooms: 25_000,
+            ..RecordsConfig::default()
+        };
+        let route = limited(default_routes()[1].clone(), limits);
+        let list = list.join(",");
+        let headers: Vec<(&str, &[u8])> = vec![("rooms", list.as_bytes()), ("event", b"e")];
+        let routed = route.apply(&record("t", b"{}", headers)).unwrap();
+        assert_eq!(routed.rooms.len(), 25_000);
+        assert_eq!(routed.rooms[24_999], "room:24999");
+    }
+
+    #[test]
+    fn values_up_to_max_depth_pass_and_deeper_ones_are_refused() {
+        let limits = RecordsConfig {
+            max_depth: 4,
+            ..RecordsConfig::default()
+        };
+        let route = limited(default_routes()[1].clone(), limits);
+        // The record itself is the first level.
+        let at = br#"{"userId":"1","x":[[{"y":1}]]}"#;
+        let over = br#"{"userId":"1","x":[[{"y":[]}]]}"#;
+        assert!(route.apply(&record("t", at, vec![])).is_ok());
+        assert_eq!(
+            route.apply(&record("t", over, vec![])).unwrap_err(),
+            RouteError::TooDeep(4)
+        );
+        // Whether or not a template reads the value.
+        let headers = || -> Vec<(&str, &[u8])> { vec![("rooms", b"a"), ("event", b"e")] };
+        assert!(route.apply(&record("t", at, headers())).is_ok());
+        assert_eq!(
+            route
+                .apply(&record("t", over, headers()))
+                .unwrap_err()
+                .reason(),
+            "too_deep"
+        );
+        // The default bound, against the depth that once reached clients.
+        let deep = format!(
+            r#"{{"userId":"1","x":{}{}}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let route = Route::from_config(&default_routes()[1]).unwrap();
+        assert_eq!(
+            route
+                .apply(&record("t", deep.as_bytes(), vec![]))
+                .unwrap_err(),
+            RouteError::TooDeep(64)
+        );
+    }
+
+    #[test]
+    fn every_refusal_has_a_bounded_reason() {
+        let errors = [
+            RouteError::NoValue,
+            RouteError::NotJson("x".into()),
+            RouteError::NoEvent,
+            RouteError::NoRooms,
+            RouteError::BadHeader("rooms"),
+            RouteError::NoTenant,
+            RouteError::TooLarge { bytes: 2, max: 1 },
+            RouteError::TooManyRooms(1),
+            RouteError::TooDeep(1),
+        ];
+        let reasons: HashSet<&str> = errors.iter().map(RouteError::reason).collect();
+        assert_eq!(reasons.len(), errors.len());
+        // Exported at zero from the start, so an alert sees the first one.
+        let metrics = crate::metrics::Metrics::new();
+        metrics.prime(&["t"]);
+        let text = metrics.render();
+        for reason in reasons {
+            let series =
+                format!("roomcast_records_malformed_total{{reason=\"{reason}\",topic=\"t\"}} 0");
+            assert!(text.contains(&series), "{series}");
+        }
     }
 }

@@ -17,7 +17,7 @@ fn entity(feature: &str, entity: &str, action: &str, id: &str, seq: u32) -> serd
 async fn entity_updates_reach_exactly_the_subscribed_feature_rooms() {
     let topic = unique("entity");
     create_topic(&topic, 3).await;
-    let server = Server::start(&entity_route(&topic), "").await;
+    let server = Server::start(&tenantless_entity_route(&topic), "").await;
     let mut users = server.connect(&token("alice", &["feature:users"])).await;
     let mut rbac = server.connect(&token("bob", &["feature:rbac"])).await;
     users.join(&["feature:users"]).await;
@@ -96,7 +96,7 @@ async fn task_updates_reach_only_their_users() {
 async fn a_connection_in_several_target_rooms_gets_a_record_once() {
     let topic = unique("once");
     create_topic(&topic, 1).await;
-    let server = Server::start(&entity_route(&topic), "").await;
+    let server = Server::start(&tenantless_entity_route(&topic), "").await;
     // Auto-joined to user:u1, which is also the record's {entity}:{data.id} room.
     let mut c = server.connect(&token("u1", &["feature:**"])).await;
     c.join(&["feature:users", "feature:users:entity:user"])
@@ -116,7 +116,7 @@ async fn a_connection_in_several_target_rooms_gets_a_record_once() {
 async fn a_room_without_the_claim_is_refused_and_never_delivered() {
     let topic = unique("forbidden");
     create_topic(&topic, 1).await;
-    let server = Server::start(&entity_route(&topic), "").await;
+    let server = Server::start(&tenantless_entity_route(&topic), "").await;
     let mut c = server.connect(&token("mallory", &["feature:users"])).await;
     let (errors, ok) = c
         .subscribe(json!({"rooms": ["feature:rbac", "feature:users"]}))
@@ -140,7 +140,7 @@ async fn a_room_without_the_claim_is_refused_and_never_delivered() {
 async fn permissions_map_to_rooms_by_config() {
     let topic = unique("perms");
     create_topic(&topic, 1).await;
-    let server = Server::start(&entity_route(&topic), "").await;
+    let server = Server::start(&tenantless_entity_route(&topic), "").await;
     let claims = roomcast::auth::Claims {
         sub: "p1".into(),
         exp: roomcast::auth::now_secs() + 600,
@@ -263,7 +263,7 @@ async fn headers_target_rooms_without_templates() {
 async fn event_filters_narrow_a_subscription() {
     let topic = unique("filter");
     create_topic(&topic, 1).await;
-    let server = Server::start(&entity_route(&topic), "").await;
+    let server = Server::start(&tenantless_entity_route(&topic), "").await;
     let mut c = server.connect(&token("f", &["feature:users"])).await;
     let (_, ok) = c
         .subscribe(json!({"rooms": ["feature:users"], "events": ["users.*.deleted"]}))

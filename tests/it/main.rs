@@ -5,6 +5,7 @@ mod auth;
 mod delivery;
 mod hostile_edge;
 mod hostile_patterns;
+mod hostile_records;
 mod ops;
 mod protocol;
 mod resume;

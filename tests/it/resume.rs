@@ -295,7 +295,7 @@ async fn low_priority_frames_are_shed_and_counted_normal_ones_never() {
     let topic = unique("shed");
     create_topic(&topic, 1).await;
     let extra = "[websocket]\nqueue_frames = 100000\nqueue_bytes = 268435456\nshed_low_priority_after = 8\n";
-    let server = Server::start(&entity_route(&topic), extra).await;
+    let server = Server::start(&tenantless_entity_route(&topic), extra).await;
     let mut c =
         Client::connect_small_buffer(&server.ws_url(), &token("lazy", &["feature:users"])).await;
     c.join(&["feature:users"]).await;

@@ -165,6 +165,12 @@ tenant = "{{meta.tenantId}}"
     )
 }
 
+/// The entity route with `tenant_optional = true`: for tests that send records naming no
+/// tenant to connections without one (the default route would skip them as `no_tenant`).
+pub fn tenantless_entity_route(topic: &str) -> String {
+    format!("{}tenant_optional = true\n", entity_route(topic))
+}
+
 pub fn task_route(topic: &str) -> String {
     format!(
         r#"
