@@ -18,7 +18,7 @@ fn entity_record(feature: &str, entity: &str, id: &str) -> Value {
 async fn a_huge_events_filter_is_refused_and_deliveries_go_on() {
     let topic = unique("hugefilter");
     create_topic(&topic, 1).await;
-    let server = Server::start(&entity_route(&topic), "").await;
+    let server = Server::start(&tenantless_entity_route(&topic), "").await;
     let mut bystander = server.connect(&token("bystander", &[])).await;
     let mut mallory = server.connect(&token("mallory", &[])).await;
 
@@ -69,7 +69,7 @@ async fn a_huge_events_filter_is_refused_and_deliveries_go_on() {
 async fn a_resume_with_a_huge_filter_is_refused() {
     let topic = unique("hugeresume");
     create_topic(&topic, 1).await;
-    let server = Server::start(&entity_route(&topic), "").await;
+    let server = Server::start(&tenantless_entity_route(&topic), "").await;
     let url = format!("{}?resume=1", server.ws_url());
     let mut c = Client::connect(&url, &token("mallory", &[]))
         .await
@@ -90,7 +90,7 @@ async fn a_resume_with_a_huge_filter_is_refused() {
 async fn tokens_with_oversized_grants_are_refused() {
     let topic = unique("grants");
     create_topic(&topic, 1).await;
-    let server = Server::start(&entity_route(&topic), "").await;
+    let server = Server::start(&tenantless_entity_route(&topic), "").await;
     let rooms: Vec<String> = (0..257).map(|i| format!("task:{i}")).collect();
     let refused = Client::connect(
         &server.ws_url(),
@@ -126,7 +126,7 @@ async fn tokens_with_oversized_grants_are_refused() {
 async fn patterns_and_invisible_characters_are_not_room_names() {
     let topic = unique("roomnames");
     create_topic(&topic, 1).await;
-    let server = Server::start(&entity_route(&topic), "").await;
+    let server = Server::start(&tenantless_entity_route(&topic), "").await;
     let mut eve = server.connect(&token("eve", &["**"])).await;
     let bad = [
         "feature:*",
@@ -165,7 +165,7 @@ async fn patterns_and_invisible_characters_are_not_room_names() {
 async fn a_resume_refuses_a_pattern_for_a_room() {
     let topic = unique("roomresume");
     create_topic(&topic, 1).await;
-    let server = Server::start(&entity_route(&topic), "").await;
+    let server = Server::start(&tenantless_entity_route(&topic), "").await;
     let url = format!("{}?resume=1", server.ws_url());
     let mut c = Client::connect(&url, &token("eve", &["**"]))
         .await
