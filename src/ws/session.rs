@@ -5,7 +5,7 @@
 //! closing so the close handshake runs to its end. Neither ever waits on the consumer, nor the
 //! consumer on them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::{poll_fn, Future};
 use std::sync::Arc;
 use std::time::Duration;
@@ -373,7 +373,8 @@ impl Session {
                 return;
             }
         };
-        let Some(admitted) = self.admit_all(id, rooms, token) else {
+        let held = self.rooms.keys().cloned().collect();
+        let Some(admitted) = self.admit_all(id, rooms, token, held) else {
             return;
         };
         let hub = self.hub.clone();
@@ -385,13 +386,16 @@ impl Session {
         self.peer.reply(protocol::ok(id, Some(&admitted)));
     }
 
-    /// Checks each room against the identity and the subscription token; replies with an
-    /// error for each refused room. None (after a final error) if the token is refused.
+    /// Checks each room against the identity, the subscription token and the room limit;
+    /// replies with an error for each refused room. `held` are the rooms the connection holds
+    /// (or, resuming, will hold) besides these: the limit counts them and every room admitted
+    /// before in the same message. None (after a final error) if the token is refused.
     fn admit_all(
-        &mut self,
+        &self,
         id: &Option<Value>,
         rooms: Vec<String>,
         token: Option<String>,
+        mut held: HashSet<String>,
     ) -> Option<Vec<String>> {
         let grants = match token.map(|t| self.hub.auth.subscription_grants(&self.identity, &t)) {
             None => Vec::new(),
@@ -404,10 +408,20 @@ impl Session {
                 return None;
             }
         };
+        let max = self.hub.config.websocket.max_rooms_per_connection;
         let mut admitted = Vec::new();
         for room in rooms {
-            match self.admit(&room, &grants) {
-                Ok(()) => admitted.push(room),
+            let within = |()| {
+                if held.len() >= max && !held.contains(&room) {
+                    return Err(("too_many_rooms", "room limit for this connection reached"));
+                }
+                Ok(())
+            };
+            match self.admit(&room, &grants).and_then(within) {
+                Ok(()) => {
+                    held.insert(room.clone());
+                    admitted.push(room);
+                }
                 Err((code, message)) => {
                     self.count_subscriptions(code, 1);
                     self.peer
@@ -437,7 +451,8 @@ impl Session {
                 return;
             }
         };
-        let Some(admitted) = self.admit_all(id, rooms, token) else {
+        let held = self.identity.own_rooms().into_iter().collect();
+        let Some(admitted) = self.admit_all(id, rooms, token, held) else {
             self.awaiting_resume = Some(welcome_positions);
             return;
         };
@@ -488,10 +503,6 @@ impl Session {
         }
         if !self.identity.may_join(room) && !grants.iter().any(|g| g.matches(room)) {
             return Err(("forbidden", "not allowed to join this room"));
-        }
-        let max = self.hub.config.websocket.max_rooms_per_connection;
-        if self.rooms.len() >= max && !self.rooms.contains_key(room) {
-            return Err(("too_many_rooms", "room limit for this connection reached"));
         }
         Ok(())
     }

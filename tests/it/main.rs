@@ -3,6 +3,7 @@
 
 mod auth;
 mod delivery;
+mod hostile_session;
 mod ops;
 mod protocol;
 mod resume;
