@@ -227,7 +227,10 @@ impl Metrics {
                     "invalid_token",
                 ],
             ),
-            (&self.client_frames_rejected, &["bad_frame", "protocol"]),
+            (
+                &self.client_frames_rejected,
+                &["bad_frame", "protocol", "rate_limited"],
+            ),
             (&self.resumes, &["nothing", "memory", "kafka", "resync"]),
             (&self.replayed_records, &["memory", "kafka"]),
         ];

@@ -6,6 +6,7 @@ pub mod handshake;
 pub mod outbox;
 pub mod protocol;
 pub mod session;
+pub mod throttle;
 pub mod wire;
 pub mod writer;
 

@@ -19,6 +19,7 @@ use tracing::{debug, debug_span, Instrument};
 
 use super::outbox::{Limits, Peer};
 use super::protocol::{self, close, ClientFrame, Welcome};
+use super::throttle::{Budget, Throttle, Verdict};
 use super::wire::{Decoder, Incoming, WireError};
 use super::{writer, Hub};
 use crate::auth::{now_secs, Identity};
@@ -40,6 +41,8 @@ struct Session {
     /// Joined rooms and their event filters.
     rooms: HashMap<String, Option<Arc<EventFilter>>>,
     bad_frames: u32,
+    /// The client's budget of messages.
+    throttle: Throttle,
     /// Set when the client asked to resume (`?resume=1`): the welcome's positions, and no room
     /// joined yet, until its first frame.
     awaiting_resume: Option<PositionMap>,
@@ -83,6 +86,7 @@ pub fn run(
         peer,
         rooms: HashMap::new(),
         bad_frames: 0,
+        throttle: Throttle::new(Instant::now()),
         // Filled with the welcome's positions.
         awaiting_resume: resume_requested.then(PositionMap::new),
     };
@@ -228,6 +232,11 @@ impl Session {
                 _ = self.peer.closed() => break,
             };
             silent_until = Instant::now() + idle;
+            match self.throttle(&message) {
+                Verdict::Pass => {}
+                Verdict::Refuse { .. } => continue,
+                Verdict::Close => break,
+            }
             // Handled outside the select, whose futures would otherwise live on meanwhile,
             // and boxed: a message's handling is large and short-lived, and every idle
             // session would carry its state.
@@ -249,6 +258,34 @@ impl Session {
     fn expiry_instant(&self) -> Instant {
         let left = self.identity.expires_at.saturating_sub(now_secs());
         Instant::now() + Duration::from_secs(left.min(u32::MAX as u64))
+    }
+
+    /// Spends the message's share of the client's budget; a refused message is not handled.
+    /// A close is not refused: it ends the connection, which is what a flood should do.
+    fn throttle(&mut self, message: &Incoming) -> Verdict {
+        if matches!(message, Incoming::Close(_)) {
+            return Verdict::Pass;
+        }
+        let ws = &self.hub.config.websocket;
+        let budget = Budget::new(ws.client_messages_per_second, ws.client_burst);
+        let verdict = self.throttle.admit(Instant::now(), budget);
+        match verdict {
+            Verdict::Pass => return verdict,
+            Verdict::Refuse { warn: false } => {}
+            Verdict::Refuse { warn: true } => {
+                let message = format!(
+                    "over {} messages a second: messages are dropped until the rate falls",
+                    ws.client_messages_per_second
+                );
+                self.peer
+                    .reply(protocol::error(&None, "rate_limited", None, &message));
+            }
+            Verdict::Close => {
+                self.peer.close(close::TOO_MANY, "message rate limit", true);
+            }
+        }
+        self.reject("rate_limited");
+        verdict
     }
 
     fn on_error(&self, e: WireError) {
@@ -757,7 +794,7 @@ mod tests {
 
     /// Every idle connection carries this future: it must capture handles only, and a
     /// message's handling must not be part of its state. 984 bytes before the cut became
-    /// async; the boxed handling's place adds 16.
+    /// async; the boxed handling's place adds 16, the message budget 32.
     #[test]
     fn an_idle_session_stays_small() {
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -773,6 +810,6 @@ mod tests {
         let identity = identity(&hub, "u");
         let session = run(hub.clone(), server, Bytes::new(), identity, permit, false);
         let size = std::mem::size_of_val(&session);
-        assert!(size <= 1024, "a session's future takes {size} bytes");
+        assert!(size <= 1032, "a session's future takes {size} bytes");
     }
 }
