@@ -106,6 +106,12 @@ pub struct WebSocketConfig {
     pub max_rooms_per_connection: usize,
     /// Malformed client frames tolerated before the connection is closed with 1008.
     pub max_bad_frames: u32,
+    /// Client messages (data messages and WebSocket pings) a connection may send per second,
+    /// on average: past it they are refused with `rate_limited`.
+    pub client_messages_per_second: u32,
+    /// Client messages a connection may send at once; as many refused in a row close it
+    /// with 4029.
+    pub client_burst: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -256,6 +262,8 @@ impl Default for WebSocketConfig {
             shed_low_priority_after: 256,
             max_rooms_per_connection: 256,
             max_bad_frames: 10,
+            client_messages_per_second: 20,
+            client_burst: 50,
         }
     }
 }
@@ -564,6 +572,11 @@ impl Config {
                 "websocket.max_rooms_per_connection",
                 ws.max_rooms_per_connection,
             ),
+            (
+                "websocket.client_messages_per_second",
+                ws.client_messages_per_second as usize,
+            ),
+            ("websocket.client_burst", ws.client_burst as usize),
         ];
         for (key, value) in positive {
             if value == 0 {

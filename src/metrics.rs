@@ -235,7 +235,7 @@ impl Metrics {
             ),
             (
                 &self.client_frames_rejected,
-                &["bad_frame", "protocol", "filter_too_large"],
+                &["bad_frame", "protocol", "filter_too_large", "rate_limited"],
             ),
             (&self.resumes, &["nothing", "memory", "kafka", "resync"]),
             (&self.replayed_records, &["memory", "kafka"]),

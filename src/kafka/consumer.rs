@@ -262,7 +262,7 @@ impl KafkaConsumer {
         }
         let mut delivered = None;
         {
-            let _cut = self.hub.cut();
+            let _cut = self.hub.hold_cut();
             // Advanced first (one lock instead of two); nobody sees it before the cut is
             // released but readiness and stats, for which a record early is no harm.
             let Some(state) = self.partitions.advance(topic, partition, offset) else {

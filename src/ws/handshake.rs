@@ -26,7 +26,7 @@ use crate::quota::{Quota, Share};
 /// What an open connection holds against the limits; all of it is given back when it ends.
 pub struct Admission {
     _permit: OwnedSemaphorePermit,
-    _user: Share<(Option<String>, String)>,
+    _user: Share<u64>,
     _address: Share<IpAddr>,
 }
 
@@ -102,6 +102,17 @@ pub async fn upgrade(State(hub): State<Arc<Hub>>, mut req: Request) -> Response 
     response
 }
 
+impl Admission {
+    /// A connection counted against the connection limit alone.
+    pub fn permit_only(permit: OwnedSemaphorePermit) -> Admission {
+        Admission {
+            _permit: permit,
+            _user: Quota::unlimited(),
+            _address: Quota::unlimited(),
+        }
+    }
+}
+
 fn refused(hub: &Hub, refusal: Refusal) -> Response {
     hub.metrics
         .handshake_failures
@@ -119,8 +130,7 @@ fn admit(
     peer: Option<IpAddr>,
     headers: &HeaderMap,
 ) -> Result<Admission, Refusal> {
-    let user_key = (identity.tenant.clone(), identity.user.clone());
-    let user = hub.users.take(user_key).ok_or(refuse(
+    let user = hub.users.take(identity.key()).ok_or(refuse(
         StatusCode::TOO_MANY_REQUESTS,
         "too_many_connections_for_user",
     ))?;

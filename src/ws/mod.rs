@@ -6,17 +6,18 @@ pub mod handshake;
 pub mod outbox;
 pub mod protocol;
 pub mod session;
+pub mod throttle;
 pub mod wire;
 pub mod writer;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
-use tokio::sync::Semaphore;
+use tokio::sync::{Mutex, MutexGuard, Semaphore};
 
 use crate::auth::Authenticator;
 use crate::config::Config;
@@ -64,12 +65,14 @@ pub struct Hub {
     pub kafka_replay: KafkaReplay,
     /// Held by the consumer while it hands one record out and advances its position, and by
     /// whoever joins rooms and takes a position snapshot that must match them: so a snapshot
-    /// and a join always fall between two records, never in the middle of one.
+    /// and a join always fall between two records, never in the middle of one. An async
+    /// mutex: a session waits for it without holding a worker, however long a record takes,
+    /// so liveness, signals and every other connection go on meanwhile.
     cut: Mutex<()>,
     /// Bounds open connections; a session holds one permit for its whole life.
     pub limit: Arc<Semaphore>,
     /// Open connections per (tenant, user) and per client address.
-    pub users: Arc<Quota<(Option<String>, String)>>,
+    pub users: Arc<Quota<u64>>,
     pub addresses: Arc<Quota<IpAddr>>,
     /// Whose `X-Forwarded-For` names the client address.
     pub proxies: TrustedProxies,
@@ -166,9 +169,18 @@ impl Hub {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// See the `cut` field.
-    pub fn cut(&self) -> MutexGuard<'_, ()> {
-        self.cut.lock().unwrap_or_else(|e| e.into_inner())
+    /// The consumer's hold on the cut (see the field), from its own thread, never from a
+    /// worker: uncontended, one atomic operation.
+    pub fn hold_cut(&self) -> MutexGuard<'_, ()> {
+        self.cut
+            .try_lock()
+            .unwrap_or_else(|_| self.cut.blocking_lock())
+    }
+
+    /// A session's hold on the cut (see the field). Everything that changes the registry
+    /// takes it, so no worker ever waits on a room's shard while the consumer reads it.
+    pub async fn cut(&self) -> MutexGuard<'_, ()> {
+        self.cut.lock().await
     }
 
     /// Sends a `positions` watermark to every live connection of one slice (connection id
@@ -177,7 +189,7 @@ impl Hub {
     /// at a time, because waking every writer at once stalled deliveries for a tenth of a
     /// second at 10,000 connections.
     pub fn broadcast_positions(&self, slice: u64, slices: u64, last: &mut PositionMap) {
-        let _cut = self.cut();
+        let _cut = self.hold_cut();
         let now = self.partitions.delivered_map();
         if now == *last {
             return;

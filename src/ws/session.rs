@@ -5,7 +5,7 @@
 //! closing so the close handshake runs to its end. Neither ever waits on the consumer, nor the
 //! consumer on them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::{poll_fn, Future};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +19,7 @@ use tracing::{debug, debug_span, Instrument};
 use super::handshake::Admission;
 use super::outbox::{Limits, Peer};
 use super::protocol::{self, close, ClientFrame, Welcome};
+use super::throttle::{Budget, Throttle, Verdict};
 use super::wire::{Decoder, Incoming, WireError};
 use super::{writer, Hub};
 use crate::auth::{now_secs, Identity};
@@ -26,6 +27,7 @@ use crate::pattern::{EventFilter, Pattern, PatternError};
 use crate::position::PositionMap;
 use crate::registry::ConnId;
 use crate::replay::{ResumePlan, Selection};
+use crate::route::Priority;
 
 /// How long a closing session keeps reading for the peer's close reply, and then waits for
 /// its writer (which may be stuck on a peer that stopped reading).
@@ -39,14 +41,18 @@ struct Session {
     /// Joined rooms and their event filters.
     rooms: HashMap<String, Option<Arc<EventFilter>>>,
     bad_frames: u32,
+    /// The client's budget of messages.
+    throttle: Throttle,
     /// Set when the client asked to resume (`?resume=1`): the welcome's positions, and no room
     /// joined yet, until its first frame.
     awaiting_resume: Option<PositionMap>,
+    /// This connection's share of the connection limits, given back when the session ends.
+    _admission: Admission,
 }
 
-/// Starts a session: queues its welcome and spawns its writer now, and returns the reader,
-/// which runs the session to its end. The admission (its share of the connection limits) is
-/// given back when that returns.
+/// Starts a session: spawns its writer now, and returns the reader, which queues the welcome
+/// and then runs the session to its end. The admission (its share of the connection limits)
+/// is given back when that returns.
 ///
 /// Not an `async fn`: everything an async block captures stays in its state for the whole
 /// connection, even once moved out, so the socket and identity are split and placed before
@@ -83,15 +89,17 @@ pub fn run(
         peer,
         rooms: HashMap::new(),
         bad_frames: 0,
-        awaiting_resume: None,
+        throttle: Throttle::new(Instant::now()),
+        // Filled with the welcome's positions.
+        awaiting_resume: resume_requested.then(PositionMap::new),
+        _admission: admission,
     };
     hub.metrics.connections.inc();
     hub.metrics.connections_opened.inc();
-    span.in_scope(|| session.welcome(resume_requested));
     let writer = writer::run(hub.clone(), socket, inbox, id, heartbeat).instrument(span.clone());
     let writer = tokio::spawn(writer);
     async move {
-        let _admission = admission;
+        session.welcome().await;
         session.read_loop(reader).await;
         session.end(writer).await;
     }
@@ -147,10 +155,9 @@ impl Reader {
 impl Session {
     /// The reader is done: makes sure the writer stops too, then forgets the connection.
     async fn end(&self, mut writer: tokio::task::JoinHandle<u16>) {
-        let (hub, id) = (&self.hub, self.id);
+        let hub = &self.hub;
         self.peer.close(close::NORMAL, "", false);
-        hub.registry.leave_all(id);
-        hub.sessions.remove(&id);
+        self.forget().await;
         let code = match timeout(CLOSE_GRACE, &mut writer).await {
             Ok(done) => done.unwrap_or(close::INTERNAL),
             Err(_) => {
@@ -166,12 +173,20 @@ impl Session {
         debug!(code, "session ended");
     }
 
-    /// The welcome goes first in the queue. Its positions and the joining of the user's own
-    /// rooms happen under the hub's cut, so every record after the positions is delivered
-    /// live and none before it is. A resuming client joins nothing until its resume.
-    fn welcome(&mut self, resume_requested: bool) {
+    /// Leaves every room and the session table, under the cut like every registry change.
+    async fn forget(&self) {
+        let _cut = self.hub.cut().await;
+        self.hub.registry.leave_all(self.id);
+        self.hub.sessions.remove(&self.id);
+    }
+
+    /// The welcome goes first in the queue, and the writer pings only behind it. Its
+    /// positions and the joining of the user's own rooms happen under the hub's cut, so every
+    /// record after the positions is delivered live and none before it is. A resuming client
+    /// joins nothing until its resume.
+    async fn welcome(&mut self) {
         let hub = self.hub.clone();
-        let _cut = hub.cut();
+        let _cut = hub.cut().await;
         let positions = self.hub.partitions.delivered_map();
         let rooms = self.identity.own_rooms();
         let frame = protocol::welcome(&Welcome {
@@ -183,8 +198,8 @@ impl Session {
             positions: &positions,
             server: &self.hub.config.server.name,
         });
-        self.peer.reply(frame);
-        if resume_requested {
+        self.peer.enqueue(&frame, Priority::Critical);
+        if self.awaiting_resume.is_some() {
             self.awaiting_resume = Some(positions);
         } else {
             for room in rooms {
@@ -200,7 +215,7 @@ impl Session {
         let mut silent_until = Instant::now() + idle;
         loop {
             let expiry = sleep_until(self.expiry_instant());
-            tokio::select! {
+            let message = tokio::select! {
                 next = timeout(silent_until - Instant::now(), reader.next()) => match next {
                     Err(_) => {
                         self.peer.close(close::GOING_AWAY, "heartbeat timeout", false);
@@ -211,18 +226,25 @@ impl Session {
                         self.on_error(e);
                         break;
                     }
-                    Ok(Some(Ok(message))) => {
-                        silent_until = Instant::now() + idle;
-                        if !self.on_message(message) {
-                            break;
-                        }
-                    }
+                    Ok(Some(Ok(message))) => message,
                 },
                 _ = expiry => {
                     self.peer.close(close::TOKEN, "token expired", false);
                     break;
                 }
                 _ = self.peer.closed() => break,
+            };
+            silent_until = Instant::now() + idle;
+            match self.throttle(&message) {
+                Verdict::Pass => {}
+                Verdict::Refuse { .. } => continue,
+                Verdict::Close => break,
+            }
+            // Handled outside the select, whose futures would otherwise live on meanwhile,
+            // and boxed: a message's handling is large and short-lived, and every idle
+            // session would carry its state.
+            if !Box::pin(self.on_message(message)).await {
+                break;
             }
         }
         // Closing: keep reading until the peer's close reply, so it is not met with a reset.
@@ -241,6 +263,34 @@ impl Session {
         Instant::now() + Duration::from_secs(left.min(u32::MAX as u64))
     }
 
+    /// Spends the message's share of the client's budget; a refused message is not handled.
+    /// A close is not refused: it ends the connection, which is what a flood should do.
+    fn throttle(&mut self, message: &Incoming) -> Verdict {
+        if matches!(message, Incoming::Close(_)) {
+            return Verdict::Pass;
+        }
+        let ws = &self.hub.config.websocket;
+        let budget = Budget::new(ws.client_messages_per_second, ws.client_burst);
+        let verdict = self.throttle.admit(Instant::now(), budget);
+        match verdict {
+            Verdict::Pass => return verdict,
+            Verdict::Refuse { warn: false } => {}
+            Verdict::Refuse { warn: true } => {
+                let message = format!(
+                    "over {} messages a second: messages are dropped until the rate falls",
+                    ws.client_messages_per_second
+                );
+                self.peer
+                    .reply(protocol::error(&None, "rate_limited", None, &message));
+            }
+            Verdict::Close => {
+                self.peer.close(close::TOO_MANY, "message rate limit", true);
+            }
+        }
+        self.reject("rate_limited");
+        verdict
+    }
+
     fn on_error(&self, e: WireError) {
         let (code, reason) = match e {
             WireError::TooBig => (close::TOO_BIG, "message too big"),
@@ -252,11 +302,11 @@ impl Session {
     }
 
     /// Handles one client message; false when the connection must close.
-    fn on_message(&mut self, message: Incoming) -> bool {
+    async fn on_message(&mut self, message: Incoming) -> bool {
         match message {
             Incoming::Text(text) => match ClientFrame::parse(&text) {
                 Ok(frame) => {
-                    self.on_frame(frame);
+                    self.on_frame(frame).await;
                     true
                 }
                 Err(e) => self.bad_frame(&None, &format!("invalid frame: {e}")),
@@ -310,7 +360,7 @@ impl Session {
             .inc();
     }
 
-    fn on_frame(&mut self, frame: ClientFrame) {
+    async fn on_frame(&mut self, frame: ClientFrame) {
         if let Some(welcome_positions) = self.awaiting_resume.take() {
             if let ClientFrame::Resume {
                 id,
@@ -322,10 +372,13 @@ impl Session {
             } = frame
             {
                 let rooms = protocol::requested_rooms(rooms, features);
-                return self.resume(&id, positions, rooms, events, token, welcome_positions);
+                return self
+                    .resume(&id, positions, rooms, events, token, welcome_positions)
+                    .await;
             }
             // Anything else first: resume from the welcome, then carry on.
-            self.start_resume(None, welcome_positions, Vec::new(), None);
+            self.start_resume(None, welcome_positions, Vec::new(), None)
+                .await;
         }
         match frame {
             ClientFrame::Resume { id, .. } => {
@@ -340,23 +393,24 @@ impl Session {
                 features,
                 events,
                 token,
-            } => self.subscribe(
-                &id,
-                protocol::requested_rooms(rooms, features),
-                events,
-                token,
-            ),
+            } => {
+                let rooms = protocol::requested_rooms(rooms, features);
+                self.subscribe(&id, rooms, events, token).await
+            }
             ClientFrame::Unsubscribe {
                 id,
                 rooms,
                 features,
-            } => self.unsubscribe(&id, protocol::requested_rooms(rooms, features)),
+            } => {
+                let rooms = protocol::requested_rooms(rooms, features);
+                self.unsubscribe(&id, rooms).await
+            }
             ClientFrame::Ping { id } => self.peer.reply(protocol::pong(&id)),
             ClientFrame::Refresh { id, token } => self.refresh(&id, &token),
         }
     }
 
-    fn subscribe(
+    async fn subscribe(
         &mut self,
         id: &Option<Value>,
         rooms: Vec<String>,
@@ -374,22 +428,29 @@ impl Session {
                 return;
             }
         };
-        let Some(admitted) = self.admit_all(id, rooms, token) else {
+        let held = self.rooms.keys().cloned().collect();
+        let Some(admitted) = self.admit_all(id, rooms, token, held) else {
             return;
         };
+        let hub = self.hub.clone();
+        let cut = hub.cut().await;
         for room in &admitted {
             self.join(room, filter.clone());
         }
+        drop(cut);
         self.peer.reply(protocol::ok(id, Some(&admitted)));
     }
 
-    /// Checks each room against the identity and the subscription token; replies with an
-    /// error for each refused room. None (after a final error) if the token is refused.
+    /// Checks each room against the identity, the subscription token and the room limit;
+    /// replies with an error for each refused room. `held` are the rooms the connection holds
+    /// (or, resuming, will hold) besides these: the limit counts them and every room admitted
+    /// before in the same message. None (after a final error) if the token is refused.
     fn admit_all(
-        &mut self,
+        &self,
         id: &Option<Value>,
         rooms: Vec<String>,
         token: Option<String>,
+        mut held: HashSet<String>,
     ) -> Option<Vec<String>> {
         let grants = match token.map(|t| self.hub.auth.subscription_grants(&self.identity, &t)) {
             None => Vec::new(),
@@ -402,10 +463,20 @@ impl Session {
                 return None;
             }
         };
+        let max = self.hub.config.websocket.max_rooms_per_connection;
         let mut admitted = Vec::new();
         for room in rooms {
-            match self.admit(&room, &grants) {
-                Ok(()) => admitted.push(room),
+            let within = |()| {
+                if held.len() >= max && !held.contains(&room) {
+                    return Err(("too_many_rooms", "room limit for this connection reached"));
+                }
+                Ok(())
+            };
+            match self.admit(&room, &grants).and_then(within) {
+                Ok(()) => {
+                    held.insert(room.clone());
+                    admitted.push(room);
+                }
                 Err((code, message)) => {
                     self.count_subscriptions(code, 1);
                     self.peer
@@ -418,7 +489,7 @@ impl Session {
     }
 
     /// A resume request: the user's own rooms plus `rooms`, as of `after`.
-    fn resume(
+    async fn resume(
         &mut self,
         id: &Option<Value>,
         after: PositionMap,
@@ -435,15 +506,17 @@ impl Session {
                 return;
             }
         };
-        let Some(admitted) = self.admit_all(id, rooms, token) else {
+        let held = self.identity.own_rooms().into_iter().collect();
+        let Some(admitted) = self.admit_all(id, rooms, token, held) else {
             self.awaiting_resume = Some(welcome_positions);
             return;
         };
-        self.start_resume(Some(id.clone()), after, admitted, filter);
+        self.start_resume(Some(id.clone()), after, admitted, filter)
+            .await;
     }
 
     /// Joins the rooms under the cut and queues the replay of `(after, cut]` in their place.
-    fn start_resume(
+    async fn start_resume(
         &mut self,
         id: Option<Option<Value>>,
         after: PositionMap,
@@ -451,7 +524,7 @@ impl Session {
         filter: Option<Arc<EventFilter>>,
     ) {
         let hub = self.hub.clone();
-        let _cut = hub.cut();
+        let _cut = hub.cut().await;
         let mut joined = self.identity.own_rooms();
         for room in &joined {
             self.join(room, None);
@@ -483,10 +556,6 @@ impl Session {
         if !self.identity.may_join(room) && !grants.iter().any(|g| g.matches(room)) {
             return Err(("forbidden", "not allowed to join this room"));
         }
-        let max = self.hub.config.websocket.max_rooms_per_connection;
-        if self.rooms.len() >= max && !self.rooms.contains_key(room) {
-            return Err(("too_many_rooms", "room limit for this connection reached"));
-        }
         Ok(())
     }
 
@@ -498,7 +567,9 @@ impl Session {
         self.rooms.insert(room.to_string(), filter);
     }
 
-    fn unsubscribe(&mut self, id: &Option<Value>, rooms: Vec<String>) {
+    async fn unsubscribe(&mut self, id: &Option<Value>, rooms: Vec<String>) {
+        let hub = self.hub.clone();
+        let cut = hub.cut().await;
         let tenant = self.identity.tenant.as_deref();
         let mut left = Vec::new();
         for room in rooms {
@@ -507,6 +578,7 @@ impl Session {
                 left.push(room);
             }
         }
+        drop(cut);
         self.peer.reply(protocol::ok(id, Some(&left)));
     }
 
@@ -539,5 +611,236 @@ impl Session {
             .subscriptions
             .with_label_values(&[result])
             .inc_by(n as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream as StdStream};
+    use std::sync::mpsc;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::auth::{sign_hs256, Authenticator, Claims};
+    use crate::config::Config;
+    use crate::http::{admin_router, AdminState};
+    use crate::metrics::Metrics;
+    use crate::position::PartitionTable;
+
+    const SECRET: &str = "session-test-secret-0123456789";
+    const PATIENCE: Duration = Duration::from_secs(10);
+
+    fn hub(mut config: Config) -> Arc<Hub> {
+        config.auth.secret = Some(SECRET.into());
+        let auth = Authenticator::from_config(&config.auth).unwrap();
+        let partitions = Arc::new(PartitionTable::default());
+        let metrics = Arc::new(Metrics::new());
+        Arc::new(Hub::new(Arc::new(config), auth, metrics, partitions))
+    }
+
+    fn identity(hub: &Hub, user: &str) -> Identity {
+        let claims = Claims {
+            sub: user.into(),
+            exp: now_secs() + 600,
+            ..Claims::default()
+        };
+        hub.auth.authenticate(&sign_hs256(SECRET, &claims)).unwrap()
+    }
+
+    /// A connected pair: the server's end for the runtime, the client's as a plain socket
+    /// (so the client needs no worker).
+    fn pair(listener: &TcpListener) -> (TcpStream, StdStream) {
+        let client = StdStream::connect(listener.local_addr().unwrap()).unwrap();
+        client.set_read_timeout(Some(PATIENCE)).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        (TcpStream::from_std(server).unwrap(), client)
+    }
+
+    /// The next text frame the server sent, skipping pings.
+    fn read_json(client: &mut StdStream) -> Value {
+        loop {
+            let mut head = [0u8; 2];
+            client.read_exact(&mut head).expect("a frame in time");
+            let len = match head[1] & 0x7f {
+                126 => {
+                    let mut l = [0u8; 2];
+                    client.read_exact(&mut l).unwrap();
+                    u16::from_be_bytes(l) as usize
+                }
+                127 => {
+                    let mut l = [0u8; 8];
+                    client.read_exact(&mut l).unwrap();
+                    u64::from_be_bytes(l) as usize
+                }
+                n => n as usize,
+            };
+            let mut payload = vec![0u8; len];
+            client.read_exact(&mut payload).unwrap();
+            if head[0] & 0x0f == 1 {
+                return serde_json::from_slice(&payload).unwrap();
+            }
+        }
+    }
+
+    /// A client text frame, masked with a zero key (which leaves the payload as it is).
+    fn send_json(client: &mut StdStream, value: &Value) {
+        let payload = value.to_string();
+        assert!(payload.len() < 126);
+        let mut frame = vec![0x81, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+        frame.extend_from_slice(payload.as_bytes());
+        client.write_all(&frame).unwrap();
+    }
+
+    fn healthz(admin: std::net::SocketAddr) -> String {
+        let mut http = StdStream::connect(admin).unwrap();
+        http.set_read_timeout(Some(PATIENCE)).unwrap();
+        http.write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        let _ = http.read_to_string(&mut answer);
+        answer
+    }
+
+    /// The consumer stalled on one record: holds the cut, having advanced `t:0` to `offset`,
+    /// until `release` is dropped or sent to.
+    fn stalled_consumer(
+        hub: &Arc<Hub>,
+        offset: i64,
+    ) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+        let (release, released) = mpsc::channel::<()>();
+        let (held, holding) = mpsc::channel();
+        let hub = hub.clone();
+        let thread = std::thread::spawn(move || {
+            let _cut = hub.hold_cut();
+            hub.partitions.advance("t", 0, offset);
+            held.send(()).unwrap();
+            let _ = released.recv();
+        });
+        holding.recv().unwrap();
+        (release, thread)
+    }
+
+    #[test]
+    fn handshakes_waiting_for_a_stalled_record_hold_no_worker() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let _entered = runtime.enter();
+        let hub = hub(Config::default());
+        hub.partitions.assign("t", 0, 0, 0);
+        hub.replay.reset("t", 0, 0);
+        let admin_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let admin = admin_listener.local_addr().unwrap();
+        admin_listener.set_nonblocking(true).unwrap();
+        let state = AdminState {
+            hub: hub.clone(),
+            discovered: Arc::default(),
+        };
+        let admin_listener = tokio::net::TcpListener::from_std(admin_listener).unwrap();
+        runtime.spawn(async move { axum::serve(admin_listener, admin_router(state)).await });
+        assert!(healthz(admin).contains("200 OK"));
+
+        // Three welcomes and then three resumes wait for the cut, on a runtime of two workers.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (release, consumer) = stalled_consumer(&hub, 41);
+        let mut clients = Vec::new();
+        let (started, starts) = mpsc::channel();
+        for n in 0..6 {
+            let (server, client) = pair(&listener);
+            let permit = hub.limit.clone().try_acquire_owned().unwrap();
+            let identity = identity(&hub, &format!("u{n}"));
+            let session_hub = hub.clone();
+            let resume = n >= 3;
+            let started = started.clone();
+            runtime.spawn(async move {
+                // Sent in the same poll as the session starts: once it is received, that
+                // worker is committed to the session's first step.
+                let _ = started.send(());
+                run(
+                    session_hub,
+                    server,
+                    Bytes::new(),
+                    identity,
+                    Admission::permit_only(permit),
+                    resume,
+                )
+                .await
+            });
+            clients.push(client);
+        }
+        for _ in 0..2 {
+            starts.recv_timeout(PATIENCE).unwrap();
+        }
+        assert!(
+            healthz(admin).contains("200 OK"),
+            "liveness while the cut is held"
+        );
+        drop(release);
+        consumer.join().unwrap();
+        for client in &mut clients {
+            let welcome = read_json(client);
+            assert_eq!(welcome["type"], "welcome");
+            assert_eq!(welcome["positions"], json!({"t:0": 41}));
+        }
+
+        let (release, consumer) = stalled_consumer(&hub, 42);
+        for client in &mut clients[3..] {
+            send_json(
+                client,
+                &json!({"type": "resume", "id": 1, "positions": {"t:0": 42}}),
+            );
+        }
+        assert!(
+            healthz(admin).contains("200 OK"),
+            "liveness while resumes wait"
+        );
+        drop(release);
+        consumer.join().unwrap();
+        for client in &mut clients[3..] {
+            let watermark = read_json(client);
+            assert_eq!(
+                watermark,
+                json!({"type": "positions", "positions": {"t:0": 42}})
+            );
+            let answer = read_json(client);
+            assert_eq!(
+                (&answer["type"], &answer["source"]),
+                (&json!("ok"), &json!("nothing"))
+            );
+        }
+    }
+
+    /// Every idle connection carries this future: it must capture handles only, and a
+    /// message's handling must not be part of its state. 984 bytes before the cut became
+    /// async; the boxed handling's place adds 16, the message budget 32, the share of the
+    /// per-user and per-address limits 56 (in place of the permit's 16).
+    #[test]
+    fn an_idle_session_stays_small() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let _entered = runtime.enter();
+        let hub = hub(Config::default());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (server, _client) = pair(&listener);
+        let permit = hub.limit.clone().try_acquire_owned().unwrap();
+        let identity = identity(&hub, "u");
+        let session = run(
+            hub.clone(),
+            server,
+            Bytes::new(),
+            identity,
+            Admission::permit_only(permit),
+            false,
+        );
+        let size = std::mem::size_of_val(&session);
+        assert!(size <= 1072, "a session's future takes {size} bytes");
     }
 }

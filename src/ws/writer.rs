@@ -71,16 +71,22 @@ pub async fn run(
     // and removal were a tenth of the writer's own CPU in a broadcast.
     let closed = peer.closed();
     tokio::pin!(closed);
+    // The welcome is the connection's first frame, and it is always queued: no ping before
+    // the first batch, however long the session waits for the hub's cut.
+    let mut welcomed = false;
     loop {
         let wake = tokio::select! {
             biased;
             _ = &mut closed => Wake::Close,
             _ = inbox.next_batch() => Wake::Batch,
-            _ = ping.tick() => Wake::Ping,
+            _ = ping.tick(), if welcomed => Wake::Ping,
         };
         let sent = match wake {
             Wake::Close => break,
-            Wake::Batch => w.write(inbox.batch(), None).await,
+            Wake::Batch => {
+                welcomed = true;
+                w.write(inbox.batch(), None).await
+            }
             // The ping rides in the same write as whatever is queued.
             Wake::Ping => w.write(inbox.take_queued(), Some(&wire::ping()[..])).await,
         };

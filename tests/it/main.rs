@@ -6,6 +6,7 @@ mod delivery;
 mod hostile_edge;
 mod hostile_patterns;
 mod hostile_records;
+mod hostile_session;
 mod ops;
 mod protocol;
 mod resume;
