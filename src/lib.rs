@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpSocket};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError};
@@ -63,6 +63,9 @@ pub enum Error {
     #[error("demo: {0}")]
     Demo(String),
 }
+
+/// How long a drain waits for the consumer's last commit.
+const CONSUMER_STOP: Duration = Duration::from_secs(7);
 
 /// Accept backlog: a reconnect storm after a restart brings thousands of handshakes at once,
 /// and the usual 128 drops SYNs, leaving clients to wait for retransmits.
@@ -143,7 +146,11 @@ pub async fn serve(
     stop.await;
     let window = Duration::from_secs_f64(config.server.drain_seconds);
     stages.drain(&hub, window).await;
-    let _ = consuming.await;
+    // The consumer commits within its own 5 s bound; past a little more it is stuck inside a
+    // record, and the process exits without it rather than outlive its grace period.
+    if tokio::time::timeout(CONSUMER_STOP, consuming).await.is_err() {
+        warn!("the consumer did not stop in time; exiting without its last commit");
+    }
     let _ = admin_stop.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(1), public_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
