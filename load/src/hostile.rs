@@ -85,7 +85,7 @@ pub fn parse_phases(text: &str) -> anyhow::Result<Vec<Phase>> {
 }
 
 /// How many connections each attack opens: the figures times `--hostile-scale`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Scale {
     pub filter: usize,
     pub silent: usize,
@@ -481,7 +481,7 @@ fn report(f: Finished<'_>) -> Value {
         "label": f.args.label,
         "target": "roomcast",
         "scale": f.args.hostile_scale,
-        "counts": format!("{:?}", f.scale),
+        "counts": f.scale,
         "phase_seconds": f.args.phase_seconds,
         "settle_seconds": f.args.settle_seconds,
         "seconds": round(f.seconds, 1),
