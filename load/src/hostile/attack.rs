@@ -647,50 +647,45 @@ fn ping_batch() -> Vec<u8> {
     batch
 }
 
+/// Floods one connection until the server closes it or `deadline`. The writer is a task of its
+/// own, so that it never keeps this side from reading what the server answers.
 async fn flood_one(conn: wire::Conn, deadline: tokio::time::Instant) -> Flooded {
     let started = Instant::now();
     let (tcp, rest) = conn.into_parts();
     let (mut rd, mut wr) = tcp.into_split();
-    let batch = ping_batch();
-    let sent = std::sync::atomic::AtomicU64::new(0);
-    let writer = async {
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = sent.clone();
+    let writer = tokio::spawn(async move {
+        let batch = ping_batch();
         while wr.write_all(&batch).await.is_ok() {
-            sent.fetch_add(64, Ordering::Relaxed);
+            counted.fetch_add(64, Ordering::Relaxed);
         }
-    };
-    // Reads until the server closes or the flood's time is up.
-    let reader = async {
-        let mut f = Flooded::default();
-        let mut buf = rest;
-        let mut chunk = vec![0u8; 64 * 1024];
-        loop {
-            let used = count_frames(&buf, &mut f);
-            buf.drain(..used);
-            if f.close.is_some() {
-                break;
-            }
-            tokio::select! {
-                read = rd.read(&mut chunk) => match read {
-                    Ok(0) | Err(_) => {
-                        f.close = Some(1006);
-                        break;
-                    }
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                },
-                _ = tokio::time::sleep_until(deadline) => return f,
-            }
+    });
+    let mut f = Flooded::default();
+    let mut buf = rest;
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let used = count_frames(&buf, &mut f);
+        buf.drain(..used);
+        if f.close.is_some() {
+            break;
         }
-        f.first_close_ms = Some(started.elapsed().as_secs_f64() * 1e3);
-        f
-    };
-    tokio::pin!(writer, reader);
-    let mut writing = true;
-    let mut f = loop {
         tokio::select! {
-            f = &mut reader => break f,
-            _ = &mut writer, if writing => writing = false,
+            read = rd.read(&mut chunk) => match read {
+                Ok(0) | Err(_) => {
+                    f.close = Some(1006);
+                    break;
+                }
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            },
+            _ = tokio::time::sleep_until(deadline) => break,
         }
-    };
+    }
+    if f.close.is_some() {
+        f.first_close_ms = Some(started.elapsed().as_secs_f64() * 1e3);
+    }
+    writer.abort();
+    let _ = writer.await;
     f.sent = sent.load(Ordering::Relaxed);
     f
 }
