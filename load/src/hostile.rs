@@ -544,7 +544,7 @@ fn print_hostile(r: &Value) {
             w["healthz"]["worst_ms"],
             rss,
             if w["server_replaced"] == true {
-                "  (server killed)"
+                "  (server died or froze: replaced)"
             } else {
                 ""
             }
