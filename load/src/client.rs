@@ -476,7 +476,11 @@ async fn open(plan: &Plan, target: &Target, shared: &Shared) -> Result<wire::Con
 }
 
 /// Joins `room` and waits for the `ok`; frames before it are counted in `other`.
-async fn subscribe_on(conn: &mut wire::Conn, room: &str, other: &AtomicU64) -> Result<(), String> {
+pub async fn subscribe_on(
+    conn: &mut wire::Conn,
+    room: &str,
+    other: &AtomicU64,
+) -> Result<(), String> {
     conn.send_text(&subscribe_frame(room))
         .await
         .map_err(|e| format!("subscribe: {e}"))?;

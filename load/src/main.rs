@@ -2,10 +2,11 @@
 //! records/s open-loop, and measures end-to-end latency, deliveries/s, losses and duplicates,
 //! and the server's CPU, write syscalls and memory over the measured window.
 //!
-//! Three modes start the server themselves (`--server-bin`, `--server-config`): the resume
+//! Four modes start the server themselves (`--server-bin`, `--server-config`): the resume
 //! storm (`--resume-storm`, see storm.rs), which restarts it under its clients, the replay
-//! buffer's memory (`--replay-memory`, see replaymem.rs), and the routing rate from a backlog
-//! (`--route-backlog`, see backlog.rs). The connect storm (`--connect-storm`, see
+//! buffer's memory (`--replay-memory`, see replaymem.rs), the routing rate from a backlog
+//! (`--route-backlog`, see backlog.rs), and hostile clients watched by a bystander
+//! (`--hostile`, see hostile.rs). The connect storm (`--connect-storm`, see
 //! connstorm.rs) starts every handshake at once against a running server.
 //!
 //! Only loopback addresses are accepted as targets.
@@ -14,6 +15,7 @@ mod backlog;
 mod client;
 mod connstorm;
 mod dist;
+mod hostile;
 mod kafkapath;
 mod procstat;
 mod producer;
@@ -222,6 +224,32 @@ struct Args {
     /// settings and report each record's age on arrival there, beside the end-to-end latency.
     #[arg(long)]
     kafka_probe: bool,
+    /// Hostile clients: a bystander receives a record every 50 ms through Kafka and /healthz
+    /// is probed every 50 ms while the attacks of --hostile-phases run one after the other;
+    /// reports the bystander's worst gap, losses, the probe's worst answer and the server's
+    /// RSS per phase. Needs --server-bin, --server-config and --brokers; the server's route
+    /// for --topic must be the bench's (`user:{userId}`, `task:{taskId}`).
+    #[arg(long)]
+    hostile: bool,
+    /// Hostile: the attacks, in order: filter, pre-upgrade, rooms, flood, burst.
+    #[arg(long, default_value = "filter,pre-upgrade,rooms,flood,burst")]
+    hostile_phases: String,
+    /// Hostile: connection counts are the (50 filters, 2,000 silent, 200 slowloris,
+    /// 300 unfinished heads, 100 x 5,000 rooms, 20 floods, 10,000 x 256 rooms) times this.
+    #[arg(long, default_value_t = 1.0)]
+    hostile_scale: f64,
+    /// Hostile: seconds each attack lasts (pre-upgrade 5 s more), and of quiet before the
+    /// first.
+    #[arg(long, default_value_t = 8.0)]
+    phase_seconds: f64,
+    /// Hostile: seconds after the burst's connections close, and at the end, before RSS is
+    /// read.
+    #[arg(long, default_value_t = 10.0)]
+    settle_seconds: f64,
+    /// Hostile: a server that neither answers /healthz nor delivers to the bystander this
+    /// long after a phase is killed and replaced for the phases left.
+    #[arg(long, default_value_t = 20.0)]
+    recover_seconds: f64,
 }
 
 /// Parses `KEY=VALUE`.
@@ -427,6 +455,9 @@ async fn run(args: &Args) -> anyhow::Result<Value> {
     }
     if args.route_backlog {
         return backlog::run(args, args.server_spec()?).await;
+    }
+    if args.hostile {
+        return hostile::run(args, args.server_spec()?).await;
     }
     if args.connect_storm {
         return connstorm::run(args).await;

@@ -171,6 +171,18 @@ impl Server {
     }
 }
 
+impl Server {
+    /// SIGKILL, for a server that no longer answers: one frozen by a client may not handle
+    /// SIGTERM either. Blocking.
+    pub fn kill(&mut self) {
+        if !self.exited {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            self.exited = true;
+        }
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         if !self.exited {

@@ -21,11 +21,11 @@ use crate::client::HandshakeError;
 const MAX_HEAD: usize = 8 * 1024;
 const MAX_FRAME: usize = 16 * 1024 * 1024;
 
-const TEXT: u8 = 0x1;
+pub const TEXT: u8 = 0x1;
 const BINARY: u8 = 0x2;
-const CLOSE: u8 = 0x8;
-const PING: u8 = 0x9;
-const PONG: u8 = 0xA;
+pub const CLOSE: u8 = 0x8;
+pub const PING: u8 = 0x9;
+pub const PONG: u8 = 0xA;
 
 /// What the server sent that this side cannot read.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +82,12 @@ fn header(bytes: &[u8]) -> Result<Option<Header>, WireError> {
     }))
 }
 
+/// The opcode and payload range of the whole frame at the start of `bytes`, for callers that
+/// read the socket themselves (None until all of it is there).
+pub fn parse_frame(bytes: &[u8]) -> Result<Option<(u8, std::ops::Range<usize>)>, WireError> {
+    Ok(header(bytes)?.map(|h| (h.opcode, h.payload)))
+}
+
 /// A client frame: always masked (RFC 6455, 5.3), here with a key that changes per frame.
 pub fn masked(opcode: u8, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + 14);
@@ -125,6 +131,13 @@ impl Conn {
             pongs: Vec::new(),
             next_key: seed | 1,
         }
+    }
+
+    /// The socket and the bytes read but not parsed yet, for a caller that reads and writes
+    /// at once from here on.
+    pub fn into_parts(self) -> (TcpStream, Vec<u8>) {
+        let rest = self.buf[self.start..self.end].to_vec();
+        (self.tcp, rest)
     }
 
     fn unparsed(&self) -> &[u8] {
