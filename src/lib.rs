@@ -148,7 +148,10 @@ pub async fn serve(
     stages.drain(&hub, window).await;
     // The consumer commits within its own 5 s bound; past a little more it is stuck inside a
     // record, and the process exits without it rather than outlive its grace period.
-    if tokio::time::timeout(CONSUMER_STOP, consuming).await.is_err() {
+    if tokio::time::timeout(CONSUMER_STOP, consuming)
+        .await
+        .is_err()
+    {
         warn!("the consumer did not stop in time; exiting without its last commit");
     }
     let _ = admin_stop.send(true);

@@ -78,14 +78,7 @@ async fn upgrade_from(
             });
             Ok(v["type"].as_str().unwrap_or_default().to_string())
         }
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-            let body = resp
-                .body()
-                .as_ref()
-                .map(|b| String::from_utf8_lossy(b).trim().to_string())
-                .unwrap_or_default();
-            Err((resp.status().as_u16(), body))
-        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(refusal(&resp)),
         Err(e) => panic!("upgrade failed: {e}"),
     }
 }

@@ -393,6 +393,18 @@ pub async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> 
     Ok((status, body))
 }
 
+/// A refused upgrade's status and trimmed body.
+pub fn refusal(
+    resp: &tokio_tungstenite::tungstenite::http::Response<Option<Vec<u8>>>,
+) -> (u16, String) {
+    let body = resp
+        .body()
+        .as_ref()
+        .map(|b| String::from_utf8_lossy(b).trim().to_string())
+        .unwrap_or_default();
+    (resp.status().as_u16(), body)
+}
+
 pub struct Client {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     pub welcome: Value,
@@ -462,14 +474,7 @@ impl Client {
                 c.read_welcome().await;
                 Ok(c)
             }
-            Err(Error::Http(resp)) => {
-                let body = resp
-                    .body()
-                    .as_ref()
-                    .map(|b| String::from_utf8_lossy(b).trim().to_string())
-                    .unwrap_or_default();
-                Err((resp.status().as_u16(), body))
-            }
+            Err(Error::Http(resp)) => Err(refusal(&resp)),
             Err(e) => panic!("connect failed: {e}"),
         }
     }
