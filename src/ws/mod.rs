@@ -177,8 +177,8 @@ impl Hub {
             .unwrap_or_else(|_| self.cut.blocking_lock())
     }
 
-    /// A session's hold on the cut (see the field). Everything that changes the registry
-    /// takes it, so no worker ever waits on a room's shard while the consumer reads it.
+    /// A session's hold on the cut (see the field), for a welcome or a resume: awaited, so a
+    /// waiting session holds no worker however long a record takes.
     pub async fn cut(&self) -> MutexGuard<'_, ()> {
         self.cut.lock().await
     }
