@@ -140,11 +140,13 @@ fn every_phase_runs_and_the_bystander_is_watched_throughout() {
     assert_eq!(head["connections"], 2);
     assert_eq!(head["outcomes"]["answered 431"], 2, "{head}");
 
-    // The burst: 50 connections of their own users, 256 rooms each (the default limit), all
-    // admitted; once they are closed only the bystander's connection and rooms are left.
+    // The burst: 50 connections of their own users asking for 256 rooms each: the default
+    // limit counts their own user room, so 255 are admitted and one refused; once they are
+    // closed only the bystander's connection and rooms are left.
     let burst = &r["windows"][5]["attack"];
     assert_eq!(burst["outcomes"]["ok"], 50, "{burst}");
-    assert_eq!(burst["rooms_admitted"], 50 * 256);
+    assert_eq!(burst["rooms_admitted"], 50 * 255);
+    assert_eq!(burst["room_errors"]["too_many_rooms"], 50, "{burst}");
     assert_eq!(burst["peak"]["connections"], 51.0);
     assert_eq!(burst["after_settle"]["connections"], 1.0);
     // user:bystander and task:bystander.
