@@ -553,8 +553,11 @@ impl Session {
             self.join(room, None);
         }
         for room in extra {
+            // Its own room named again takes the filter, but is listed once.
             self.join(&room, filter.clone());
-            joined.push(room);
+            if !joined.contains(&room) {
+                joined.push(room);
+            }
         }
         let plan = ResumePlan {
             id,

@@ -172,7 +172,7 @@ async fn a_resume_refuses_a_pattern_for_a_room() {
         .unwrap_or_else(|(s, b)| panic!("refused: {s} {b}"));
     let positions = c.welcome["positions"].clone();
     c.send(json!({"type": "resume", "id": 1, "positions": positions,
-                  "rooms": ["feature:*", "task:1"]}))
+                  "rooms": ["feature:*", "task:1", "user:eve"]}))
         .await;
     let refusal = c.frame().await.expect("answer");
     assert_eq!(refusal["code"], "invalid_room", "{refusal}");
@@ -181,6 +181,7 @@ async fn a_resume_refuses_a_pattern_for_a_room() {
     loop {
         let f = c.frame().await.expect("resume answer");
         if f["type"] == "ok" {
+            // Its own room, named again, is listed once.
             assert_eq!(f["rooms"], json!(["user:eve", "task:1"]), "{f}");
             break;
         }
