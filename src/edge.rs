@@ -9,6 +9,7 @@
 //! hold every file descriptor, and unfinished request heads hundreds of megabytes.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +42,9 @@ pub struct Edge {
     per_address: Arc<Quota<IpAddr>>,
     deadline: Duration,
     http: http1::Builder,
+    /// Connections that ended before an upgrade, for `memory.rs`: their buffers are freed
+    /// as sessions' are.
+    ended: Arc<AtomicU64>,
 }
 
 /// What a connection holds until it upgrades or closes.
@@ -69,7 +73,13 @@ impl Edge {
             per_address: Quota::new(config.max_handshakes_per_address),
             deadline,
             http,
+            ended: Arc::default(),
         }
+    }
+
+    /// See the `ended` field.
+    pub fn ended(&self) -> Arc<AtomicU64> {
+        self.ended.clone()
     }
 
     /// Accepts until `stop` turns true.
@@ -99,6 +109,7 @@ impl Edge {
         tokio::spawn(async move {
             edge.serve(stream, peer).await;
             drop(place);
+            edge.ended.fetch_add(1, Ordering::Relaxed);
         });
     }
 

@@ -127,8 +127,13 @@ pub async fn serve(
         hub.metrics.clone(),
         hub.proxies.clone(),
     );
+    let unupgraded = edge.ended();
     let public_task = tokio::spawn(edge.run(public, stages.stop_accepting.subscribe()));
-    tokio::spawn(memory::run(hub.clone(), stages.stop_accepting.subscribe()));
+    tokio::spawn(memory::run(
+        hub.clone(),
+        unupgraded,
+        stages.stop_accepting.subscribe(),
+    ));
     let admin_state = http::AdminState {
         hub: hub.clone(),
         discovered,

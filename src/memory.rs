@@ -5,9 +5,10 @@
 //! in its per-thread arenas instead of returning it. After 10,000 connections with 256 rooms
 //! each had closed, the process held 1.2 GB with no connection and no room. Every
 //! `INTERVAL`, emptied tables are shrunk, and when they were, or when many connections
-//! have closed since the last time, the allocator is asked to trim (on a blocking thread: it
-//! walks every arena).
+//! (sessions, or connections that never upgraded) have ended since the last time, the
+//! allocator is asked to trim (on a blocking thread: it walks every arena).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,11 +21,16 @@ use crate::ws::Hub;
 const INTERVAL: Duration = Duration::from_secs(10);
 
 /// Connections closed since the last trim that make another one worth its cost.
-const CLOSED_BEFORE_TRIM: usize = 1000;
+const CLOSED_BEFORE_TRIM: u64 = 1000;
 
-/// Runs until `stop` turns true.
-pub async fn run(hub: Arc<Hub>, mut stop: watch::Receiver<bool>) {
-    let mut peak = 0usize;
+/// Runs until `stop` turns true. `unupgraded` counts the connections that ended before an
+/// upgrade (see `edge.rs`).
+pub async fn run(hub: Arc<Hub>, unupgraded: Arc<AtomicU64>, mut stop: watch::Receiver<bool>) {
+    let ended = || {
+        let sessions = hub.metrics.connections_opened.get() - hub.sessions.len() as u64;
+        sessions + unupgraded.load(Ordering::Relaxed)
+    };
+    let mut due = Due::new(ended());
     let mut tick = tokio::time::interval(INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -32,14 +38,30 @@ pub async fn run(hub: Arc<Hub>, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => {}
             _ = stop.wait_for(|v| *v) => return,
         }
-        let open = hub.sessions.len();
-        peak = peak.max(open);
         let shrunk = hub.registry.shrink() | shrink_map(&hub.sessions);
-        if shrunk || peak - open >= CLOSED_BEFORE_TRIM {
+        if due.check(ended(), shrunk) {
             let _ = tokio::task::spawn_blocking(trim).await;
-            debug!(open, peak, shrunk, "memory given back");
-            peak = open;
+            debug!(shrunk, "memory given back");
         }
+    }
+}
+
+/// Whether a trim is worth its cost: tables shrank, or enough connections ended since the last.
+struct Due {
+    trimmed_at: u64,
+}
+
+impl Due {
+    fn new(ended: u64) -> Due {
+        Due { trimmed_at: ended }
+    }
+
+    fn check(&mut self, ended: u64, shrunk: bool) -> bool {
+        let due = shrunk || ended.saturating_sub(self.trimmed_at) >= CLOSED_BEFORE_TRIM;
+        if due {
+            self.trimmed_at = ended;
+        }
+        due
     }
 }
 
@@ -49,5 +71,21 @@ fn trim() {
     // SAFETY: malloc_trim takes the allocator's own locks and has no preconditions.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trim_is_due_after_a_thousand_ended_connections_or_a_shrink() {
+        let mut due = Due::new(500);
+        assert!(!due.check(1499, false));
+        assert!(due.check(1500, false));
+        assert!(!due.check(2000, false), "counted from the last trim");
+        assert!(due.check(2000, true), "tables shrank");
+        assert!(!due.check(2999, false));
+        assert!(due.check(3000, false));
     }
 }
