@@ -27,7 +27,8 @@ const CLOSED_BEFORE_TRIM: u64 = 1000;
 /// upgrade (see `edge.rs`).
 pub async fn run(hub: Arc<Hub>, unupgraded: Arc<AtomicU64>, mut stop: watch::Receiver<bool>) {
     let ended = || {
-        let sessions = hub.metrics.connections_opened.get() - hub.sessions.len() as u64;
+        let open = hub.sessions.len() as u64;
+        let sessions = hub.metrics.connections_opened.get().saturating_sub(open);
         sessions + unupgraded.load(Ordering::Relaxed)
     };
     let mut due = Due::new(ended());
