@@ -32,6 +32,11 @@ use crate::route::Priority;
 /// How long a closing session keeps reading for the peer's close reply, and then waits for
 /// its writer (which may be stuck on a peer that stopped reading).
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
+/// How much more a closing session reads (beyond the message under way) while it waits for
+/// the peer's close reply. A client that goes on writing after its close is cut off here
+/// rather than read for the whole grace: a flooder closed for its rate would otherwise be
+/// read flat out, 512 bytes a call, until it noticed.
+const CLOSE_READ_BYTES: u64 = 64 * 1024;
 
 struct Session {
     id: ConnId,
@@ -81,6 +86,7 @@ pub fn run(
         buf: BytesMut::from(&early[..]),
         decoder: Decoder::new(ws_cfg.max_frame_bytes, ws_cfg.max_message_bytes),
         chunk: ws_cfg.read_buffer_bytes.max(64),
+        taken: 0,
     };
     let mut session = Session {
         id,
@@ -115,6 +121,8 @@ struct Reader {
     decoder: Decoder,
     /// Bytes asked of the socket per read.
     chunk: usize,
+    /// Bytes taken from the socket so far.
+    taken: u64,
 }
 
 impl Reader {
@@ -138,7 +146,7 @@ impl Reader {
             self.buf.reserve(self.chunk);
             match self.socket.try_read_buf(&mut self.buf) {
                 Ok(0) => return None,
-                Ok(_) => {}
+                Ok(n) => self.taken += n as u64,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(_) => return None,
             }
@@ -150,6 +158,21 @@ impl Reader {
             self.buf = BytesMut::new();
         }
     }
+}
+
+/// The server has closed: reads on until the peer's close reply, so that the reply is not met
+/// with a reset, within the grace and `CLOSE_READ_BYTES`. Whatever is left unread when it
+/// gives up makes the kernel reset the connection, which is what a flooder should get.
+async fn await_close_reply(mut reader: Reader) {
+    let limit = reader.taken + CLOSE_READ_BYTES;
+    let _ = timeout(CLOSE_GRACE, async {
+        while let Some(Ok(message)) = reader.next().await {
+            if matches!(message, Incoming::Close(_)) || reader.taken > limit {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 impl Session {
@@ -241,22 +264,19 @@ impl Session {
                 Verdict::Refuse { .. } => continue,
                 Verdict::Close => break,
             }
+            // The peer's close ends the handshake once it is answered: nothing more to read.
+            let peer_closed = matches!(message, Incoming::Close(_));
             // Handled outside the select, whose futures would otherwise live on meanwhile,
             // and boxed: a message's handling is large and short-lived, and every idle
             // session would carry its state.
             if !Box::pin(self.on_message(message)).await {
+                if peer_closed {
+                    return;
+                }
                 break;
             }
         }
-        // Closing: keep reading until the peer's close reply, so it is not met with a reset.
-        let _ = timeout(CLOSE_GRACE, async {
-            while let Some(Ok(message)) = reader.next().await {
-                if matches!(message, Incoming::Close(_)) {
-                    break;
-                }
-            }
-        })
-        .await;
+        await_close_reply(reader).await;
     }
 
     fn expiry_instant(&self) -> Instant {

@@ -2,6 +2,7 @@
 //! WebSocket clients. One test binary; one module per area.
 
 mod auth;
+mod close_handshake;
 mod delivery;
 mod hostile_edge;
 mod hostile_patterns;
