@@ -86,6 +86,17 @@ struct PartitionBuffer {
 }
 
 impl PartitionBuffer {
+    /// Lets go of the entries read more than `max_age` before `now`.
+    fn expire(&mut self, now: Instant, max_age: Duration) {
+        while self
+            .entries
+            .front()
+            .is_some_and(|e| now.saturating_duration_since(e.at) > max_age)
+        {
+            self.evict_front();
+        }
+    }
+
     fn evict_front(&mut self) {
         if let Some(e) = self.entries.pop_front() {
             self.bytes -= e.cost();
@@ -154,16 +165,15 @@ impl ReplayBuffer {
             p.entries.push_back(e);
         }
         p.end = offset + 1;
-        while p.bytes > p.share
-            || p.entries
-                .front()
-                .is_some_and(|e| now.duration_since(e.at) > self.limits.max_age)
-        {
+        while p.bytes > p.share {
             p.evict_front();
         }
+        p.expire(now, self.limits.max_age);
     }
 
     /// The selected frames with offsets in `(after, upto]`, if the buffer covers the range.
+    /// Age is judged now, not when the partition last had a record: a quiet partition's
+    /// window would otherwise keep what it should have let go.
     pub fn lookup(
         &self,
         topic: &str,
@@ -172,10 +182,11 @@ impl ReplayBuffer {
         upto: i64,
         selection: &Selection,
     ) -> Lookup {
-        let all = self.lock();
-        let Some(p) = all.get(topic).and_then(|t| t.get(&partition)) else {
+        let mut all = self.lock();
+        let Some(p) = all.get_mut(topic).and_then(|t| t.get_mut(&partition)) else {
             return Lookup::Miss { start: i64::MAX };
         };
+        p.expire(Instant::now(), self.limits.max_age);
         if after + 1 < p.start || upto >= p.end {
             return Lookup::Miss { start: p.start };
         }
@@ -373,6 +384,33 @@ mod tests {
             Lookup::Miss { start: 7 }
         );
         assert_eq!(frames(b.lookup("t", 0, 6, 9, &selection(&["a"]))).len(), 3);
+    }
+
+    #[test]
+    fn age_is_judged_at_the_lookup_on_a_quiet_partition() {
+        let b = buffer(1 << 20);
+        b.reset("t", 0, 0);
+        let read = Instant::now();
+        let young = |o| Entry {
+            at: read,
+            ..entry(o, "a", "e")
+        };
+        let aged = |o| Entry {
+            at: read - Duration::from_secs(61),
+            ..entry(o, "a", "e")
+        };
+        // Read 61 s ago, and nothing since: the push itself saw them young.
+        b.push("t", 0, 0, Some(aged(0)));
+        b.push("t", 0, 1, Some(aged(1)));
+        assert_eq!(
+            b.lookup("t", 0, -1, 1, &selection(&["a"])),
+            Lookup::Miss { start: 2 }
+        );
+        b.push("t", 0, 2, Some(young(2)));
+        assert_eq!(
+            frames(b.lookup("t", 0, 1, 2, &selection(&["a"]))),
+            ["frame-2"]
+        );
     }
 
     #[test]

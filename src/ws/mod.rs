@@ -108,7 +108,8 @@ impl Hub {
         let r = &config.resume;
         let replay = ReplayBuffer::new(replay::Limits {
             bytes: r.buffer_bytes,
-            max_age: Duration::from_secs(r.buffer_max_age_seconds),
+            // Memory never serves what a read back from Kafka would refuse as too old.
+            max_age: Duration::from_secs(r.buffer_max_age_seconds.min(r.max_age_seconds)),
         });
         let group = crate::kafka::group_id(&config.kafka, &config.server.name);
         let kafka_replay = KafkaReplay::new(

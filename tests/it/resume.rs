@@ -120,6 +120,26 @@ async fn too_old_or_impossible_positions_get_resync() {
 }
 
 #[tokio::test]
+async fn a_gap_older_than_the_age_limit_gets_resync_though_nothing_came_after_it() {
+    let topic = unique("resync-quiet");
+    create_topic(&topic, 1).await;
+    let extra = "[resume]\nbuffer_max_age_seconds = 1\nmax_age_seconds = 2\n";
+    let server = Server::start(&task_route(&topic), extra).await;
+    let tracker = session_then_disconnect(&server, &topic, "quiet", 1).await;
+    let p = Producer::new();
+    for seq in 10..13 {
+        p.send_json(&topic, task("quiet", seq)).await;
+    }
+    server.wait_consumed(&topic, 4).await;
+    // The partition stays quiet past both limits.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let (_c, frames) = Client::resume(&server, &token("quiet", &[]), &tracker, &[]).await;
+    assert_eq!(frames[0]["type"], "resync", "{frames:?}");
+    assert!(only_events(&frames).is_empty());
+    assert_eq!(frames.last().unwrap()["source"], "resync");
+}
+
+#[tokio::test]
 async fn a_client_that_never_heard_from_a_partition_still_resumes() {
     let topic = unique("resume-partitions");
     create_topic(&topic, 2).await;
