@@ -36,7 +36,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(3);
 /// the peer's close reply. A client that goes on writing after its close is cut off here
 /// rather than read for the whole grace: a flooder closed for its rate would otherwise be
 /// read flat out, 512 bytes a call, until it noticed.
-const CLOSE_READ_BYTES: u64 = 64 * 1024;
+const CLOSE_READ_BYTES: u32 = 64 * 1024;
 
 struct Session {
     id: ConnId,
@@ -85,7 +85,7 @@ pub fn run(
         socket: socket.clone(),
         buf: BytesMut::from(&early[..]),
         decoder: Decoder::new(ws_cfg.max_frame_bytes, ws_cfg.max_message_bytes),
-        chunk: ws_cfg.read_buffer_bytes.max(64),
+        chunk: ws_cfg.read_buffer_bytes.clamp(64, u32::MAX as usize) as u32,
         taken: 0,
     };
     let mut session = Session {
@@ -120,9 +120,10 @@ struct Reader {
     buf: BytesMut,
     decoder: Decoder,
     /// Bytes asked of the socket per read.
-    chunk: usize,
-    /// Bytes taken from the socket so far.
-    taken: u64,
+    chunk: u32,
+    /// Bytes taken from the socket so far, wrapping (only differences are read). Both u32 so
+    /// that they fit where one usize was: every idle session carries this.
+    taken: u32,
 }
 
 impl Reader {
@@ -143,10 +144,10 @@ impl Reader {
             if poll_fn(|cx| socket.poll_read_ready(cx)).await.is_err() {
                 return None;
             }
-            self.buf.reserve(self.chunk);
+            self.buf.reserve(self.chunk as usize);
             match self.socket.try_read_buf(&mut self.buf) {
                 Ok(0) => return None,
-                Ok(n) => self.taken += n as u64,
+                Ok(n) => self.taken = self.taken.wrapping_add(n as u32),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(_) => return None,
             }
@@ -164,10 +165,12 @@ impl Reader {
 /// with a reset, within the grace and `CLOSE_READ_BYTES`. Whatever is left unread when it
 /// gives up makes the kernel reset the connection, which is what a flooder should get.
 async fn await_close_reply(mut reader: Reader) {
-    let limit = reader.taken + CLOSE_READ_BYTES;
+    let from = reader.taken;
     let _ = timeout(CLOSE_GRACE, async {
         while let Some(Ok(message)) = reader.next().await {
-            if matches!(message, Incoming::Close(_)) || reader.taken > limit {
+            if matches!(message, Incoming::Close(_))
+                || reader.taken.wrapping_sub(from) > CLOSE_READ_BYTES
+            {
                 break;
             }
         }
