@@ -608,3 +608,160 @@ mod tests {
         assert_eq!(d.decode(&mut buf).unwrap(), Some(Incoming::Text(text)));
     }
 }
+
+/// Decoding must not depend on how the socket happens to cut the stream into reads.
+#[cfg(test)]
+mod split_reads {
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+
+    use super::*;
+
+    /// What a stream of client frames decodes to, read in `chunks` as the session reads them:
+    /// every message up to the first error, and without an error, the bytes left undecoded.
+    fn decode_in(chunks: &[&[u8]]) -> (Vec<Result<Incoming, WireError>>, Option<usize>) {
+        let mut decoder = Decoder::new(256, 512);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for chunk in chunks {
+            buf.extend_from_slice(chunk);
+            loop {
+                match decoder.decode(&mut buf) {
+                    Ok(Some(message)) => out.push(Ok(message)),
+                    Ok(None) => break,
+                    Err(e) => {
+                        out.push(Err(e));
+                        return (out, None);
+                    }
+                }
+            }
+        }
+        (out, Some(buf.len()))
+    }
+
+    /// A frame's bytes: masked with `mask`, or unmasked when it is None.
+    fn frame(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+        let mut out = vec![first];
+        let masked = if mask.is_some() { 0x80 } else { 0 };
+        match payload.len() {
+            n if n < 126 => out.push(masked | n as u8),
+            n if n <= 0xFFFF => {
+                out.push(masked | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(masked | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        match mask {
+            Some(mask) => {
+                out.extend_from_slice(&mask);
+                out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+            }
+            None => out.extend_from_slice(payload),
+        }
+        out
+    }
+
+    fn mask() -> impl Strategy<Value = Option<[u8; 4]>> {
+        prop_oneof![39 => any::<[u8; 4]>().prop_map(Some), 1 => Just(None)]
+    }
+
+    /// Text (now and then with one byte changed, so often no longer UTF-8) or binary.
+    fn content() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            6 => "\\PC{0,120}".prop_map(String::into_bytes),
+            2 => ("\\PC{1,120}", any::<Index>(), any::<u8>()).prop_map(|(text, at, byte)| {
+                let mut bytes = text.into_bytes();
+                let at = at.index(bytes.len());
+                bytes[at] = byte;
+                bytes
+            }),
+            1 => prop::collection::vec(any::<u8>(), 0..300),
+        ]
+    }
+
+    /// A piece of a client's stream: a message in fragments (cut anywhere, even inside a
+    /// character), a control frame, or bytes that need not be a frame at all.
+    fn piece() -> impl Strategy<Value = Vec<u8>> {
+        let message = (
+            prop_oneof![Just(opcode::TEXT), Just(opcode::BINARY)],
+            content(),
+            prop::collection::vec(any::<Index>(), 0..4),
+            prop::collection::vec(mask(), 5),
+        )
+            .prop_map(|(op, payload, cuts, masks)| {
+                let mut cuts: Vec<usize> =
+                    cuts.iter().map(|c| c.index(payload.len() + 1)).collect();
+                cuts.sort_unstable();
+                cuts.dedup();
+                cuts.push(payload.len());
+                let mut out = Vec::new();
+                let mut start = 0;
+                for (n, end) in cuts.iter().enumerate() {
+                    let fin = if n + 1 == cuts.len() { 0x80 } else { 0 };
+                    let op = if n == 0 { op } else { opcode::CONTINUATION };
+                    out.extend(frame(fin | op, &payload[start..*end], masks[n]));
+                    start = *end;
+                }
+                out
+            });
+        let control = (
+            prop_oneof![
+                Just(opcode::PING),
+                Just(opcode::PONG),
+                Just(opcode::CLOSE),
+                Just(opcode::CLOSE | 0x70),
+                Just(0x3),
+            ],
+            prop::collection::vec(any::<u8>(), 0..130),
+            prop::bool::weighted(0.9),
+            mask(),
+        )
+            .prop_map(|(op, payload, fin, mask)| {
+                frame(op | if fin { 0x80 } else { 0 }, &payload, mask)
+            });
+        prop_oneof![
+            8 => message,
+            3 => control,
+            1 => prop::collection::vec(any::<u8>(), 0..12),
+        ]
+    }
+
+    /// A stream and where its reads end.
+    fn stream_and_reads() -> impl Strategy<Value = (Vec<u8>, Vec<usize>)> {
+        (
+            prop::collection::vec(piece(), 1..8),
+            prop::collection::vec(any::<Index>(), 0..24),
+        )
+            .prop_map(|(pieces, cuts)| {
+                let stream = pieces.concat();
+                let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
+                cuts.sort_unstable();
+                (stream, cuts)
+            })
+    }
+
+    fn reads<'a>(stream: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        for &end in cuts.iter().chain([stream.len()].iter()) {
+            out.push(&stream[start..end]);
+            start = end;
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn decoding_does_not_depend_on_how_reads_cut_the_stream((stream, cuts) in stream_and_reads()) {
+            let whole = decode_in(&[&stream]);
+            prop_assert_eq!(&decode_in(&reads(&stream, &cuts)), &whole);
+            let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+            prop_assert_eq!(&decode_in(&bytes), &whole);
+        }
+    }
+}
