@@ -11,3 +11,4 @@ mod ops;
 mod protocol;
 mod resume;
 mod support;
+mod wire_conformance;
