@@ -165,8 +165,9 @@ pub enum WireError {
 pub struct Decoder {
     max_frame: usize,
     max_message: usize,
-    /// A fragmented message so far.
-    partial: Option<Partial>,
+    /// A fragmented message so far. Boxed: every idle session holds a decoder, and few
+    /// messages come in fragments.
+    partial: Option<Box<Partial>>,
 }
 
 /// The fragments of a message received so far.
@@ -276,18 +277,22 @@ impl Decoder {
                 if f.payload.len() > self.max_message {
                     return Err(WireError::TooBig);
                 }
-                let partial = Partial {
+                let partial = Box::new(Partial {
                     op: f.op,
                     data: f.payload.to_vec(),
                     checked: 0,
-                };
+                });
                 self.complete(f.fin, partial)
             }
             _ => Err(WireError::Protocol("reserved opcode")),
         }
     }
 
-    fn complete(&mut self, fin: bool, mut partial: Partial) -> Result<Option<Incoming>, WireError> {
+    fn complete(
+        &mut self,
+        fin: bool,
+        mut partial: Box<Partial>,
+    ) -> Result<Option<Incoming>, WireError> {
         if !fin {
             if partial.op == opcode::TEXT {
                 partial.checked = check_text_so_far(&partial.data, partial.checked)?;
