@@ -146,7 +146,13 @@ impl Authenticator {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
-        let data = decode::<Claims>(token, &self.key, &self.validation).map_err(classify)?;
+        let data = decode::<Claims>(token, &self.key, &self.validation).map_err(|e| {
+            if names_unknown_algorithm(token) {
+                AuthError::WrongAlgorithm
+            } else {
+                classify(e)
+            }
+        })?;
         if data.claims.sub.is_empty() {
             return Err(AuthError::Claims("empty sub".into()));
         }
@@ -209,6 +215,25 @@ fn room_patterns(rooms: &[String]) -> Result<Vec<Pattern>, String> {
 
 fn claimed_rooms(rooms: &[String]) -> Result<Vec<Pattern>, AuthError> {
     room_patterns(rooms).map_err(|e| AuthError::Claims(format!("rooms: {e}")))
+}
+
+/// True when the token's header names an algorithm jsonwebtoken does not know, `none` above
+/// all. It reads `alg` into the algorithms it knows, so such a token fails as unreadable JSON,
+/// which would be counted as `invalid_claims`; it is refused for its algorithm instead.
+fn names_unknown_algorithm(token: &str) -> bool {
+    use base64::Engine;
+    let Some((header, _)) = token.split_once('.') else {
+        return false;
+    };
+    let Ok(json) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header) else {
+        return false;
+    };
+    let Ok(header) = serde_json::from_slice::<serde_json::Value>(&json) else {
+        return false;
+    };
+    header["alg"]
+        .as_str()
+        .is_some_and(|alg| alg.parse::<jsonwebtoken::Algorithm>().is_err())
 }
 
 fn classify(e: jsonwebtoken::errors::Error) -> AuthError {
@@ -405,6 +430,32 @@ mod tests {
         };
         let token = jsonwebtoken::encode(&header, &wrong, &key).unwrap();
         assert!(matches!(a.authenticate(&token), Err(AuthError::Claims(_))));
+    }
+
+    #[test]
+    fn an_unsigned_token_is_refused_for_its_algorithm() {
+        use base64::Engine;
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let body = b64(&format!(r#"{{"sub":"42","exp":{}}}"#, now_secs() + 60));
+        let a = auth();
+        for alg in ["none", "None", "NONE", "HS1024"] {
+            let header = b64(&format!(r#"{{"alg":"{alg}","typ":"JWT"}}"#));
+            for signature in ["", "c2ln"] {
+                let token = format!("{header}.{body}.{signature}");
+                let err = a.authenticate(&token).unwrap_err();
+                assert_eq!(err, AuthError::WrongAlgorithm, "{alg} {signature:?}");
+                assert_eq!(err.reason(), "wrong_algorithm");
+            }
+        }
+        // A known algorithm's token with unreadable claims is still about its claims.
+        let unreadable = serde_json::json!({"sub": 42, "exp": now_secs() + 60});
+        let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
+        let token =
+            jsonwebtoken::encode(&jsonwebtoken::Header::default(), &unreadable, &key).unwrap();
+        assert_eq!(
+            a.authenticate(&token).unwrap_err(),
+            AuthError::Claims("unreadable claims".into())
+        );
     }
 
     #[test]

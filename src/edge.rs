@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::Router;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -143,8 +143,7 @@ impl Edge {
                 // One request per connection unless it upgrades: a kept-alive connection
                 // would hold its place among the handshakes while idle.
                 if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-                    let close = HeaderValue::from_static("close");
-                    response.headers_mut().insert(header::CONNECTION, close);
+                    close_after(response.headers_mut());
                 }
                 Ok::<_, std::convert::Infallible>(response)
             }
@@ -170,6 +169,18 @@ impl Edge {
     }
 }
 
+/// Adds `close` to a response's connection options, keeping those it lists already (a 426
+/// lists `upgrade`, as the `Upgrade` header it carries requires).
+fn close_after(headers: &mut HeaderMap) {
+    let options = match headers.get(header::CONNECTION).map(HeaderValue::to_str) {
+        Some(Ok(listed)) => format!("{listed}, close"),
+        _ => "close".to_string(),
+    };
+    if let Ok(value) = HeaderValue::try_from(options) {
+        headers.insert(header::CONNECTION, value);
+    }
+}
+
 /// Out of file descriptors, `accept` fails at once until one is freed: pause rather than
 /// spin. Anything else (a peer gone before it was accepted) is that peer's alone.
 async fn accept_failed(e: std::io::Error) {
@@ -189,5 +200,20 @@ async fn accept_failed(e: std::io::Error) {
 pub fn no_delay(stream: &TcpStream) {
     if let Err(e) = stream.set_nodelay(true) {
         warn!(error = %e, "could not turn Nagle's algorithm off for a connection");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_closes_its_connection_and_keeps_its_own_options() {
+        let mut headers = HeaderMap::new();
+        close_after(&mut headers);
+        assert_eq!(headers[header::CONNECTION], "close");
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        close_after(&mut headers);
+        assert_eq!(headers[header::CONNECTION], "upgrade, close");
     }
 }

@@ -209,6 +209,7 @@ impl Metrics {
                     "invalid_claims",
                     "origin_not_allowed",
                     "not_a_websocket_upgrade",
+                    "unsupported_websocket_version",
                     "too_many_connections",
                     "too_many_connections_for_user",
                     "too_many_connections_for_address",

@@ -1,9 +1,11 @@
 //! The `/ws` handshake: every refusal happens here, as a plain HTTP answer before the upgrade.
 //!
-//! Order of checks: draining (503), a well-formed upgrade request (400), Origin (403), token
-//! (401), connections of this user (429), connections from this address (429), connection
-//! limit (503). The token may come from `Authorization: Bearer`, from the
-//! `bearer.<jwt>` subprotocol, or from `?token=`; it is never logged.
+//! Order of checks: draining (503), a well-formed upgrade request (400: HTTP/1.1 or later,
+//! `Upgrade` and `Connection` headers, a `Sec-WebSocket-Key` of 16 bytes in base64), a
+//! WebSocket version this server speaks (426, naming version 13), Origin (403), token (401),
+//! connections of this user (429), connections from this address (429), connection limit
+//! (503). The token may come from `Authorization: Bearer`, from the `bearer.<jwt>`
+//! subprotocol, or from `?token=`; it is never logged.
 
 use std::sync::Arc;
 
@@ -11,7 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -39,16 +41,31 @@ pub struct Refusal {
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
-        (self.status, format!("{}\n", self.reason)).into_response()
+        let mut response = (self.status, format!("{}\n", self.reason)).into_response();
+        if self.status == StatusCode::UPGRADE_REQUIRED {
+            // RFC 6455 4.4: name the version spoken. RFC 9110 15.5.22 and 7.8: a 426 names the
+            // protocol in `Upgrade`, which `Connection` must list.
+            let headers = response.headers_mut();
+            headers.insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static(WEBSOCKET_VERSION),
+            );
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        response
     }
 }
+
+/// The only version of the WebSocket protocol there is (RFC 6455 4.1).
+const WEBSOCKET_VERSION: &str = "13";
 
 fn refuse(status: StatusCode, reason: &'static str) -> Refusal {
     Refusal { status, reason }
 }
 
 pub async fn upgrade(State(hub): State<Arc<Hub>>, mut req: Request) -> Response {
-    let accepted = match check(&hub, req.headers(), req.uri().query()) {
+    let accepted = match check(&hub, req.version(), req.headers(), req.uri().query()) {
         Ok(a) => a,
         Err(refusal) => return refused(&hub, refusal),
     };
@@ -162,11 +179,16 @@ struct Accepted {
     roomcast_protocol: bool,
 }
 
-fn check(hub: &Hub, headers: &HeaderMap, query: Option<&str>) -> Result<Accepted, Refusal> {
+fn check(
+    hub: &Hub,
+    version: Version,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<Accepted, Refusal> {
     if hub.is_draining() {
         return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "draining"));
     }
-    let key = upgrade_key(headers)?;
+    let key = upgrade_key(version, headers)?;
     check_origin(&hub.config.server.allowed_origins, headers)?;
     let protocols = offered_protocols(headers);
     let token = bearer_header(headers)
@@ -189,7 +211,9 @@ fn check(hub: &Hub, headers: &HeaderMap, query: Option<&str>) -> Result<Accepted
     })
 }
 
-fn upgrade_key(headers: &HeaderMap) -> Result<String, Refusal> {
+/// The client's `Sec-WebSocket-Key`, once the request is known to be a WebSocket upgrade
+/// this server can answer.
+fn upgrade_key(version: Version, headers: &HeaderMap) -> Result<&str, Refusal> {
     let has = |name: header::HeaderName, token: &str| {
         headers.get_all(name).iter().any(|v| {
             v.to_str()
@@ -198,21 +222,37 @@ fn upgrade_key(headers: &HeaderMap) -> Result<String, Refusal> {
         })
     };
     let bad = || refuse(StatusCode::BAD_REQUEST, "not_a_websocket_upgrade");
+    // RFC 6455 4.1 wants HTTP/1.1 at least; HTTP/1.0 has no upgrade, so a 101 to it would
+    // upgrade nothing.
+    if version < Version::HTTP_11 {
+        return Err(bad());
+    }
     if !has(header::CONNECTION, "upgrade") || !has(header::UPGRADE, "websocket") {
         return Err(bad());
     }
-    if headers
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .map(|v| v.as_bytes())
-        != Some(b"13")
-    {
-        return Err(bad());
+    match headers.get(header::SEC_WEBSOCKET_VERSION) {
+        None => return Err(bad()),
+        Some(v) if v.as_bytes() != WEBSOCKET_VERSION.as_bytes() => {
+            return Err(refuse(
+                StatusCode::UPGRADE_REQUIRED,
+                "unsupported_websocket_version",
+            ));
+        }
+        Some(_) => {}
     }
     headers
         .get(header::SEC_WEBSOCKET_KEY)
         .and_then(|v| v.to_str().ok())
-        .map(String::from)
+        .filter(|key| is_websocket_key(key))
         .ok_or_else(bad)
+}
+
+/// RFC 6455 4.1: a nonce of 16 bytes in base64, which is 22 characters of the alphabet and
+/// `==`.
+fn is_websocket_key(key: &str) -> bool {
+    let key = key.as_bytes();
+    let base64 = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/';
+    key.len() == 24 && key[..22].iter().all(base64) && &key[22..] == b"=="
 }
 
 fn check_origin(allowed: &[String], headers: &HeaderMap) -> Result<(), Refusal> {
@@ -288,6 +328,97 @@ mod tests {
             HeaderValue::from_static("roomcast.v1, bearer.a.b.c"),
         );
         assert_eq!(offered_protocols(&h), ["roomcast.v1", "bearer.a.b.c"]);
+    }
+
+    fn upgrade_request(version: &'static str, key: &'static str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static(version),
+        );
+        h.insert(header::SEC_WEBSOCKET_KEY, HeaderValue::from_static(key));
+        h
+    }
+
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    fn not_an_upgrade() -> Refusal {
+        refuse(StatusCode::BAD_REQUEST, "not_a_websocket_upgrade")
+    }
+
+    #[test]
+    fn an_upgrade_is_http_1_1_or_later() {
+        let h = upgrade_request("13", KEY);
+        assert_eq!(upgrade_key(Version::HTTP_11, &h), Ok(KEY));
+        for old in [Version::HTTP_10, Version::HTTP_09] {
+            assert_eq!(upgrade_key(old, &h), Err(not_an_upgrade()), "{old:?}");
+        }
+    }
+
+    #[test]
+    fn another_websocket_version_is_told_which_one_is_spoken() {
+        for version in ["8", "12", "14", "13, 8", ""] {
+            let h = upgrade_request(version, KEY);
+            assert_eq!(
+                upgrade_key(Version::HTTP_11, &h),
+                Err(refuse(
+                    StatusCode::UPGRADE_REQUIRED,
+                    "unsupported_websocket_version"
+                )),
+                "{version:?}"
+            );
+        }
+        let mut h = upgrade_request("13", KEY);
+        h.remove(header::SEC_WEBSOCKET_VERSION);
+        assert_eq!(upgrade_key(Version::HTTP_11, &h), Err(not_an_upgrade()));
+
+        let answer = refuse(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported_websocket_version",
+        )
+        .into_response();
+        assert_eq!(answer.status(), StatusCode::UPGRADE_REQUIRED);
+        let headers = answer.headers();
+        assert_eq!(headers[header::SEC_WEBSOCKET_VERSION], "13");
+        assert_eq!(headers[header::UPGRADE], "websocket");
+        assert_eq!(headers[header::CONNECTION], "upgrade");
+        let other = refuse(StatusCode::BAD_REQUEST, "not_a_websocket_upgrade").into_response();
+        assert!(!other.headers().contains_key(header::SEC_WEBSOCKET_VERSION));
+    }
+
+    #[test]
+    fn the_key_is_16_bytes_in_base64() {
+        for good in [KEY, "AAAAAAAAAAAAAAAAAAAAAA==", "+/+/+/+/+/+/+/+/+/+/+w=="] {
+            assert_eq!(
+                upgrade_key(Version::HTTP_11, &upgrade_request("13", good)),
+                Ok(good)
+            );
+        }
+        let bad = [
+            "x",
+            "",
+            "dGhlIHNhbXBsZSBub25jZQ",
+            "dGhlIHNhbXBsZSBub25jZQ=",
+            "dGhlIHNhbXBsZSBub25jZQ===",
+            // 15 and 17 bytes.
+            "AAAAAAAAAAAAAAAAAAAA",
+            "AAAAAAAAAAAAAAAAAAAAAAA=",
+            "dGhlIHNhbXBsZSBub25jZ!==",
+            "dGhlIHNhbXBsZSBub25j-_==",
+            "dGhlIHNhbXBsZSBub25jZQ==dGhl",
+        ];
+        for key in bad {
+            assert_eq!(
+                upgrade_key(Version::HTTP_11, &upgrade_request("13", key)),
+                Err(not_an_upgrade()),
+                "{key:?}"
+            );
+        }
     }
 
     #[test]

@@ -6,7 +6,10 @@
 //!
 //! Client frames are read by [`Decoder`] from whatever the socket has given so far. Anything
 //! RFC 6455 forbids a client to send (unmasked frames, reserved bits or opcodes, fragmented or
-//! long control frames, a continuation out of place) is a [`WireError::Protocol`].
+//! long control frames, a continuation out of place, a 64-bit length with its top bit set, a
+//! close code no endpoint may send) is a [`WireError::Protocol`]. Text is checked as it
+//! arrives: a fragment that cannot begin or continue valid UTF-8 fails the message at once,
+//! not when its last fragment comes.
 
 use bytes::{Buf, Bytes, BytesMut};
 
@@ -162,8 +165,20 @@ pub enum WireError {
 pub struct Decoder {
     max_frame: usize,
     max_message: usize,
-    /// A fragmented message so far: its opcode and bytes.
-    partial: Option<(u8, Vec<u8>)>,
+    /// A fragmented message so far. Boxed: every idle session holds a decoder, and few
+    /// messages come in fragments.
+    partial: Option<Box<Partial>>,
+}
+
+/// The fragments of a message received so far.
+#[derive(Debug)]
+struct Partial {
+    op: u8,
+    data: Vec<u8>,
+    /// For text: where the unchecked bytes start. Everything before is whole, valid UTF-8;
+    /// from here on lies at most an unfinished sequence of up to 3 bytes that the next
+    /// fragment may complete.
+    checked: usize,
 }
 
 struct RawFrame {
@@ -210,7 +225,13 @@ impl Decoder {
             127 => {
                 let mut n = [0u8; 8];
                 n.copy_from_slice(&buf[2..10]);
-                (u64::from_be_bytes(n), 10)
+                let len = u64::from_be_bytes(n);
+                // RFC 6455 5.2: the most significant bit must be 0. Such a length is not a
+                // big message but a malformed frame, whatever the limits.
+                if len >> 63 != 0 {
+                    return Err(WireError::Protocol("64-bit length with its top bit set"));
+                }
+                (len, 10)
             }
             n => (n as u64, 2),
         };
@@ -239,15 +260,15 @@ impl Decoder {
             opcode::PING => Ok(Some(Incoming::Ping(f.payload.freeze()))),
             opcode::PONG => Ok(Some(Incoming::Pong)),
             opcode::CONTINUATION => {
-                let (op, mut data) = self
+                let mut partial = self
                     .partial
                     .take()
                     .ok_or(WireError::Protocol("continuation without a message"))?;
-                if data.len() + f.payload.len() > self.max_message {
+                if partial.data.len() + f.payload.len() > self.max_message {
                     return Err(WireError::TooBig);
                 }
-                data.extend_from_slice(&f.payload);
-                self.complete(f.fin, op, data)
+                partial.data.extend_from_slice(&f.payload);
+                self.complete(f.fin, partial)
             }
             opcode::TEXT | opcode::BINARY => {
                 if self.partial.is_some() {
@@ -256,7 +277,12 @@ impl Decoder {
                 if f.payload.len() > self.max_message {
                     return Err(WireError::TooBig);
                 }
-                self.complete(f.fin, f.op, f.payload.to_vec())
+                let partial = Box::new(Partial {
+                    op: f.op,
+                    data: f.payload.to_vec(),
+                    checked: 0,
+                });
+                self.complete(f.fin, partial)
             }
             _ => Err(WireError::Protocol("reserved opcode")),
         }
@@ -265,15 +291,17 @@ impl Decoder {
     fn complete(
         &mut self,
         fin: bool,
-        op: u8,
-        data: Vec<u8>,
+        mut partial: Box<Partial>,
     ) -> Result<Option<Incoming>, WireError> {
         if !fin {
-            self.partial = Some((op, data));
+            if partial.op == opcode::TEXT {
+                partial.checked = check_text_so_far(&partial.data, partial.checked)?;
+            }
+            self.partial = Some(partial);
             return Ok(None);
         }
-        match op {
-            opcode::TEXT => String::from_utf8(data)
+        match partial.op {
+            opcode::TEXT => String::from_utf8(partial.data)
                 .map(|t| Some(Incoming::Text(t)))
                 .map_err(|_| WireError::Utf8),
             _ => Ok(Some(Incoming::Binary)),
@@ -281,16 +309,39 @@ impl Decoder {
     }
 }
 
-/// A close frame's code; its reason must be UTF-8.
+/// Checks the text of an unfinished message from `from` on, and returns where the next check
+/// starts: its end, or the start of a sequence the next fragment may still complete. Only the
+/// bytes not yet known valid are read again, so a message is checked in linear time.
+fn check_text_so_far(data: &[u8], from: usize) -> Result<usize, WireError> {
+    match std::str::from_utf8(&data[from..]) {
+        Ok(_) => Ok(data.len()),
+        // `error_len` is None only for a valid sequence cut short by the end of the input.
+        Err(e) if e.error_len().is_none() => Ok(from + e.valid_up_to()),
+        Err(_) => Err(WireError::Utf8),
+    }
+}
+
+/// A close frame's code, one a client may send; its reason must be UTF-8.
 fn close_code(payload: &[u8]) -> Result<Option<u16>, WireError> {
     match payload.len() {
         0 => Ok(None),
         1 => Err(WireError::Protocol("close frame of one byte")),
         _ => {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            if !sendable_close_code(code) {
+                return Err(WireError::Protocol("invalid close code"));
+            }
             std::str::from_utf8(&payload[2..]).map_err(|_| WireError::Utf8)?;
-            Ok(Some(u16::from_be_bytes([payload[0], payload[1]])))
+            Ok(Some(code))
         }
     }
+}
+
+/// RFC 6455 7.4: the codes defined for an endpoint to send, and the ranges left to libraries
+/// (3000-3999) and applications (4000-4999). 1004 is reserved, 1005, 1006 and 1015 must never
+/// be sent, and the rest of 0-2999 is unassigned.
+fn sendable_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 #[cfg(test)]
@@ -438,6 +489,121 @@ mod tests {
     }
 
     #[test]
+    fn close_codes_a_client_may_send() {
+        for code in [
+            1000, 1001, 1002, 1003, 1007, 1010, 1011, 1014, 3000, 3999, 4000, 4999,
+        ] {
+            let mut buf = BytesMut::from(&masked(0x88, &code_payload(code, b"bye"))[..]);
+            assert_eq!(
+                decoder().decode(&mut buf),
+                Ok(Some(Incoming::Close(Some(code)))),
+                "{code}"
+            );
+        }
+        let mut buf = BytesMut::from(&masked(0x88, b"")[..]);
+        assert_eq!(decoder().decode(&mut buf), Ok(Some(Incoming::Close(None))));
+    }
+
+    #[test]
+    fn close_codes_no_endpoint_may_send() {
+        let invalid = [
+            0, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
+        ];
+        for code in invalid {
+            let mut buf = BytesMut::from(&masked(0x88, &code_payload(code, b""))[..]);
+            assert_eq!(
+                decoder().decode(&mut buf),
+                Err(WireError::Protocol("invalid close code")),
+                "{code}"
+            );
+        }
+        let mut buf = BytesMut::from(&masked(0x88, &code_payload(1000, &[0xCE, 0xBA, 0xFF]))[..]);
+        assert_eq!(decoder().decode(&mut buf), Err(WireError::Utf8));
+    }
+
+    fn code_payload(code: u16, reason: &[u8]) -> Vec<u8> {
+        let mut payload = code.to_be_bytes().to_vec();
+        payload.extend_from_slice(reason);
+        payload
+    }
+
+    #[test]
+    fn a_64_bit_length_with_its_top_bit_set_is_malformed() {
+        let mut wire = vec![0x81, 0x80 | 127];
+        wire.extend_from_slice(&(1u64 << 63 | 5).to_be_bytes());
+        wire.extend_from_slice(&[0; 4]);
+        let mut buf = BytesMut::from(&wire[..]);
+        assert_eq!(
+            decoder().decode(&mut buf),
+            Err(WireError::Protocol("64-bit length with its top bit set"))
+        );
+        // Without the top bit, a length as absurd is only too big.
+        wire[2..10].copy_from_slice(&(1u64 << 62 | 5).to_be_bytes());
+        let mut buf = BytesMut::from(&wire[..]);
+        assert_eq!(decoder().decode(&mut buf), Err(WireError::TooBig));
+    }
+
+    /// Feeds fragments one at a time; what each one gave.
+    fn fragments(frames: &[Vec<u8>]) -> Vec<Result<Option<Incoming>, WireError>> {
+        let mut d = decoder();
+        let mut buf = BytesMut::new();
+        frames
+            .iter()
+            .map(|f| {
+                buf.extend_from_slice(f);
+                d.decode(&mut buf)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn invalid_text_fails_at_the_fragment_that_breaks_it() {
+        // Autobahn 6.4.1: the second fragment holds U+110000, past the last code point.
+        let got = fragments(&[
+            masked(0x01, "κόσμε".as_bytes()),
+            masked(0x00, &[0xF4, 0x90, 0x80, 0x80]),
+        ]);
+        assert_eq!(got, [Ok(None), Err(WireError::Utf8)]);
+        // A fragment that ends in a sequence no byte can complete fails at once too.
+        for tail in [
+            &[0xC0][..],
+            &[0xF4, 0x90],
+            &[0xE0, 0x80],
+            &[0xED, 0xA0],
+            &[0x80],
+        ] {
+            let mut first = b"ok".to_vec();
+            first.extend_from_slice(tail);
+            assert_eq!(
+                fragments(&[masked(0x01, &first)]),
+                [Err(WireError::Utf8)],
+                "{tail:x?}"
+            );
+        }
+        // A continuation that does not continue the sequence left open.
+        let got = fragments(&[masked(0x01, &[b'a', 0xE2, 0x82]), masked(0x00, b"b")]);
+        assert_eq!(got, [Ok(None), Err(WireError::Utf8)]);
+    }
+
+    #[test]
+    fn a_character_may_straddle_fragments_until_the_last() {
+        // U+1F600 in one byte per fragment, then a final fragment.
+        let smile = "\u{1F600}".as_bytes();
+        let mut frames: Vec<Vec<u8>> = vec![masked(0x01, &[b'<', smile[0]])];
+        frames.extend(smile[1..].iter().map(|b| masked(0x00, &[*b])));
+        frames.push(masked(0x80, b">"));
+        let got = fragments(&frames);
+        assert!(got[..4].iter().all(|r| *r == Ok(None)), "{got:?}");
+        assert_eq!(got[4], Ok(Some(Incoming::Text("<\u{1F600}>".into()))));
+        // Still unfinished when the message ends.
+        let got = fragments(&[masked(0x01, b"a"), masked(0x80, &[0xE2, 0x82])]);
+        assert_eq!(got, [Ok(None), Err(WireError::Utf8)]);
+        // Binary messages are not text.
+        let got = fragments(&[masked(0x02, &[0xFF]), masked(0x80, &[0xFE])]);
+        assert_eq!(got, [Ok(None), Ok(Some(Incoming::Binary))]);
+    }
+
+    #[test]
     fn binary_and_long_lengths() {
         let mut d = Decoder::new(100_000, 100_000);
         let mut buf = BytesMut::from(&masked(0x82, &[7; 70_000])[..]);
@@ -445,5 +611,162 @@ mod tests {
         let text = "y".repeat(300);
         let mut buf = BytesMut::from(&masked(0x81, text.as_bytes())[..]);
         assert_eq!(d.decode(&mut buf).unwrap(), Some(Incoming::Text(text)));
+    }
+}
+
+/// Decoding must not depend on how the socket happens to cut the stream into reads.
+#[cfg(test)]
+mod split_reads {
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+
+    use super::*;
+
+    /// What a stream of client frames decodes to, read in `chunks` as the session reads them:
+    /// every message up to the first error, and without an error, the bytes left undecoded.
+    fn decode_in(chunks: &[&[u8]]) -> (Vec<Result<Incoming, WireError>>, Option<usize>) {
+        let mut decoder = Decoder::new(256, 512);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for chunk in chunks {
+            buf.extend_from_slice(chunk);
+            loop {
+                match decoder.decode(&mut buf) {
+                    Ok(Some(message)) => out.push(Ok(message)),
+                    Ok(None) => break,
+                    Err(e) => {
+                        out.push(Err(e));
+                        return (out, None);
+                    }
+                }
+            }
+        }
+        (out, Some(buf.len()))
+    }
+
+    /// A frame's bytes: masked with `mask`, or unmasked when it is None.
+    fn frame(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+        let mut out = vec![first];
+        let masked = if mask.is_some() { 0x80 } else { 0 };
+        match payload.len() {
+            n if n < 126 => out.push(masked | n as u8),
+            n if n <= 0xFFFF => {
+                out.push(masked | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(masked | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        match mask {
+            Some(mask) => {
+                out.extend_from_slice(&mask);
+                out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+            }
+            None => out.extend_from_slice(payload),
+        }
+        out
+    }
+
+    fn mask() -> impl Strategy<Value = Option<[u8; 4]>> {
+        prop_oneof![39 => any::<[u8; 4]>().prop_map(Some), 1 => Just(None)]
+    }
+
+    /// Text (now and then with one byte changed, so often no longer UTF-8) or binary.
+    fn content() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            6 => "\\PC{0,120}".prop_map(String::into_bytes),
+            2 => ("\\PC{1,120}", any::<Index>(), any::<u8>()).prop_map(|(text, at, byte)| {
+                let mut bytes = text.into_bytes();
+                let at = at.index(bytes.len());
+                bytes[at] = byte;
+                bytes
+            }),
+            1 => prop::collection::vec(any::<u8>(), 0..300),
+        ]
+    }
+
+    /// A piece of a client's stream: a message in fragments (cut anywhere, even inside a
+    /// character), a control frame, or bytes that need not be a frame at all.
+    fn piece() -> impl Strategy<Value = Vec<u8>> {
+        let message = (
+            prop_oneof![Just(opcode::TEXT), Just(opcode::BINARY)],
+            content(),
+            prop::collection::vec(any::<Index>(), 0..4),
+            prop::collection::vec(mask(), 5),
+        )
+            .prop_map(|(op, payload, cuts, masks)| {
+                let mut cuts: Vec<usize> =
+                    cuts.iter().map(|c| c.index(payload.len() + 1)).collect();
+                cuts.sort_unstable();
+                cuts.dedup();
+                cuts.push(payload.len());
+                let mut out = Vec::new();
+                let mut start = 0;
+                for (n, end) in cuts.iter().enumerate() {
+                    let fin = if n + 1 == cuts.len() { 0x80 } else { 0 };
+                    let op = if n == 0 { op } else { opcode::CONTINUATION };
+                    out.extend(frame(fin | op, &payload[start..*end], masks[n]));
+                    start = *end;
+                }
+                out
+            });
+        let control = (
+            prop_oneof![
+                Just(opcode::PING),
+                Just(opcode::PONG),
+                Just(opcode::CLOSE),
+                Just(opcode::CLOSE | 0x70),
+                Just(0x3),
+            ],
+            prop::collection::vec(any::<u8>(), 0..130),
+            prop::bool::weighted(0.9),
+            mask(),
+        )
+            .prop_map(|(op, payload, fin, mask)| {
+                frame(op | if fin { 0x80 } else { 0 }, &payload, mask)
+            });
+        prop_oneof![
+            8 => message,
+            3 => control,
+            1 => prop::collection::vec(any::<u8>(), 0..12),
+        ]
+    }
+
+    /// A stream and where its reads end.
+    fn stream_and_reads() -> impl Strategy<Value = (Vec<u8>, Vec<usize>)> {
+        (
+            prop::collection::vec(piece(), 1..8),
+            prop::collection::vec(any::<Index>(), 0..24),
+        )
+            .prop_map(|(pieces, cuts)| {
+                let stream = pieces.concat();
+                let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
+                cuts.sort_unstable();
+                (stream, cuts)
+            })
+    }
+
+    fn reads<'a>(stream: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        for &end in cuts.iter().chain([stream.len()].iter()) {
+            out.push(&stream[start..end]);
+            start = end;
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn decoding_does_not_depend_on_how_reads_cut_the_stream((stream, cuts) in stream_and_reads()) {
+            let whole = decode_in(&[&stream]);
+            prop_assert_eq!(&decode_in(&reads(&stream, &cuts)), &whole);
+            let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+            prop_assert_eq!(&decode_in(&bytes), &whole);
+        }
     }
 }

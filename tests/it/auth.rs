@@ -61,7 +61,10 @@ async fn bad_tokens_get_401_before_the_upgrade() {
         b64(r#"{"alg":"none","typ":"JWT"}"#),
         b64(&format!(r#"{{"sub":"1","exp":{}}}"#, now_secs() + 600))
     );
-    assert_eq!(refused(&server, &none).await.0, 401);
+    assert_eq!(
+        refused(&server, &none).await,
+        (401, "wrong_algorithm".into())
+    );
 
     assert_eq!(
         refused(&server, "garbage").await,

@@ -12,3 +12,4 @@ mod ops;
 mod protocol;
 mod resume;
 mod support;
+mod wire_conformance;
