@@ -106,6 +106,10 @@ struct Shared {
     close_signal: Notify,
     queued_bytes: AtomicUsize,
     limits: Limits,
+    /// Test builds only: nanoseconds the writer lingers right after taking the queue, where
+    /// `deliver` meets it most often (see `one_writer.rs`).
+    #[cfg(test)]
+    linger_after_take: std::sync::atomic::AtomicU64,
 }
 
 /// A handle on one connection's outbox; cheap to clone.
@@ -137,6 +141,8 @@ impl Peer {
             close_signal: Notify::new(),
             queued_bytes: AtomicUsize::new(0),
             limits,
+            #[cfg(test)]
+            linger_after_take: Default::default(),
         }));
         let inbox = Inbox {
             peer: peer.clone(),
@@ -250,6 +256,14 @@ impl Peer {
         self.push(queue, Outgoing::Resume(Box::new(plan)));
     }
 
+    /// Test builds only: widens the moment right after the writer takes the queue, so that
+    /// a stress test meets a race there in seconds rather than minutes.
+    #[cfg(test)]
+    pub fn linger_after_take(&self, pause: std::time::Duration) {
+        let nanos = pause.as_nanos() as u64;
+        self.0.linger_after_take.store(nanos, Ordering::Relaxed);
+    }
+
     pub fn set_live(&self) {
         self.0.live.store(true, Ordering::Release);
     }
@@ -309,7 +323,7 @@ impl Inbox {
     /// socket until it calls [`Inbox::written`].
     pub async fn next_batch(&mut self) -> &mut VecDeque<Outgoing> {
         loop {
-            if self.take() {
+            if self.take(false) {
                 return &mut self.batch;
             }
             self.peer.0.ready.notified().await;
@@ -319,8 +333,7 @@ impl Inbox {
     /// Takes whatever is queued, without waiting, and the socket with it (for a ping or the
     /// close frame, which must not cut into a frame written from `deliver`).
     pub fn take_queued(&mut self) -> &mut VecDeque<Outgoing> {
-        self.take();
-        lock(&self.peer.0.queue).writing = true;
+        self.take(true);
         &mut self.batch
     }
 
@@ -340,17 +353,32 @@ impl Inbox {
         }
     }
 
-    fn take(&mut self) -> bool {
+    /// Takes the queue, and the socket with it if anything was queued or `even_empty`: in one
+    /// critical section, or a `deliver` in between could start a frame that the writer's
+    /// next bytes would cut into.
+    fn take(&mut self, even_empty: bool) -> bool {
         if self.batch.capacity() > KEEP_SLOTS {
             self.batch = VecDeque::new();
         }
         self.batch.clear();
         let mut queue = lock(&self.peer.0.queue);
         std::mem::swap(&mut self.batch, &mut queue.items);
-        if !self.batch.is_empty() {
+        if even_empty || !self.batch.is_empty() {
             queue.writing = true;
         }
+        drop(queue);
+        #[cfg(test)]
+        self.linger();
         !self.batch.is_empty()
+    }
+
+    #[cfg(test)]
+    fn linger(&self) {
+        let nanos = self.peer.0.linger_after_take.load(Ordering::Relaxed);
+        let until = std::time::Instant::now() + std::time::Duration::from_nanos(nanos);
+        while std::time::Instant::now() < until {
+            std::hint::spin_loop();
+        }
     }
 }
 
