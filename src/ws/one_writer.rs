@@ -193,8 +193,14 @@ fn deliver_until_closed(peer: Peer, stop: Arc<AtomicBool>, seed: u64) {
 }
 
 /// One connection: a writer pinging every millisecond, deliveries racing its pings, and a
-/// close with `code` after `after`. Returns what the client read.
-async fn round(hub: &Arc<Hub>, seed: u64, after: Duration, code: u16) -> Result<Seen, String> {
+/// close with `code` after `after`, flushing the queue or dropping it. Returns what the
+/// client read.
+async fn round(
+    hub: &Arc<Hub>,
+    seed: u64,
+    after: Duration,
+    (code, flush): (u16, bool),
+) -> Result<Seen, String> {
     let (server, client) = small_pair().await;
     let limits = Limits {
         frames: 1_000_000,
@@ -215,10 +221,13 @@ async fn round(hub: &Arc<Hub>, seed: u64, after: Duration, code: u16) -> Result<
         std::thread::spawn(move || deliver_until_closed(peer, stop, seed))
     };
     tokio::time::sleep(after).await;
-    peer.close(code, "closing", true);
+    peer.close(code, "closing", flush);
     let ended = tokio::time::timeout(Duration::from_secs(20), writer).await;
     stop.store(true, Ordering::Relaxed);
     consumer.join().unwrap();
+    // The socket closes with its last handle: a client still inside a torn frame then
+    // meets the end of the stream rather than its read timeout.
+    drop(peer);
     let written = ended.map_err(|_| "the writer did not end".to_string())?;
     // What the client read first: a client that found a torn frame hangs up, and the
     // writer then meets a broken socket.
@@ -237,8 +246,12 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A drain's close, which flushes the queue, and a slow consumer's, which drops it.
+const CLOSES: [(u16, bool); 2] = [(close::GOING_AWAY, true), (close::SLOW_CONSUMER, false)];
+
 /// Pings and closes racing direct writes that leave a frame's rest queued: a ping or close
-/// frame written before that rest tears the frame. Runs connections for a few seconds.
+/// frame written before that rest tears the frame, and so does a close that drops the queue
+/// with that rest in it. Runs connections for a few seconds, closed in turn as `CLOSES`.
 #[test]
 fn frames_never_interleave_under_racing_pings_closes_and_direct_writes() {
     let runtime = runtime();
@@ -248,10 +261,11 @@ fn frames_never_interleave_under_racing_pings_closes_and_direct_writes() {
     let (mut texts, mut pings) = (0, 0);
     while started.elapsed() < Duration::from_secs(4) {
         let after = Duration::from_millis(5 + rounds % 20);
-        let seen = runtime.block_on(round(&hub, rounds + 1, after, close::GOING_AWAY));
+        let close = CLOSES[rounds as usize % CLOSES.len()];
+        let seen = runtime.block_on(round(&hub, rounds + 1, after, close));
         let seen =
             seen.unwrap_or_else(|e| panic!("round {rounds}, {:?} in: {e}", started.elapsed()));
-        assert_eq!(seen.close_code, close::GOING_AWAY);
+        assert_eq!(seen.close_code, close.0);
         (texts, pings) = (texts + seen.texts, pings + seen.pings);
         rounds += 1;
     }

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use super::protocol::{close, Frame};
 use crate::replay::ResumePlan;
@@ -31,8 +32,11 @@ const KEEP_SLOTS: usize = 32;
 /// What the writer takes from the queue.
 pub enum Outgoing {
     Frame(Frame),
-    /// Bytes ready for the wire: the rest of a frame the socket took only part of, or a pong.
-    Wire(Bytes),
+    /// The rest of a frame the socket took only part of: it must go before anything else,
+    /// the close frame included, whatever is dropped.
+    Rest(Bytes),
+    /// The answer to a client's ping, ready for the wire.
+    Pong(Bytes),
     /// Replay what the connection missed, right here in the stream: everything queued after
     /// this item is newer than the plan's cut.
     Resume(Box<ResumePlan>),
@@ -42,7 +46,7 @@ impl Outgoing {
     fn wire_len(&self) -> usize {
         match self {
             Outgoing::Frame(f) => f.len(),
-            Outgoing::Wire(b) => b.len(),
+            Outgoing::Rest(b) | Outgoing::Pong(b) => b.len(),
             Outgoing::Resume(_) => 0,
         }
     }
@@ -54,6 +58,8 @@ pub struct CloseRequest {
     pub reason: &'static str,
     /// Send what is already queued before the close frame (drain), or drop it (4008).
     pub flush: bool,
+    /// When it was asked for: the close frame has a bounded time to leave from then on.
+    pub at: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,7 +202,7 @@ impl Peer {
                 Ok(n) if n > 0 => {
                     let rest = frame.wire().slice(n..);
                     s.queued_bytes.fetch_add(rest.len(), Ordering::AcqRel);
-                    self.push(queue, Outgoing::Wire(rest));
+                    self.push(queue, Outgoing::Rest(rest));
                     return Delivery::Queued;
                 }
                 // Full, or broken: the writer waits for room, or meets the error.
@@ -237,7 +243,7 @@ impl Peer {
         }
         let pong = super::wire::pong(payload);
         self.0.queued_bytes.fetch_add(pong.len(), Ordering::AcqRel);
-        self.push(queue, Outgoing::Wire(pong));
+        self.push(queue, Outgoing::Pong(pong));
     }
 
     /// Queues a reply to the client (ok, error, pong), in order with events.
@@ -294,11 +300,17 @@ impl Peer {
             code,
             reason,
             flush,
+            at: Instant::now(),
         });
         self.0.closing.store(true, Ordering::Release);
         drop(request);
         self.0.close_signal.notify_waiters();
         true
+    }
+
+    /// Whether a close has been asked for: one atomic load, no lock.
+    pub fn is_closing(&self) -> bool {
+        self.0.closing.load(Ordering::Acquire)
     }
 
     pub fn close_request(&self) -> Option<CloseRequest> {
