@@ -3,6 +3,7 @@
 
 mod auth;
 mod delivery;
+mod edge_close;
 mod hostile_edge;
 mod hostile_patterns;
 mod hostile_records;
