@@ -11,4 +11,5 @@ mod hostile_session;
 mod ops;
 mod protocol;
 mod resume;
+mod supervision;
 mod support;
