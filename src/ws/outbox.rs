@@ -113,7 +113,7 @@ struct Shared {
     queued_bytes: AtomicUsize,
     limits: Limits,
     /// Test builds only: nanoseconds the writer lingers right after taking the queue, where
-    /// `deliver` meets it most often (see `one_writer.rs`).
+    /// a `deliver` once slipped in before the writer held the socket (see `one_writer.rs`).
     #[cfg(test)]
     linger_after_take: std::sync::atomic::AtomicU64,
 }
