@@ -68,8 +68,9 @@ enum Wake {
 enum Halt {
     /// The socket broke.
     Broken,
-    /// A close that drops the queue was asked for while the socket was full. `unfinished`
-    /// is what is left of a frame the socket took part of: it must still go first.
+    /// A close was asked for: between two writes, or, for a close that drops the queue, while
+    /// the socket was full. `unfinished` is what is left of a frame the socket took part of:
+    /// it must still go first.
     Close { unfinished: Option<Bytes> },
     /// A close that flushes the queue ran out of time while the socket was full.
     Overdue,
@@ -82,8 +83,8 @@ enum Phase {
     Closing,
 }
 
-/// Runs until a close is requested (then sends the close frame and returns its code) or the
-/// socket breaks (returns 1006).
+/// Runs until a close is requested (then sends the close frame, or resets the connection if
+/// it cannot leave in time, and returns the close's code) or the socket breaks (returns 1006).
 pub async fn run(
     hub: Arc<Hub>,
     socket: Arc<TcpStream>,
