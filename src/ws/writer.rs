@@ -557,22 +557,28 @@ mod tests {
         assert!(size <= 616, "a writer's future takes {size} bytes");
     }
 
-    /// A client that stopped reading, and a queue that overflows behind the frame the
-    /// writer is stuck on: the 4008 close cannot be written, so the writer gives up within
-    /// its time, the close counts as 4008, and the socket closes with a reset.
-    #[tokio::test(start_paused = true)]
-    async fn a_slow_consumer_whose_close_cannot_be_written_is_reset_and_counted_4008() {
+    /// A client that stopped reading, its writer stuck on a full socket, and then `close`
+    /// (the queue overflowing when None). Returns the writer's code, how long after the close
+    /// it ended, and how the client's stream ended once the socket was let go.
+    async fn close_a_client_that_stopped_reading(
+        close: Option<(u16, bool)>,
+    ) -> (u16, Duration, Result<usize, io::ErrorKind>) {
         use super::super::outbox::{Delivery, Limits};
-        use super::super::protocol::close;
         use crate::route::Priority;
         use tokio::io::AsyncReadExt;
 
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+        // Small kernel buffers, so that a few frames fill them.
+        let listener = tokio::net::TcpSocket::new_v4().unwrap();
+        listener.set_send_buffer_size(16 * 1024).unwrap();
+        listener.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = listener.listen(1).unwrap();
+        let client = tokio::net::TcpSocket::new_v4().unwrap();
+        client.set_recv_buffer_size(16 * 1024).unwrap();
+        let mut client = client
+            .connect(listener.local_addr().unwrap())
             .await
             .unwrap();
-        let (server, _) = listener.accept().await.unwrap();
-        let server = Arc::new(server);
+        let server = Arc::new(listener.accept().await.unwrap().0);
         let limits = Limits {
             frames: 8,
             bytes: 1 << 30,
@@ -581,23 +587,21 @@ mod tests {
         let (peer, inbox) = Peer::new(limits, Some(server.clone()));
         let writer = tokio::spawn(run(hub(), server, inbox, 1, Duration::from_secs(25)));
         let frame = Frame::from("x".repeat(100_000));
-        let started = Instant::now();
-        loop {
+        for _ in 0..if close.is_some() { 4 } else { usize::MAX } {
             match peer.enqueue(&frame, Priority::Normal) {
                 Delivery::Queued => tokio::task::yield_now().await,
                 Delivery::Overflow => break,
                 other => panic!("{other:?}"),
             }
         }
+        let started = Instant::now();
+        if let Some((code, flush)) = close {
+            peer.close(code, "closing", flush);
+        }
         let code = tokio::time::timeout(Duration::from_secs(60), writer)
             .await
             .expect("the writer gives up on a client that does not read");
-        assert_eq!(code.unwrap(), close::SLOW_CONSUMER);
         let waited = started.elapsed();
-        assert!(
-            waited >= CLOSE_WRITE && waited < CLOSE_WRITE * 2,
-            "{waited:?}"
-        );
         // The outbox's handle on the socket is its last one.
         drop(peer);
         let mut buf = vec![0u8; 1 << 16];
@@ -608,6 +612,33 @@ mod tests {
                 Err(e) => break Err(e.kind()),
             }
         };
+        (code.unwrap(), waited, end)
+    }
+
+    /// The queue overflows behind the frame the writer is stuck on: the 4008 close cannot
+    /// be written, so the writer gives up within its time, the close counts as 4008, and
+    /// the socket closes with a reset.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_consumer_whose_close_cannot_be_written_is_reset_and_counted_4008() {
+        let (code, waited, end) = close_a_client_that_stopped_reading(None).await;
+        assert_eq!(code, protocol::close::SLOW_CONSUMER);
+        assert!(
+            waited <= CLOSE_WRITE + Duration::from_millis(100),
+            "{waited:?}"
+        );
+        assert_eq!(end, Err(io::ErrorKind::ConnectionReset));
+    }
+
+    /// A drain's close flushes the queue first; to a client that does not read, neither the
+    /// queue nor the close frame can go, and the connection is reset once the close's time
+    /// is out, counted under the drain's code.
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_close_that_cannot_flush_is_reset_when_its_time_is_out() {
+        let drain = (protocol::close::GOING_AWAY, true);
+        let (code, waited, end) = close_a_client_that_stopped_reading(Some(drain)).await;
+        assert_eq!(code, protocol::close::GOING_AWAY);
+        let late = CLOSE_WRITE + Duration::from_millis(100);
+        assert!(waited >= CLOSE_WRITE && waited <= late, "{waited:?}");
         assert_eq!(end, Err(io::ErrorKind::ConnectionReset));
     }
 }
