@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpSocket};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError};
@@ -62,6 +62,10 @@ pub enum Error {
     },
     #[error("demo: {0}")]
     Demo(String),
+    /// The consumer thread ended while the service was running: nothing would flow any more,
+    /// so the process drains and exits to be restarted.
+    #[error("the Kafka consumer stopped: {0}")]
+    ConsumerStopped(String),
 }
 
 /// How long a drain waits for the consumer's last commit.
@@ -119,7 +123,7 @@ pub async fn serve(
 
     let stages = Stages::new();
     let stop_consuming = stages.stop_consuming.subscribe();
-    let consuming = tokio::task::spawn_blocking(move || consumer.run(stop_consuming));
+    let mut consuming = tokio::task::spawn_blocking(move || consumer.run(stop_consuming));
     let public_router = http::public_router(hub.clone(), demo_token);
     let edge = edge::Edge::new(
         &config.server,
@@ -148,20 +152,51 @@ pub async fn serve(
         .into_future(),
     );
 
-    stop.await;
+    // The consumer ends only when told to: if it ends first (a panic), readiness drops with
+    // the drain, and the process exits with an error for its supervisor to restart it.
+    let failure = tokio::select! {
+        () = stop => None,
+        ended = &mut consuming => Some(consumer_failure(ended)),
+    };
+    if let Some(reason) = &failure {
+        error!(%reason, "the Kafka consumer stopped: draining, then exiting");
+    }
     let window = Duration::from_secs_f64(config.server.drain_seconds);
     stages.drain(&hub, window).await;
     // The consumer commits within its own 5 s bound; past a little more it is stuck inside a
     // record, and the process exits without it rather than outlive its grace period.
-    if tokio::time::timeout(CONSUMER_STOP, consuming)
-        .await
-        .is_err()
+    if failure.is_none()
+        && tokio::time::timeout(CONSUMER_STOP, consuming)
+            .await
+            .is_err()
     {
         warn!("the consumer did not stop in time; exiting without its last commit");
     }
     let _ = admin_stop.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(1), public_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), admin_task).await;
-    info!("stopped");
-    Ok(())
+    match failure {
+        Some(reason) => Err(Error::ConsumerStopped(reason)),
+        None => {
+            info!("stopped");
+            Ok(())
+        }
+    }
+}
+
+/// What ended the consumer before it was told to stop.
+fn consumer_failure(ended: Result<(), tokio::task::JoinError>) -> String {
+    match ended {
+        Ok(()) => "it returned".into(),
+        Err(e) if e.is_panic() => {
+            let panic = e.into_panic();
+            let message = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("no message");
+            format!("it panicked: {message}")
+        }
+        Err(e) => e.to_string(),
+    }
 }

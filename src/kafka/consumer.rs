@@ -110,7 +110,15 @@ pub struct KafkaConsumer {
     discovered: Arc<AtomicBool>,
     malformed_log: RateLimitedLog,
     error_log: RateLimitedLog,
+    /// Debug builds only (see `PANIC_ON_TOPIC`).
+    #[cfg(debug_assertions)]
+    panic_on_topic: Option<String>,
 }
+
+/// Debug builds only, for tests of the process's supervision of its consumer: a record of the
+/// topic this variable names makes the consumer panic. Release builds have no such variable.
+#[cfg(debug_assertions)]
+pub const PANIC_ON_TOPIC: &str = "ROOMCAST_TEST_PANIC_ON_TOPIC";
 
 impl KafkaConsumer {
     pub fn new(
@@ -148,6 +156,8 @@ impl KafkaConsumer {
             discovered,
             malformed_log: RateLimitedLog::new(Duration::from_secs(1)),
             error_log: RateLimitedLog::new(Duration::from_secs(5)),
+            #[cfg(debug_assertions)]
+            panic_on_topic: std::env::var(PANIC_ON_TOPIC).ok(),
         })
     }
 
@@ -257,6 +267,10 @@ impl KafkaConsumer {
     fn process(&self, m: &BorrowedMessage<'_>, read_at: Instant) {
         let record = super::record(m);
         let (topic, partition, offset) = (record.topic, record.partition, record.offset);
+        #[cfg(debug_assertions)]
+        if self.panic_on_topic.as_deref() == Some(topic) {
+            panic!("{PANIC_ON_TOPIC} names {topic}");
+        }
         if let Some(counter) = self.consumed.get(topic) {
             counter.inc();
         }

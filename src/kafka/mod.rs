@@ -8,6 +8,9 @@
 pub mod consumer;
 pub mod replay;
 
+use std::ffi::CStr;
+
+use rdkafka::bindings::{rd_kafka_header_get_all, rd_kafka_headers_t, rd_kafka_resp_err_t};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::ClientConfig;
 
@@ -16,22 +19,42 @@ use crate::route::Record;
 
 /// The routing view of a Kafka message, borrowing from it.
 pub fn record<'a>(m: &'a BorrowedMessage<'a>) -> Record<'a> {
-    let headers = m
-        .headers()
-        .map(|hs| {
-            hs.iter()
-                .filter_map(|h| h.value.map(|v| (h.key, v)))
-                .collect()
-        })
-        .unwrap_or_default();
     Record {
         topic: m.topic(),
         partition: m.partition(),
         offset: m.offset(),
         timestamp_ms: m.timestamp().to_millis(),
         value: m.payload(),
-        headers,
+        headers: headers(m),
     }
+}
+
+/// A message's headers that have a value and a UTF-8 key: routes name headers by text, so
+/// no other can be meant. Read from librdkafka directly: rdkafka's own reader panics on a
+/// key that is not UTF-8, which any producer may send, and on the consumer's thread that
+/// panic stopped all delivery.
+fn headers<'a>(m: &'a BorrowedMessage<'a>) -> Vec<(&'a str, &'a [u8])> {
+    let Some(hs) = m.headers() else {
+        return Vec::new();
+    };
+    // rdkafka's borrowed headers are librdkafka's, at the same address.
+    let native = std::ptr::from_ref(hs).cast::<rd_kafka_headers_t>();
+    (0..hs.count())
+        .filter_map(|idx| {
+            let (mut name, mut value, mut size) = (std::ptr::null(), std::ptr::null(), 0);
+            // Sound: `native` lives as long as the message, and librdkafka only sets the three
+            // out-parameters, to memory of the message's.
+            let err =
+                unsafe { rd_kafka_header_get_all(native, idx, &mut name, &mut value, &mut size) };
+            if err != rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || value.is_null() {
+                return None;
+            }
+            // Sound: a NUL-terminated name and `size` bytes of value, both the message's.
+            let key = unsafe { CStr::from_ptr(name) }.to_str().ok()?;
+            let value = unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) };
+            Some((key, value))
+        })
+        .collect()
 }
 
 /// The consumer group a replica commits under.

@@ -3,6 +3,8 @@
 
 pub mod fanout;
 pub mod handshake;
+#[cfg(test)]
+mod one_writer;
 pub mod outbox;
 pub mod protocol;
 pub mod session;

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use super::protocol::{close, Frame};
 use crate::replay::ResumePlan;
@@ -31,8 +32,11 @@ const KEEP_SLOTS: usize = 32;
 /// What the writer takes from the queue.
 pub enum Outgoing {
     Frame(Frame),
-    /// Bytes ready for the wire: the rest of a frame the socket took only part of, or a pong.
-    Wire(Bytes),
+    /// The rest of a frame the socket took only part of: it must go before anything else,
+    /// the close frame included, whatever is dropped.
+    Rest(Bytes),
+    /// The answer to a client's ping, ready for the wire.
+    Pong(Bytes),
     /// Replay what the connection missed, right here in the stream: everything queued after
     /// this item is newer than the plan's cut.
     Resume(Box<ResumePlan>),
@@ -42,7 +46,7 @@ impl Outgoing {
     fn wire_len(&self) -> usize {
         match self {
             Outgoing::Frame(f) => f.len(),
-            Outgoing::Wire(b) => b.len(),
+            Outgoing::Rest(b) | Outgoing::Pong(b) => b.len(),
             Outgoing::Resume(_) => 0,
         }
     }
@@ -54,6 +58,8 @@ pub struct CloseRequest {
     pub reason: &'static str,
     /// Send what is already queued before the close frame (drain), or drop it (4008).
     pub flush: bool,
+    /// When it was asked for: the close frame has a bounded time to leave from then on.
+    pub at: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +112,10 @@ struct Shared {
     close_signal: Notify,
     queued_bytes: AtomicUsize,
     limits: Limits,
+    /// Test builds only: nanoseconds the writer lingers right after taking the queue, where
+    /// a `deliver` once slipped in before the writer held the socket (see `one_writer.rs`).
+    #[cfg(test)]
+    linger_after_take: std::sync::atomic::AtomicU64,
 }
 
 /// A handle on one connection's outbox; cheap to clone.
@@ -137,6 +147,8 @@ impl Peer {
             close_signal: Notify::new(),
             queued_bytes: AtomicUsize::new(0),
             limits,
+            #[cfg(test)]
+            linger_after_take: Default::default(),
         }));
         let inbox = Inbox {
             peer: peer.clone(),
@@ -190,7 +202,7 @@ impl Peer {
                 Ok(n) if n > 0 => {
                     let rest = frame.wire().slice(n..);
                     s.queued_bytes.fetch_add(rest.len(), Ordering::AcqRel);
-                    self.push(queue, Outgoing::Wire(rest));
+                    self.push(queue, Outgoing::Rest(rest));
                     return Delivery::Queued;
                 }
                 // Full, or broken: the writer waits for room, or meets the error.
@@ -231,7 +243,7 @@ impl Peer {
         }
         let pong = super::wire::pong(payload);
         self.0.queued_bytes.fetch_add(pong.len(), Ordering::AcqRel);
-        self.push(queue, Outgoing::Wire(pong));
+        self.push(queue, Outgoing::Pong(pong));
     }
 
     /// Queues a reply to the client (ok, error, pong), in order with events.
@@ -248,6 +260,14 @@ impl Peer {
             return;
         }
         self.push(queue, Outgoing::Resume(Box::new(plan)));
+    }
+
+    /// Test builds only: widens the moment right after the writer takes the queue, so that
+    /// a stress test meets a race there in seconds rather than minutes.
+    #[cfg(test)]
+    pub fn linger_after_take(&self, pause: std::time::Duration) {
+        let nanos = pause.as_nanos() as u64;
+        self.0.linger_after_take.store(nanos, Ordering::Relaxed);
     }
 
     pub fn set_live(&self) {
@@ -280,11 +300,17 @@ impl Peer {
             code,
             reason,
             flush,
+            at: Instant::now(),
         });
         self.0.closing.store(true, Ordering::Release);
         drop(request);
         self.0.close_signal.notify_waiters();
         true
+    }
+
+    /// Whether a close has been asked for: one atomic load, no lock.
+    pub fn is_closing(&self) -> bool {
+        self.0.closing.load(Ordering::Acquire)
     }
 
     pub fn close_request(&self) -> Option<CloseRequest> {
@@ -309,7 +335,7 @@ impl Inbox {
     /// socket until it calls [`Inbox::written`].
     pub async fn next_batch(&mut self) -> &mut VecDeque<Outgoing> {
         loop {
-            if self.take() {
+            if self.take(false) {
                 return &mut self.batch;
             }
             self.peer.0.ready.notified().await;
@@ -319,8 +345,7 @@ impl Inbox {
     /// Takes whatever is queued, without waiting, and the socket with it (for a ping or the
     /// close frame, which must not cut into a frame written from `deliver`).
     pub fn take_queued(&mut self) -> &mut VecDeque<Outgoing> {
-        self.take();
-        lock(&self.peer.0.queue).writing = true;
+        self.take(true);
         &mut self.batch
     }
 
@@ -340,17 +365,32 @@ impl Inbox {
         }
     }
 
-    fn take(&mut self) -> bool {
+    /// Takes the queue, and the socket with it if anything was queued or `even_empty`: in one
+    /// critical section, or a `deliver` in between could start a frame that the writer's
+    /// next bytes would cut into.
+    fn take(&mut self, even_empty: bool) -> bool {
         if self.batch.capacity() > KEEP_SLOTS {
             self.batch = VecDeque::new();
         }
         self.batch.clear();
         let mut queue = lock(&self.peer.0.queue);
         std::mem::swap(&mut self.batch, &mut queue.items);
-        if !self.batch.is_empty() {
+        if even_empty || !self.batch.is_empty() {
             queue.writing = true;
         }
+        drop(queue);
+        #[cfg(test)]
+        self.linger();
         !self.batch.is_empty()
+    }
+
+    #[cfg(test)]
+    fn linger(&self) {
+        let nanos = self.peer.0.linger_after_take.load(Ordering::Relaxed);
+        let until = std::time::Instant::now() + std::time::Duration::from_nanos(nanos);
+        while std::time::Instant::now() < until {
+            std::hint::spin_loop();
+        }
     }
 }
 

@@ -203,3 +203,57 @@ async fn a_value_over_max_depth_is_skipped_counted_and_the_next_delivered() {
     assert_eq!(payload_field(&got, "seq"), [json!(1), json!(3)]);
     assert_eq!(server.metric(&malformed(&topic, "too_deep")).await, 1.0);
 }
+
+/// Header keys are bytes on the wire, and a producer may send any. rdkafka's header reader
+/// panics on a key that is not UTF-8, which on the consumer's thread stopped all delivery:
+/// such a header is ignored (no route can name it), and the record is delivered.
+#[tokio::test]
+async fn a_header_key_that_is_not_utf8_is_ignored_and_its_record_delivered() {
+    use rdkafka::message::OwnedHeaders;
+    let topic = unique("header-bytes");
+    create_topic(&topic, 1).await;
+    let server = Server::start(&task_route(&topic), "").await;
+    let mut c = server.connect(&token("u1", &[])).await;
+
+    let mut headers = OwnedHeaders::new();
+    let key = b"\xffkey";
+    let value = b"v";
+    // rdkafka's own headers are its C library's: their address is the native handle.
+    let native = std::ptr::from_ref(headers.as_borrowed()).cast_mut();
+    let added = unsafe {
+        rdkafka::bindings::rd_kafka_header_add(
+            native.cast(),
+            key.as_ptr().cast(),
+            key.len() as isize,
+            value.as_ptr().cast(),
+            value.len() as isize,
+        )
+    };
+    assert_eq!(
+        added,
+        rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+    );
+    headers = headers.insert(rdkafka::message::Header {
+        key: "after",
+        value: Some("fine"),
+    });
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    for seq in 0..2 {
+        let value = json!({"taskId": "t", "userId": "u1", "seq": seq}).to_string();
+        let record = FutureRecord::<(), str>::to(&topic)
+            .payload(&value)
+            .headers(headers.clone());
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("record produced");
+    }
+    let events = c.events(2).await;
+    let got: Vec<Value> = events.iter().map(|e| e["payload"]["seq"].clone()).collect();
+    assert_eq!(got, [json!(0), json!(1)]);
+    assert_eq!(http_get(&server.admin, "/readyz").await.unwrap().0, 200);
+}

@@ -4,6 +4,7 @@
 mod auth;
 mod close_handshake;
 mod delivery;
+mod edge_close;
 mod hostile_edge;
 mod hostile_patterns;
 mod hostile_records;
@@ -11,5 +12,6 @@ mod hostile_session;
 mod ops;
 mod protocol;
 mod resume;
+mod supervision;
 mod support;
 mod wire_conformance;

@@ -296,11 +296,23 @@ async fn a_slow_client_is_closed_with_4008_and_its_resume_brings_back_everything
             Err(code) => break code,
         }
     };
-    assert_eq!(code, Some(4008));
+    // Read within 2 s of the close, the client gets the 4008 close frame; later, the server
+    // has given the close frame up and reset the connection (the client sees no close code).
+    // Either way the server counts a 4008, and the resume brings back everything.
+    assert!(matches!(code, Some(4008) | None), "{code:?}");
     assert!(
         (got.len() as u64) < total,
         "closed before receiving everything"
     );
+    let closed = "roomcast_connections_closed_total{code=\"4008\"}";
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while server.metric(closed).await < 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the close not counted as 4008"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     server.wait_consumed(&topic, total).await;
     let (_c, frames) = Client::resume(&server, &grant, &slow.tracker, &["task:shared"]).await;
     got.extend(seqs(&only_events(&frames)));
