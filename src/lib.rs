@@ -21,6 +21,7 @@ pub mod registry;
 pub mod replay;
 pub mod route;
 pub mod shutdown;
+pub mod thread_cache;
 pub mod ws;
 
 use std::future::{Future, IntoFuture};

@@ -137,11 +137,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn block_on(
     service: impl std::future::Future<Output = Result<(), roomcast::Error>>,
 ) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("roomcast")
-        .build()
-        .context("cannot start the runtime")?;
+    let runtime = roomcast::thread_cache::hook_workers(
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("roomcast"),
+    )
+    .build()
+    .context("cannot start the runtime")?;
     let result = runtime.block_on(service);
     runtime.shutdown_timeout(Duration::from_secs(2));
     result.map_err(Into::into)

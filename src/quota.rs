@@ -46,6 +46,11 @@ impl<K: Hash + Eq + Clone> Quota<K> {
         self.counts.len()
     }
 
+    /// Gives back the table's capacity once most of it stands empty (see `shrink_map`).
+    pub fn shrink(&self) -> bool {
+        crate::registry::shrink_map(&self.counts)
+    }
+
     fn give_back(&self, key: &K) {
         if let Entry::Occupied(mut count) = self.counts.entry(key.clone()) {
             *count.get_mut() -= 1;
@@ -91,6 +96,25 @@ mod tests {
         assert_eq!(q.keys(), 1);
         drop(shares);
         assert_eq!(q.keys(), 0);
+    }
+
+    #[test]
+    fn an_emptied_table_gives_its_capacity_back() {
+        let q = Quota::new(1);
+        let shares: Vec<_> = (0..20_000u64).map(|k| q.take(k).unwrap()).collect();
+        let full = q.counts.capacity();
+        drop(shares);
+        assert!(
+            q.counts.capacity() > full / 2,
+            "a table does not shrink by itself"
+        );
+        assert!(q.shrink());
+        assert!(
+            q.counts.capacity() < full / 10,
+            "{} of {full}",
+            q.counts.capacity()
+        );
+        assert!(!q.shrink(), "nothing left to give back");
     }
 
     #[test]

@@ -132,6 +132,8 @@ struct Run<'a> {
     restarts: Vec<Value>,
     /// RSS of the server alive now, taken when it was quiet with the bystander connected.
     rss_baseline_kib: Option<u64>,
+    /// What that RSS was made of (see [`Run::memory`]).
+    memory_baseline: Value,
 }
 
 pub async fn run(args: &Args, spec: Spec) -> anyhow::Result<Value> {
@@ -167,11 +169,13 @@ pub async fn run(args: &Args, spec: Spec) -> anyhow::Result<Value> {
         phases: Vec::new(),
         restarts: Vec::new(),
         rss_baseline_kib: None,
+        memory_baseline: Value::Null,
     };
     first_record(&witnesses, now_us()).await?;
     let quiet_start = now_us();
     tokio::time::sleep(Duration::from_secs_f64(args.phase_seconds)).await;
     run.rss_baseline_kib = run.rss();
+    run.memory_baseline = run.memory();
     let rss_start_kib = run.rss_baseline_kib;
     run.window("quiet", quiet_start);
     for phase in phases {
@@ -180,6 +184,7 @@ pub async fn run(args: &Args, spec: Spec) -> anyhow::Result<Value> {
     let end_start = now_us();
     tokio::time::sleep(Duration::from_secs_f64(args.settle_seconds)).await;
     let rss_end_kib = run.rss();
+    let memory_end = run.memory();
     run.window("end", end_start);
     let produced = feed.finish()?;
     // The last records' way through Kafka.
@@ -203,6 +208,7 @@ pub async fn run(args: &Args, spec: Spec) -> anyhow::Result<Value> {
         produced: &produced,
         log: &log,
         rss: (rss_start_kib, run.rss_baseline_kib, rss_end_kib),
+        memory: (run.memory_baseline, memory_end),
         reconnects,
         first_error,
         seconds: started.elapsed().as_secs_f64(),
@@ -270,6 +276,19 @@ impl Run<'_> {
             secret: self.args.secret.clone(),
             ttl: self.args.token_ttl,
         }
+    }
+
+    /// RSS split into anonymous memory and mapped files (code), and the replay buffer's own
+    /// count of the bytes it holds: a server keeps the recent records for every resume, so
+    /// its RSS grows over a run by design, attacks or not.
+    fn memory(&self) -> Value {
+        let m = self.scrape();
+        json!({
+            "anon_kib": status_kib(self.server.pid, "RssAnon:"),
+            "file_kib": status_kib(self.server.pid, "RssFile:"),
+            "replay_buffer_bytes": m.as_ref().and_then(|m| m.get("roomcast_replay_buffer_bytes").copied()),
+            "replay_buffer_records": m.as_ref().and_then(|m| m.get("roomcast_replay_buffer_records").copied()),
+        })
     }
 
     /// RSS, peak RSS and the room and connection gauges now.
@@ -396,6 +415,7 @@ impl Run<'_> {
         first_record(witnesses, now_us()).await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         self.rss_baseline_kib = self.rss();
+        self.memory_baseline = self.memory();
         let restart = json!({
             "after_phase": after,
             "waited_s": round(stalled.elapsed().as_secs_f64(), 1),
@@ -428,6 +448,8 @@ struct Finished<'a> {
     log: &'a observe::Log,
     /// RSS at the start, of the server alive at the end when it was quiet, and at the end.
     rss: (Option<u64>, Option<u64>, Option<u64>),
+    /// What the baseline and the end RSS were made of.
+    memory: (Value, Value),
     reconnects: u64,
     first_error: Option<String>,
     seconds: f64,
@@ -503,6 +525,8 @@ fn report(f: Finished<'_>) -> Value {
             "baseline_kib": baseline,
             "end_kib": end,
             "end_over_baseline": ratio,
+            "baseline": f.memory.0,
+            "end": f.memory.1,
         },
         "verdict": {
             "worst_gap_ms": worst("bystander", "worst_gap_ms"),
@@ -557,6 +581,21 @@ fn print_hostile(r: &Value) {
         mib(&rss["end_kib"]),
         r["settle_seconds"],
         rss["end_over_baseline"]
+    );
+    let part = |key: &str, scale: f64| {
+        let at = |when: &str| {
+            rss[when][key]
+                .as_f64()
+                .map_or("-".into(), |v| format!("{:.1}", v / scale))
+        };
+        format!("{} -> {}", at("baseline"), at("end"))
+    };
+    eprintln!(
+        "     anonymous {} MiB, files {} MiB; replay buffer {} MiB ({} records)",
+        part("anon_kib", 1024.0),
+        part("file_kib", 1024.0),
+        part("replay_buffer_bytes", 1048576.0),
+        part("replay_buffer_records", 1.0),
     );
     eprintln!("verdict: {}", r["verdict"]);
 }
