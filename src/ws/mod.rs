@@ -84,6 +84,11 @@ pub struct Hub {
     next_id: AtomicU64,
     /// Where a large room's fan-out is spread; none outside a runtime.
     fanout: Option<Fanout>,
+    /// Sessions echo their client's messages and send no welcome. Set only by the conformance
+    /// harness (`examples/autobahn_echo.rs`), which runs the real edge, handshake, session and
+    /// writer under the Autobahn|Testsuite; no configuration of the service sets it.
+    #[doc(hidden)]
+    pub echo: bool,
 }
 
 impl Hub {
@@ -145,6 +150,7 @@ impl Hub {
                     helpers: runtime.metrics().num_workers(),
                     runtime,
                 }),
+            echo: false,
         }
     }
 

@@ -225,7 +225,9 @@ impl Session {
             positions: &positions,
             server: &self.hub.config.server.name,
         });
-        self.peer.enqueue(&frame, Priority::Critical);
+        if !self.hub.echo {
+            self.peer.enqueue(&frame, Priority::Critical);
+        }
         if self.awaiting_resume.is_some() {
             self.awaiting_resume = Some(positions);
         } else {
@@ -328,6 +330,14 @@ impl Session {
     /// Handles one client message; false when the connection must close.
     async fn on_message(&mut self, message: Incoming) -> bool {
         match message {
+            Incoming::Text(text) if self.hub.echo => {
+                self.peer.reply(protocol::Frame::from(text));
+                true
+            }
+            Incoming::Binary(data) if self.hub.echo => {
+                self.peer.reply(protocol::Frame::binary(&data));
+                true
+            }
             Incoming::Text(text) => match ClientFrame::parse(&text) {
                 Ok(frame) => {
                     self.on_frame(frame).await;
@@ -335,7 +345,7 @@ impl Session {
                 }
                 Err(e) => self.bad_frame(&None, &format!("invalid frame: {e}")),
             },
-            Incoming::Binary => self.bad_frame(&None, "binary frames are not supported"),
+            Incoming::Binary(_) => self.bad_frame(&None, "binary frames are not supported"),
             Incoming::Close(_) => {
                 self.peer.close(close::NORMAL, "", true);
                 false
@@ -888,5 +898,45 @@ mod tests {
         );
         let size = std::mem::size_of_val(&session);
         assert!(size <= 1072, "a session's future takes {size} bytes");
+    }
+
+    /// The conformance harness's session: no welcome, each message sent back as it came,
+    /// text as text and binary as binary, and the close handshake as usual.
+    #[test]
+    fn an_echo_session_sends_back_text_and_binary() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let _entered = runtime.enter();
+        let mut echo = Arc::into_inner(hub(Config::default())).unwrap();
+        echo.echo = true;
+        let hub = Arc::new(echo);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (server, mut client) = pair(&listener);
+        let permit = hub.limit.clone().try_acquire_owned().unwrap();
+        let identity = identity(&hub, "u");
+        runtime.spawn(run(
+            hub.clone(),
+            server,
+            Bytes::new(),
+            identity,
+            Admission::permit_only(permit),
+            false,
+        ));
+        // Masked with a zero key, which leaves the payload as it is.
+        let text = b"\x81\x85\0\0\0\0hello";
+        let binary = b"\x82\x83\0\0\0\0\0\xff\x80";
+        let close = b"\x88\x82\0\0\0\0\x03\xe8";
+        client.write_all(text).unwrap();
+        client.write_all(binary).unwrap();
+        client.write_all(close).unwrap();
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).unwrap();
+        assert_eq!(
+            answer,
+            b"\x81\x05hello\x82\x03\0\xff\x80\x88\x02\x03\xe8".to_vec()
+        );
     }
 }

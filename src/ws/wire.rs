@@ -67,6 +67,20 @@ impl Frame {
         self.wire.is_empty()
     }
 
+    /// A binary message's frame. The service sends none: the conformance harness
+    /// (`examples/autobahn_echo.rs`) echoes with it. Its [`Frame::as_str`] means nothing.
+    #[doc(hidden)]
+    pub fn binary(payload: &[u8]) -> Frame {
+        let (header, n) = header(opcode::BINARY, payload.len());
+        let mut buf = Vec::with_capacity(n + payload.len());
+        buf.extend_from_slice(&header[..n]);
+        buf.extend_from_slice(payload);
+        Frame {
+            wire: Bytes::from(buf),
+            header: n as u8,
+        }
+    }
+
     /// The frame's text.
     pub fn as_str(&self) -> &str {
         // Built only from &str or from buffers whose text was checked to be UTF-8.
@@ -143,7 +157,7 @@ pub fn pong(payload: &[u8]) -> Bytes {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Incoming {
     Text(String),
-    Binary,
+    Binary(Vec<u8>),
     Ping(Bytes),
     Pong,
     /// The client's close frame, with its code if it gave one.
@@ -304,7 +318,7 @@ impl Decoder {
             opcode::TEXT => String::from_utf8(partial.data)
                 .map(|t| Some(Incoming::Text(t)))
                 .map_err(|_| WireError::Utf8),
-            _ => Ok(Some(Incoming::Binary)),
+            _ => Ok(Some(Incoming::Binary(partial.data))),
         }
     }
 }
@@ -382,6 +396,8 @@ mod tests {
             assert_eq!(f.as_str(), text);
         }
         assert_eq!(&Frame::from("hi").wire()[..], b"\x81\x02hi");
+        assert_eq!(&Frame::binary(&[0, 255]).wire()[..], &[0x82, 2, 0, 255]);
+        assert_eq!(&Frame::binary(&[1; 300]).wire()[..4], &[0x82, 126, 1, 44]);
         assert_eq!(
             &Frame::from("x".repeat(300)).wire()[..4],
             &[0x81, 126, 1, 44]
@@ -600,14 +616,20 @@ mod tests {
         assert_eq!(got, [Ok(None), Err(WireError::Utf8)]);
         // Binary messages are not text.
         let got = fragments(&[masked(0x02, &[0xFF]), masked(0x80, &[0xFE])]);
-        assert_eq!(got, [Ok(None), Ok(Some(Incoming::Binary))]);
+        assert_eq!(
+            got,
+            [Ok(None), Ok(Some(Incoming::Binary(vec![0xFF, 0xFE])))]
+        );
     }
 
     #[test]
     fn binary_and_long_lengths() {
         let mut d = Decoder::new(100_000, 100_000);
         let mut buf = BytesMut::from(&masked(0x82, &[7; 70_000])[..]);
-        assert_eq!(d.decode(&mut buf).unwrap(), Some(Incoming::Binary));
+        assert_eq!(
+            d.decode(&mut buf).unwrap(),
+            Some(Incoming::Binary(vec![7; 70_000]))
+        );
         let text = "y".repeat(300);
         let mut buf = BytesMut::from(&masked(0x81, text.as_bytes())[..]);
         assert_eq!(d.decode(&mut buf).unwrap(), Some(Incoming::Text(text)));
