@@ -253,6 +253,10 @@ impl Session {
                     Ok(None) => return,
                     Ok(Some(Err(e))) => {
                         self.on_error(e);
+                        // A malformed close still ended the client's side: no reply will come.
+                        if reader.decoder.peer_closed() {
+                            return;
+                        }
                         break;
                     }
                     Ok(Some(Ok(message))) => message,

@@ -182,6 +182,8 @@ pub struct Decoder {
     /// A fragmented message so far. Boxed: every idle session holds a decoder, and few
     /// messages come in fragments.
     partial: Option<Box<Partial>>,
+    /// A close frame came, valid or not: the client has ended its side of the handshake.
+    peer_closed: bool,
 }
 
 /// The fragments of a message received so far.
@@ -207,7 +209,14 @@ impl Decoder {
             max_frame,
             max_message,
             partial: None,
+            peer_closed: false,
         }
+    }
+
+    /// Whether the client has sent a close frame, even one refused as malformed: no close
+    /// reply will follow it, so a connection failed because of it has nothing left to wait for.
+    pub fn peer_closed(&self) -> bool {
+        self.peer_closed
     }
 
     /// The next whole message in `buf`, consuming its frames; None until one is complete.
@@ -270,7 +279,10 @@ impl Decoder {
 
     fn assemble(&mut self, f: RawFrame) -> Result<Option<Incoming>, WireError> {
         match f.op {
-            opcode::CLOSE => close_code(&f.payload).map(|code| Some(Incoming::Close(code))),
+            opcode::CLOSE => {
+                self.peer_closed = true;
+                close_code(&f.payload).map(|code| Some(Incoming::Close(code)))
+            }
             opcode::PING => Ok(Some(Incoming::Ping(f.payload.freeze()))),
             opcode::PONG => Ok(Some(Incoming::Pong)),
             opcode::CONTINUATION => {
@@ -535,6 +547,25 @@ mod tests {
         }
         let mut buf = BytesMut::from(&masked(0x88, &code_payload(1000, &[0xCE, 0xBA, 0xFF]))[..]);
         assert_eq!(decoder().decode(&mut buf), Err(WireError::Utf8));
+    }
+
+    #[test]
+    fn a_refused_close_frame_still_ends_the_clients_side() {
+        for payload in [
+            &[0x03][..],
+            &code_payload(999, b""),
+            &code_payload(1000, &[0xFF]),
+        ] {
+            let mut d = decoder();
+            assert!(!d.peer_closed());
+            let mut buf = BytesMut::from(&masked(0x88, payload)[..]);
+            assert!(d.decode(&mut buf).is_err());
+            assert!(d.peer_closed(), "{payload:?}");
+        }
+        let mut d = decoder();
+        let mut buf = BytesMut::from(&masked(0x81, b"\xFF")[..]);
+        assert_eq!(d.decode(&mut buf), Err(WireError::Utf8));
+        assert!(!d.peer_closed(), "a bad text message is no close");
     }
 
     fn code_payload(code: u16, reason: &[u8]) -> Vec<u8> {

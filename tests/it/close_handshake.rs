@@ -158,6 +158,32 @@ async fn the_server_lets_tcp_go_once_it_has_answered_a_clients_close() {
     }
 }
 
+/// A close frame the server must refuse (a code no endpoint may send, one byte, a reason that
+/// is not UTF-8) still ended the client's side: after its own close the server has no reply
+/// to wait for, and lets TCP go at once.
+#[tokio::test]
+async fn a_refused_close_is_failed_and_tcp_let_go_at_once() {
+    let topic = unique("close-refused");
+    create_topic(&topic, 1).await;
+    let server = Server::start(&task_route(&topic), "").await;
+    let cases: [(&[u8], u16); 3] = [
+        (&[0x03, 0xe7], 1002),
+        (&[0x03], 1002),
+        (&[0x03, 0xe8, 0xff], 1007),
+    ];
+    for (payload, code) in cases {
+        let (mut raw, mut wr) = Raw::open(&server, &token("bad-closer", &[])).await;
+        wr.write_all(&masked(CLOSE, payload)).await.unwrap();
+        let sent = Instant::now();
+        assert_eq!(raw.close_code().await, code, "{payload:?}");
+        let ended = raw.ended_within(sent, GRACE + SOONER).await;
+        assert!(
+            ended.is_some_and(|d| d < SOONER),
+            "TCP ended {ended:?} after the refused close {payload:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_client_writing_on_after_the_servers_close_is_cut_off() {
     let topic = unique("close-flood");
