@@ -228,22 +228,27 @@ pub struct Welcome<'a> {
     pub tenant: Option<&'a str>,
     pub rooms: &'a [String],
     pub heartbeat_seconds: u64,
-    pub positions: &'a BTreeMap<String, i64>,
+    /// None on a connection opened to resume: the head positions are not what such a client
+    /// has received, and a client that stored them would skip its gap on its next resume.
+    pub positions: Option<&'a BTreeMap<String, i64>>,
     pub server: &'a str,
 }
 
 pub fn welcome(w: &Welcome<'_>) -> Frame {
-    to_frame(json!({
+    let mut v = json!({
         "type": "welcome",
         "connection": w.connection.to_string(),
         "user": w.user,
         "tenant": w.tenant,
         "rooms": w.rooms,
         "heartbeat": w.heartbeat_seconds,
-        "positions": w.positions,
-        "server": w.server,
-        "protocol": PROTOCOL_VERSION,
-    }))
+    });
+    if let Some(positions) = w.positions {
+        v["positions"] = json!(positions);
+    }
+    v["server"] = json!(w.server);
+    v["protocol"] = json!(PROTOCOL_VERSION);
+    to_frame(v)
 }
 
 pub fn ok(id: &Option<Value>, rooms: Option<&[String]>) -> Frame {
@@ -323,6 +328,35 @@ mod tests {
         .unwrap();
         let v: Value = serde_json::from_str(with_rooms.as_str()).unwrap();
         assert_eq!(v["rooms"], json!(["feature:users"]));
+    }
+
+    #[test]
+    fn a_welcome_names_positions_only_when_given_them() {
+        let positions = BTreeMap::from([("t:0".to_string(), 41)]);
+        let rooms = ["user:u".to_string()];
+        let welcome_with = |positions| {
+            let frame = welcome(&Welcome {
+                connection: 7,
+                user: "u",
+                tenant: None,
+                rooms: &rooms,
+                heartbeat_seconds: 25,
+                positions,
+                server: "r0",
+            });
+            serde_json::from_str::<Value>(frame.as_str()).unwrap()
+        };
+        assert_eq!(
+            welcome_with(Some(&positions)),
+            json!({"type": "welcome", "connection": "7", "user": "u", "tenant": null,
+                   "rooms": ["user:u"], "heartbeat": 25, "positions": {"t:0": 41},
+                   "server": "r0", "protocol": 1})
+        );
+        assert_eq!(
+            welcome_with(None),
+            json!({"type": "welcome", "connection": "7", "user": "u", "tenant": null,
+                   "rooms": ["user:u"], "heartbeat": 25, "server": "r0", "protocol": 1})
+        );
     }
 
     #[test]
