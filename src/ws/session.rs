@@ -345,7 +345,7 @@ impl Session {
                     self.on_frame(frame).await;
                     true
                 }
-                Err(e) => self.bad_frame(&None, &format!("invalid frame: {e}")),
+                Err(refused) => self.bad_frame(&refused.id, &refused.to_string()),
             },
             Incoming::Binary(_) => self.bad_frame(&None, "binary frames are not supported"),
             Incoming::Close(_) => {

@@ -42,6 +42,56 @@ async fn bad_frames_get_errors_then_1008_and_others_carry_on() {
     assert_eq!(bystander.events(1).await[0]["payload"]["userId"], "by");
 }
 
+/// A request refused whole still gets its one final frame with its id, whatever is wrong
+/// with the rest of it; only an id that is not a number or a string cannot be answered.
+#[tokio::test]
+async fn a_refused_request_is_answered_with_its_id() {
+    let topic = unique("refusedid");
+    create_topic(&topic, 1).await;
+    let server = Server::start(&task_route(&topic), "").await;
+    let mut c = server.connect(&token("ids", &[])).await;
+    let cases = [
+        (
+            r#"{"type":"subscribe","id":11,"rooms":["x"],"bogus":1}"#,
+            json!(11),
+            "invalid frame: unknown field `bogus`, expected one of `id`, `rooms`, `features`, \
+             `events`, `token`",
+        ),
+        (
+            r#"{"type":"dance","id":"d-12"}"#,
+            json!("d-12"),
+            "invalid frame: unknown variant `dance`, expected one of `subscribe`, `unsubscribe`, \
+             `resume`, `ping`, `refresh` at line 1 column 15",
+        ),
+        (
+            r#"{"type":"unsubscribe","id":13,"rooms":[7]}"#,
+            json!(13),
+            "invalid frame: invalid type: integer `7`, expected a string",
+        ),
+        (
+            r#"{"type":"refresh","id":14}"#,
+            json!(14),
+            "invalid frame: missing field `token`",
+        ),
+        (
+            r#"{"type":"ping","id":true}"#,
+            json!(null),
+            "invalid frame: id must be a number or a string",
+        ),
+    ];
+    for (text, id, message) in cases {
+        c.send_raw(Message::text(text)).await;
+        assert_eq!(
+            c.frame().await.expect("an answer"),
+            json!({"type": "error", "id": id, "code": "bad_request", "message": message}),
+            "{text}"
+        );
+    }
+    c.send(json!({"type": "ping", "id": 15})).await;
+    assert_eq!(c.frame().await.unwrap(), json!({"type": "pong", "id": 15}));
+    c.expect_silence(Duration::from_millis(300)).await;
+}
+
 #[tokio::test]
 async fn an_oversized_message_closes_with_1009() {
     let topic = unique("toobig");
