@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use crate::route::Routed;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -37,7 +37,7 @@ pub mod close {
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum ClientFrame {
     Subscribe {
-        #[serde(default)]
+        #[serde(default, deserialize_with = "request_id")]
         id: Option<Value>,
         #[serde(default)]
         rooms: Vec<String>,
@@ -50,7 +50,7 @@ pub enum ClientFrame {
         token: Option<String>,
     },
     Unsubscribe {
-        #[serde(default)]
+        #[serde(default, deserialize_with = "request_id")]
         id: Option<Value>,
         #[serde(default)]
         rooms: Vec<String>,
@@ -59,7 +59,7 @@ pub enum ClientFrame {
     },
     /// Subscribe to `rooms` as of `positions`: replay what was missed, then go live.
     Resume {
-        #[serde(default)]
+        #[serde(default, deserialize_with = "request_id")]
         id: Option<Value>,
         positions: BTreeMap<String, i64>,
         #[serde(default)]
@@ -72,20 +72,62 @@ pub enum ClientFrame {
         token: Option<String>,
     },
     Ping {
-        #[serde(default)]
+        #[serde(default, deserialize_with = "request_id")]
         id: Option<Value>,
     },
     Refresh {
-        #[serde(default)]
+        #[serde(default, deserialize_with = "request_id")]
         id: Option<Value>,
         token: String,
     },
 }
 
 impl ClientFrame {
-    pub fn parse(text: &str) -> Result<ClientFrame, String> {
-        serde_json::from_str(text).map_err(|e| e.to_string())
+    /// A refused frame still names its request when its `id` can be read, so that the
+    /// client waiting on that id gets its answer.
+    pub fn parse(text: &str) -> Result<ClientFrame, BadFrame> {
+        serde_json::from_str(text).map_err(|e| BadFrame {
+            id: recover_id(text),
+            reason: e.to_string(),
+        })
     }
+}
+
+/// A client frame refused whole (`bad_request`).
+#[derive(Debug, PartialEq, thiserror::Error)]
+#[error("invalid frame: {reason}")]
+pub struct BadFrame {
+    /// The request's id, if the frame is a JSON object with a valid one.
+    pub id: Option<Value>,
+    pub reason: String,
+}
+
+const INVALID_ID: &str = "id must be a number or a string";
+
+/// A request's `id`: a number or a string; null is no id. Anything else could not be told
+/// apart from a field the client did not mean as its id, so it is refused.
+fn request_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    let id = Option::<Value>::deserialize(d)?;
+    match id {
+        Some(ref v) if !valid_id(v) => Err(serde::de::Error::custom(INVALID_ID)),
+        id => Ok(id),
+    }
+}
+
+fn valid_id(v: &Value) -> bool {
+    v.is_number() || v.is_string()
+}
+
+/// The `id` of a JSON object, whatever else is wrong with it; other fields are skipped, not
+/// built.
+fn recover_id(text: &str) -> Option<Value> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        #[serde(default)]
+        id: Option<Value>,
+    }
+    let id = serde_json::from_str::<IdOnly>(text).ok()?.id?;
+    valid_id(&id).then_some(id)
 }
 
 /// Rooms named by `rooms` plus the seed-style `features`.
@@ -228,22 +270,27 @@ pub struct Welcome<'a> {
     pub tenant: Option<&'a str>,
     pub rooms: &'a [String],
     pub heartbeat_seconds: u64,
-    pub positions: &'a BTreeMap<String, i64>,
+    /// None on a connection opened to resume: the head positions are not what such a client
+    /// has received, and a client that stored them would skip its gap on its next resume.
+    pub positions: Option<&'a BTreeMap<String, i64>>,
     pub server: &'a str,
 }
 
 pub fn welcome(w: &Welcome<'_>) -> Frame {
-    to_frame(json!({
+    let mut v = json!({
         "type": "welcome",
         "connection": w.connection.to_string(),
         "user": w.user,
         "tenant": w.tenant,
         "rooms": w.rooms,
         "heartbeat": w.heartbeat_seconds,
-        "positions": w.positions,
-        "server": w.server,
-        "protocol": PROTOCOL_VERSION,
-    }))
+    });
+    if let Some(positions) = w.positions {
+        v["positions"] = json!(positions);
+    }
+    v["server"] = json!(w.server);
+    v["protocol"] = json!(PROTOCOL_VERSION);
+    to_frame(v)
 }
 
 pub fn ok(id: &Option<Value>, rooms: Option<&[String]>) -> Frame {
@@ -326,6 +373,35 @@ mod tests {
     }
 
     #[test]
+    fn a_welcome_names_positions_only_when_given_them() {
+        let positions = BTreeMap::from([("t:0".to_string(), 41)]);
+        let rooms = ["user:u".to_string()];
+        let welcome_with = |positions| {
+            let frame = welcome(&Welcome {
+                connection: 7,
+                user: "u",
+                tenant: None,
+                rooms: &rooms,
+                heartbeat_seconds: 25,
+                positions,
+                server: "r0",
+            });
+            serde_json::from_str::<Value>(frame.as_str()).unwrap()
+        };
+        assert_eq!(
+            welcome_with(Some(&positions)),
+            json!({"type": "welcome", "connection": "7", "user": "u", "tenant": null,
+                   "rooms": ["user:u"], "heartbeat": 25, "positions": {"t:0": 41},
+                   "server": "r0", "protocol": 1})
+        );
+        assert_eq!(
+            welcome_with(None),
+            json!({"type": "welcome", "connection": "7", "user": "u", "tenant": null,
+                   "rooms": ["user:u"], "heartbeat": 25, "server": "r0", "protocol": 1})
+        );
+    }
+
+    #[test]
     fn json_strings_are_escaped() {
         for s in [
             "plain",
@@ -372,6 +448,87 @@ mod tests {
         assert!(ClientFrame::parse(r#"{"type":"dance"}"#).is_err());
         assert!(ClientFrame::parse("{").is_err());
         assert!(ClientFrame::parse(r#"{"type":"refresh"}"#).is_err());
+    }
+
+    /// Every refused frame that carries a valid id is answered with it.
+    #[test]
+    fn a_refused_frame_keeps_its_id() {
+        let refused = |text: &str| ClientFrame::parse(text).unwrap_err();
+        let cases = [
+            (
+                r#"{"type":"subscribe","id":11,"rooms":["x"],"bogus":1}"#,
+                json!(11),
+                "unknown field `bogus`, expected one of `id`, `rooms`, `features`, `events`, `token`",
+            ),
+            (
+                r#"{"type":"dance","id":"d-1"}"#,
+                json!("d-1"),
+                "unknown variant `dance`, expected one of `subscribe`, `unsubscribe`, `resume`, `ping`, `refresh`",
+            ),
+            (
+                r#"{"id":12.5,"type":"subscribe","rooms":"x"}"#,
+                json!(12.5),
+                "invalid type: string \"x\", expected a sequence",
+            ),
+            (
+                r#"{"type":"refresh","id":13}"#,
+                json!(13),
+                "missing field `token`",
+            ),
+            (r#"{"id":14,"rooms":[]}"#, json!(14), "missing field `type`"),
+            (
+                r#"{"type":"resume","id":-15,"positions":{"t:0":"x"}}"#,
+                json!(-15),
+                "invalid type: string \"x\", expected i64",
+            ),
+        ];
+        for (text, id, reason) in cases {
+            let e = refused(text);
+            assert_eq!(e.id, Some(id), "{text}");
+            assert!(e.reason.starts_with(reason), "{text}: {}", e.reason);
+        }
+        assert_eq!(
+            refused(r#"{"type":"dance","id":16}"#).to_string(),
+            "invalid frame: unknown variant `dance`, expected one of `subscribe`, `unsubscribe`, \
+             `resume`, `ping`, `refresh` at line 1 column 15"
+        );
+    }
+
+    /// No id, or one that is not a number or a string: nothing to answer with but null.
+    #[test]
+    fn a_frame_without_a_valid_id_is_answered_with_none() {
+        for text in [
+            r#"{"type":"ping","id":true}"#,
+            r#"{"type":"ping","id":[1]}"#,
+            r#"{"type":"ping","id":{"n":1}}"#,
+            r#"{"type":"dance","id":null}"#,
+            r#"{"type":"dance"}"#,
+            r#"{"type":"ping","id":17"#,
+            r#"[{"id":18}]"#,
+            r#""id""#,
+            "{",
+            "",
+        ] {
+            assert_eq!(ClientFrame::parse(text).unwrap_err().id, None, "{text}");
+        }
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"ping","id":true}"#)
+                .unwrap_err()
+                .reason,
+            "id must be a number or a string"
+        );
+        for (text, id) in [
+            (r#"{"type":"ping","id":null}"#, None),
+            (r#"{"type":"ping"}"#, None),
+            (r#"{"type":"ping","id":"p"}"#, Some(json!("p"))),
+            (r#"{"type":"ping","id":1e3}"#, Some(json!(1e3))),
+        ] {
+            assert_eq!(
+                ClientFrame::parse(text),
+                Ok(ClientFrame::Ping { id }),
+                "{text}"
+            );
+        }
     }
 
     #[test]

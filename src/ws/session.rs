@@ -48,8 +48,8 @@ struct Session {
     bad_frames: u32,
     /// The client's budget of messages.
     throttle: Throttle,
-    /// Set when the client asked to resume (`?resume=1`): the welcome's positions, and no room
-    /// joined yet, until its first frame.
+    /// Set when the client asked to resume (`?resume=1`): the positions of the welcome's
+    /// instant (not sent to it), and no room joined yet, until its first frame.
     awaiting_resume: Option<PositionMap>,
     /// This connection's share of the connection limits, given back when the session ends.
     _admission: Admission,
@@ -210,25 +210,27 @@ impl Session {
     /// The welcome goes first in the queue, and the writer pings only behind it. Its
     /// positions and the joining of the user's own rooms happen under the hub's cut, so every
     /// record after the positions is delivered live and none before it is. A resuming client
-    /// joins nothing until its resume.
+    /// joins nothing until its resume, and is told no positions: it has received nothing up
+    /// to them, and keeps its own map until the resume's cut.
     async fn welcome(&mut self) {
         let hub = self.hub.clone();
         let _cut = hub.cut().await;
         let positions = self.hub.partitions.delivered_map();
         let rooms = self.identity.own_rooms();
+        let resuming = self.awaiting_resume.is_some();
         let frame = protocol::welcome(&Welcome {
             connection: self.id,
             user: &self.identity.user,
             tenant: self.identity.tenant.as_deref(),
             rooms: &rooms,
             heartbeat_seconds: self.hub.config.websocket.heartbeat_seconds,
-            positions: &positions,
+            positions: (!resuming).then_some(&positions),
             server: &self.hub.config.server.name,
         });
         if !self.hub.echo {
             self.peer.enqueue(&frame, Priority::Critical);
         }
-        if self.awaiting_resume.is_some() {
+        if resuming {
             self.awaiting_resume = Some(positions);
         } else {
             for room in rooms {
@@ -347,7 +349,7 @@ impl Session {
                     self.on_frame(frame).await;
                     true
                 }
-                Err(e) => self.bad_frame(&None, &format!("invalid frame: {e}")),
+                Err(refused) => self.bad_frame(&refused.id, &refused.to_string()),
             },
             Incoming::Binary(_) => self.bad_frame(&None, "binary frames are not supported"),
             Incoming::Close(_) => {
@@ -842,10 +844,15 @@ mod tests {
         );
         drop(release);
         consumer.join().unwrap();
-        for client in &mut clients {
+        for (n, client) in clients.iter_mut().enumerate() {
             let welcome = read_json(client);
             assert_eq!(welcome["type"], "welcome");
-            assert_eq!(welcome["positions"], json!({"t:0": 41}));
+            let positions = welcome.get("positions");
+            if n < 3 {
+                assert_eq!(positions, Some(&json!({"t:0": 41})));
+            } else {
+                assert_eq!(positions, None, "a resuming connection's welcome");
+            }
         }
 
         let (release, consumer) = stalled_consumer(&hub, 42);

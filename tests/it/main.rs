@@ -11,6 +11,7 @@ mod hostile_records;
 mod hostile_session;
 mod ops;
 mod protocol;
+mod raw;
 mod resume;
 mod supervision;
 mod support;

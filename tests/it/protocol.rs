@@ -5,6 +5,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::raw::{close_payload, masked, unmasked, Raw, CLOSE, FIN, PING, PONG, TEXT};
 use crate::support::*;
 
 #[tokio::test]
@@ -40,6 +41,56 @@ async fn bad_frames_get_errors_then_1008_and_others_carry_on() {
         .send_json(&topic, json!({"taskId": "1", "userId": "by"}))
         .await;
     assert_eq!(bystander.events(1).await[0]["payload"]["userId"], "by");
+}
+
+/// A request refused whole still gets its one final frame with its id, whatever is wrong
+/// with the rest of it; only an id that is not a number or a string cannot be answered.
+#[tokio::test]
+async fn a_refused_request_is_answered_with_its_id() {
+    let topic = unique("refusedid");
+    create_topic(&topic, 1).await;
+    let server = Server::start(&task_route(&topic), "").await;
+    let mut c = server.connect(&token("ids", &[])).await;
+    let cases = [
+        (
+            r#"{"type":"subscribe","id":11,"rooms":["x"],"bogus":1}"#,
+            json!(11),
+            "invalid frame: unknown field `bogus`, expected one of `id`, `rooms`, `features`, \
+             `events`, `token`",
+        ),
+        (
+            r#"{"type":"dance","id":"d-12"}"#,
+            json!("d-12"),
+            "invalid frame: unknown variant `dance`, expected one of `subscribe`, `unsubscribe`, \
+             `resume`, `ping`, `refresh` at line 1 column 15",
+        ),
+        (
+            r#"{"type":"unsubscribe","id":13,"rooms":[7]}"#,
+            json!(13),
+            "invalid frame: invalid type: integer `7`, expected a string",
+        ),
+        (
+            r#"{"type":"refresh","id":14}"#,
+            json!(14),
+            "invalid frame: missing field `token`",
+        ),
+        (
+            r#"{"type":"ping","id":true}"#,
+            json!(null),
+            "invalid frame: id must be a number or a string",
+        ),
+    ];
+    for (text, id, message) in cases {
+        c.send_raw(Message::text(text)).await;
+        assert_eq!(
+            c.frame().await.expect("an answer"),
+            json!({"type": "error", "id": id, "code": "bad_request", "message": message}),
+            "{text}"
+        );
+    }
+    c.send(json!({"type": "ping", "id": 15})).await;
+    assert_eq!(c.frame().await.unwrap(), json!({"type": "pong", "id": 15}));
+    c.expect_silence(Duration::from_millis(300)).await;
 }
 
 #[tokio::test]
@@ -166,112 +217,6 @@ async fn connections_opened_together_ping_apart() {
     );
 }
 
-/// A connection spoken to byte by byte, to send what client libraries never would.
-struct RawClient {
-    stream: tokio::net::TcpStream,
-    buf: Vec<u8>,
-}
-
-impl RawClient {
-    /// Upgrades with the same handshake a browser makes; the welcome frame arrives next.
-    async fn connect(addr: &str, token: &str) -> RawClient {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let request = format!(
-            "GET /ws HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-             Authorization: Bearer {token}\r\n\r\n"
-        );
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut buf = Vec::new();
-        let end = loop {
-            let mut chunk = [0u8; 1024];
-            let n = stream.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "closed during the handshake");
-            buf.extend_from_slice(&chunk[..n]);
-            if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break at + 4;
-            }
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).to_string();
-        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-        assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
-        buf.drain(..end);
-        RawClient { stream, buf }
-    }
-
-    /// A client frame, masked unless told otherwise.
-    async fn send(&mut self, first: u8, payload: &[u8], masked: bool) {
-        use tokio::io::AsyncWriteExt;
-        let mask = [0xA1, 0xB2, 0xC3, 0xD4];
-        let mut out = vec![first];
-        let bit = if masked { 0x80 } else { 0 };
-        if payload.len() < 126 {
-            out.push(bit | payload.len() as u8);
-        } else {
-            out.push(bit | 126);
-            out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
-        }
-        if masked {
-            out.extend_from_slice(&mask);
-            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
-        } else {
-            out.extend_from_slice(payload);
-        }
-        self.stream.write_all(&out).await.unwrap();
-    }
-
-    /// The next server frame but `positions` watermarks, which come at any time: its first
-    /// byte and payload.
-    async fn frame(&mut self) -> (u8, Vec<u8>) {
-        loop {
-            let (first, payload) = self.raw_frame().await;
-            let watermark = first == 0x81
-                && serde_json::from_slice::<serde_json::Value>(&payload)
-                    .is_ok_and(|v| v["type"] == "positions");
-            if !watermark {
-                return (first, payload);
-            }
-        }
-    }
-
-    /// The next server frame: its first byte and payload. Server frames are never masked.
-    async fn raw_frame(&mut self) -> (u8, Vec<u8>) {
-        use tokio::io::AsyncReadExt;
-        loop {
-            if self.buf.len() >= 2 {
-                assert_eq!(self.buf[1] & 0x80, 0, "a masked server frame");
-                let (len, at) = match self.buf[1] {
-                    126 if self.buf.len() >= 4 => {
-                        (u16::from_be_bytes([self.buf[2], self.buf[3]]) as usize, 4)
-                    }
-                    126 | 127 => (usize::MAX, 0),
-                    n => (n as usize, 2),
-                };
-                if at > 0 && self.buf.len() >= at + len {
-                    let first = self.buf[0];
-                    let payload = self.buf[at..at + len].to_vec();
-                    self.buf.drain(..at + len);
-                    return (first, payload);
-                }
-            }
-            let mut chunk = [0u8; 4096];
-            let n = tokio::time::timeout(Duration::from_secs(10), self.stream.read(&mut chunk))
-                .await
-                .expect("a server frame within 10 s")
-                .unwrap();
-            assert!(n > 0, "closed without a frame");
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-
-    async fn json(&mut self) -> serde_json::Value {
-        let (first, payload) = self.frame().await;
-        assert_eq!(first, 0x81, "a final text frame");
-        serde_json::from_slice(&payload).unwrap()
-    }
-}
-
 #[tokio::test]
 async fn pings_fragments_and_an_unmasked_frame_on_the_wire() {
     let topic = unique("wire");
@@ -280,19 +225,18 @@ async fn pings_fragments_and_an_unmasked_frame_on_the_wire() {
     let extra = "[resume]\npositions_interval_seconds = 0.05\n";
     let server = Server::start(&task_route(&topic), extra).await;
     let mut bystander = server.connect(&token("calm", &[])).await;
-    let mut c = RawClient::connect(&server.public, &token("raw", &[])).await;
-    assert_eq!(c.json().await["type"], "welcome");
+    let mut c = Raw::open(&server, &token("raw", &[])).await;
 
     // A WebSocket ping is answered with a pong carrying the same bytes.
-    c.send(0x89, b"are you there", true).await;
-    assert_eq!(c.frame().await, (0x8A, b"are you there".to_vec()));
+    c.send(&masked(FIN | PING, b"are you there")).await;
+    assert_eq!(c.next().await, (FIN | PONG, b"are you there".to_vec()));
 
     // A message in three fragments, with a ping between them, is one message.
-    c.send(0x01, br#"{"type":"pi"#, true).await;
-    c.send(0x00, br#"ng","i"#, true).await;
-    c.send(0x89, b"", true).await;
-    c.send(0x80, br#"d":5}"#, true).await;
-    assert_eq!(c.frame().await, (0x8A, Vec::new()));
+    c.send(&masked(TEXT, br#"{"type":"pi"#)).await;
+    c.send(&masked(0, br#"ng","i"#)).await;
+    c.send(&masked(FIN | PING, b"")).await;
+    c.send(&masked(FIN, br#"d":5}"#)).await;
+    assert_eq!(c.next().await, (FIN | PONG, Vec::new()));
     assert_eq!(c.json().await, json!({"type": "pong", "id": 5}));
 
     // Events reach a hand-made client as plain, unmasked text frames.
@@ -304,11 +248,12 @@ async fn pings_fragments_and_an_unmasked_frame_on_the_wire() {
     assert_eq!(event["payload"]["taskId"], "7");
 
     // A client must mask its frames: an unmasked one is a protocol error, closed with 1002.
-    c.send(0x81, br#"{"type":"ping","id":6}"#, false).await;
-    let (first, payload) = c.frame().await;
-    assert_eq!(first, 0x88);
-    assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1002);
-    assert_eq!(&payload[2..], b"protocol error");
+    c.send(&unmasked(FIN | TEXT, br#"{"type":"ping","id":6}"#))
+        .await;
+    assert_eq!(
+        c.next().await,
+        (FIN | CLOSE, close_payload(1002, b"protocol error"))
+    );
 
     Producer::new()
         .send_json(&topic, json!({"taskId": "8", "userId": "calm"}))

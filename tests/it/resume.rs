@@ -72,6 +72,46 @@ async fn resume_replays_exactly_the_missed_records_from_memory_then_goes_live() 
     assert_eq!(memory, 1.0);
 }
 
+/// A client that keeps what PROTOCOL.md says to keep, and drops before its resume is
+/// answered, resumes again with a map that still has the whole gap ahead of it: a `?resume=1`
+/// welcome gives it nothing to store.
+#[tokio::test]
+async fn a_client_dropped_before_its_resume_is_answered_still_gets_the_whole_gap() {
+    let topic = unique("resume-dropped");
+    create_topic(&topic, 1).await;
+    let server = Server::start(&task_route(&topic), "").await;
+    let token = token("d", &[]);
+    let before = session_then_disconnect(&server, &topic, "d", 2).await;
+    let p = Producer::new();
+    produce_mixed(&p, &topic, "d", "not-d", 100, 50).await;
+    server.wait_consumed(&topic, 102).await;
+
+    let url = format!("{}?resume=1", server.ws_url());
+    let mut dropped = Client::connect(&url, &token)
+        .await
+        .unwrap_or_else(|(s, b)| panic!("refused: {s} {b}"));
+    let welcome = dropped.welcome.clone();
+    let mut kept = before.clone();
+    if let Some(from_welcome) = Tracker::from_welcome(&welcome) {
+        kept = from_welcome;
+    }
+    dropped
+        .send(json!({"type": "resume", "id": 1, "positions": kept.positions, "rooms": []}))
+        .await;
+    drop(dropped);
+
+    let (mut c, frames) = Client::resume(&server, &token, &kept, &[]).await;
+    assert_eq!(seqs(&only_events(&frames)), (100..150).collect::<Vec<_>>());
+    assert_eq!(frames.last().unwrap()["replayed"], 50);
+    assert_eq!(
+        welcome.get("positions"),
+        None,
+        "a ?resume=1 welcome has no positions: {welcome}"
+    );
+    assert_eq!(kept.positions, before.positions);
+    c.expect_silence(QUIET).await;
+}
+
 #[tokio::test]
 async fn resume_beyond_the_buffer_is_served_from_kafka() {
     let topic = unique("resume-kafka");

@@ -461,7 +461,9 @@ impl Client {
     async fn read_welcome(&mut self) {
         self.welcome = self.frame().await.expect("welcome frame");
         assert_eq!(self.welcome["type"], "welcome");
-        self.tracker = Tracker::from_welcome(&self.welcome);
+        if let Some(tracker) = Tracker::from_welcome(&self.welcome) {
+            self.tracker = tracker;
+        }
     }
 
     pub async fn connect_request(
@@ -624,17 +626,20 @@ impl Client {
     }
 }
 
-/// What a client keeps to resume: the welcome's positions, updated by every event and
-/// every `positions` frame it receives.
+/// What a client keeps to resume, as PROTOCOL.md says: the welcome's positions (a welcome
+/// has them only on a connection not opened to resume), updated by every event and every
+/// `positions` frame it receives.
 #[derive(Debug, Clone, Default)]
 pub struct Tracker {
     pub positions: BTreeMap<String, i64>,
 }
 
 impl Tracker {
-    pub fn from_welcome(welcome: &Value) -> Tracker {
-        let positions = serde_json::from_value(welcome["positions"].clone()).unwrap();
-        Tracker { positions }
+    /// Starts the map from a welcome's positions; None if the welcome has none.
+    pub fn from_welcome(welcome: &Value) -> Option<Tracker> {
+        let positions = welcome.get("positions")?;
+        let positions = serde_json::from_value(positions.clone()).unwrap();
+        Some(Tracker { positions })
     }
 
     pub fn see(&mut self, frame: &Value) {
@@ -672,6 +677,7 @@ impl Client {
         let mut c = Client::connect(&url, token)
             .await
             .unwrap_or_else(|(s, b)| panic!("refused: {s} {b}"));
+        c.tracker = tracker.clone();
         c.send(json!({"type": "resume", "id": 1, "positions": tracker.positions, "rooms": rooms}))
             .await;
         let mut frames = Vec::new();
