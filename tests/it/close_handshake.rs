@@ -57,10 +57,10 @@ async fn a_refused_close_is_failed_and_tcp_let_go_at_once() {
         (&[0x03, 0xe8, 0xff], 1007),
     ];
     for (payload, code) in cases {
-        let (mut raw, mut wr) = Raw::open(&server, &token("bad-closer", &[])).await;
-        wr.write_all(&masked(CLOSE, payload)).await.unwrap();
+        let mut raw = Raw::open(&server, &token("bad-closer", &[])).await;
+        raw.send(&masked(FIN | CLOSE, payload)).await;
         let sent = Instant::now();
-        assert_eq!(raw.close_code().await, code, "{payload:?}");
+        assert_eq!(raw.close().await.0, code, "{payload:?}");
         let ended = raw.ended_within(sent, GRACE + SOONER).await;
         assert!(
             ended.is_some_and(|d| d < SOONER),
