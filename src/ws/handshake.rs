@@ -15,10 +15,11 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Version};
 use axum::response::{IntoResponse, Response};
+use base64::Engine;
 use hyper_util::rt::TokioIo;
+use sha1::{Digest, Sha1};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tracing::{debug, warn};
 
 use super::protocol::SUBPROTOCOL;
@@ -206,7 +207,7 @@ fn check(
         .map_err(|e| refuse(StatusCode::UNAUTHORIZED, e.reason()))?;
     Ok(Accepted {
         identity,
-        accept_key: derive_accept_key(key.as_bytes()),
+        accept_key: accept_key(key.as_bytes()),
         roomcast_protocol: protocols.iter().any(|p| p == SUBPROTOCOL),
     })
 }
@@ -287,11 +288,45 @@ fn bearer_header(headers: &HeaderMap) -> Option<String> {
         .then(|| token.trim().to_string())
 }
 
+/// RFC 6455 4.2.2: the key with the protocol's GUID, hashed with SHA-1, in base64.
+fn accept_key(key: &[u8]) -> String {
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let digest = Sha1::new().chain_update(key).chain_update(GUID).finalize();
+    base64::engine::general_purpose::STANDARD.encode(digest)
+}
+
 fn query_token(query: Option<&str>) -> Option<String> {
     query?
         .split('&')
         .find_map(|pair| pair.strip_prefix("token="))
-        .map(String::from)
+        .map(percent_decoded)
+}
+
+/// A query value with its `%XX` escapes decoded, as a URL-encoding client sends it; an escape
+/// that is not two hex digits, or bytes that are not UTF-8, stay as they came.
+fn percent_decoded(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match hex
+            .filter(|_| bytes[i] == b'%')
+            .map(|h| u8::from_str_radix(h, 16))
+        {
+            Some(Ok(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            _ => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| value.to_string())
 }
 
 /// True when the query has `name` with no value, `1` or `true`.
@@ -307,6 +342,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_accept_key_is_rfc_6455s() {
+        // The example of RFC 6455 1.3.
+        assert_eq!(
+            accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[test]
     fn token_sources() {
         let mut h = HeaderMap::new();
         h.insert(
@@ -319,6 +363,13 @@ mod tests {
             Some("t.o.k")
         );
         assert_eq!(query_token(Some("x=1")), None);
+        assert_eq!(
+            query_token(Some("token=a%2Eb%2ec%3D&x")).as_deref(),
+            Some("a.b.c=")
+        );
+        assert_eq!(percent_decoded("100%"), "100%");
+        assert_eq!(percent_decoded("%zz%4"), "%zz%4");
+        assert_eq!(percent_decoded("%FF"), "%FF", "not UTF-8: as it came");
         assert!(query_flag(Some("token=a&resume=1"), "resume"));
         assert!(query_flag(Some("resume"), "resume"));
         assert!(!query_flag(Some("resume=0"), "resume"));
