@@ -177,7 +177,8 @@ impl KafkaConsumer {
             }
             let wait = watermarks.next.saturating_duration_since(now).min(POLL_MAX);
             let message = self.consumer.poll(wait);
-            // The one clock read per record: timers, the buffer's age and eviction use it.
+            // Timers, the buffer's age and eviction share this reading; the load measure
+            // takes a second one once the record is handled.
             now = Instant::now();
             match message {
                 Some(Ok(m)) => {

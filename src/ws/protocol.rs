@@ -16,18 +16,16 @@ pub const SUBPROTOCOL: &str = "roomcast.v1";
 /// One encoded server frame, WebSocket header included, shared by every connection it goes to.
 pub use super::wire::Frame;
 
-/// Close codes the server uses (DESIGN: wire protocol).
+/// Close codes the server sends (docs/PROTOCOL.md, "Close codes"; 4003 is reserved there).
 pub mod close {
     pub const NORMAL: u16 = 1000;
     pub const GOING_AWAY: u16 = 1001;
     pub const PROTOCOL: u16 = 1002;
-    pub const UNSUPPORTED: u16 = 1003;
     pub const INVALID_PAYLOAD: u16 = 1007;
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const INTERNAL: u16 = 1011;
     pub const TOKEN: u16 = 4001;
-    pub const FORBIDDEN: u16 = 4003;
     pub const SLOW_CONSUMER: u16 = 4008;
     pub const TOO_MANY: u16 = 4029;
 }
