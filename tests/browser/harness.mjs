@@ -353,6 +353,8 @@ export async function waitInPage(page, what, fn, arg, timeout = EVENT_MS) {
   } catch (e) {
     const state = await page.evaluate(() => ({
       status: window.client?.status,
+      lastError: window.client?.lastError && `${window.client.lastError.code}: ${window.client.lastError.message}`,
+      resyncs: window.resyncs,
       statuses: window.statuses,
       received: window.received?.length,
       closes: window.closes,
