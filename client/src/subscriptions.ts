@@ -70,7 +70,7 @@ export class Subscriptions {
     let events: string[] | undefined = [
       ...new Set(resumed.flatMap((g) => g.events ?? [])),
     ];
-    if (resumed.some((g) => !g.events) || events.length > MAX_FILTER_PATTERNS) events = undefined;
+    if (!events.length || events.length > MAX_FILTER_PATTERNS || resumed.some((g) => !g.events)) events = undefined;
     const resume: Group = {
       rooms: [...new Set(resumed.flatMap((g) => g.rooms))],
       events,
