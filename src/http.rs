@@ -6,7 +6,6 @@
 //! outage would restart every pod. `/readyz` is true only when partitions are assigned and
 //! read up to their head, and not while draining.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -28,15 +27,11 @@ const SDK_BUNDLE: &str = include_str!("../static/roomcast.js");
 #[derive(Clone)]
 pub struct AdminState {
     pub hub: Arc<Hub>,
-    /// Set once the first partition discovery has succeeded.
-    pub discovered: Arc<AtomicBool>,
 }
 
 impl AdminState {
     pub fn is_ready(&self) -> bool {
-        self.discovered.load(Ordering::Acquire)
-            && self.hub.partitions.caught_up()
-            && !self.hub.is_draining()
+        self.hub.partitions.ready() && !self.hub.is_draining()
     }
 }
 
