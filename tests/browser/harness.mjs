@@ -2,7 +2,8 @@
 // the real Kafka broker of ROOMCAST_TEST_BROKERS (topics and records through
 // examples/kafka_feed.rs, librdkafka like the service), tokens signed here with the config's
 // secret, a small site serving the test pages, the SDK bundle and a token endpoint, and
-// Debian's Chromium through playwright-core.
+// Debian's Chromium through playwright-core. ROOMCAST_BIN, ROOMCAST_FEED, ROOMCAST_SDK_BUNDLE and
+// CHROMIUM override where the binary, the feed, the SDK bundle and the browser are.
 
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
