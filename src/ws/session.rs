@@ -808,6 +808,7 @@ mod tests {
         let _entered = runtime.enter();
         let hub = hub(Config::default());
         hub.partitions.assign("t", 0, 0, 0);
+        hub.partitions.set_discovered();
         hub.replay.reset("t", 0, 0);
         let admin_listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let admin = admin_listener.local_addr().unwrap();
