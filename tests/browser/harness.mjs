@@ -244,14 +244,6 @@ ${this.routes}
     return Number(this.public.split(':').pop());
   }
 
-  /** How many records of `topic` the replica has read, from its metrics. */
-  async consumed(topic) {
-    const text = await (await fetch(`http://${this.admin}/metrics`)).text();
-    const series = `roomcast_records_consumed_total{topic="${topic}"}`;
-    const line = text.split('\n').find((l) => l.startsWith(series));
-    return line ? Number(line.slice(series.length).trim()) : 0;
-  }
-
   /** SIGKILL: no drain, no close frames, sockets reset. */
   async kill9() {
     this.proc.kill('SIGKILL');
