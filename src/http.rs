@@ -1,11 +1,11 @@
-//! The two listeners. Public: `/ws` and the demo page at `/`. Admin (never on the ingress):
+//! The two listeners. Public: `/ws`, the demo page at `/` and the SDK bundle it imports at
+//! `/roomcast.js`. Admin (never on the ingress):
 //! `/metrics`, `/healthz`, `/readyz`, `/stats`.
 //!
 //! `/healthz` answers as long as the process serves HTTP: it never depends on Kafka, or a Kafka
 //! outage would restart every pod. `/readyz` is true only when partitions are assigned and
 //! read up to their head, and not while draining.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -18,33 +18,60 @@ use serde_json::json;
 use crate::ws::{handshake, Hub};
 
 const DEMO_PAGE: &str = include_str!("../static/index.html");
+/// The client SDK's browser bundle, the build of `client/` committed as it is (the test
+/// command checks that it is current): the demo page is an application of the SDK, so the
+/// binary that serves the page serves its client too, and there is one client, not two.
+const SDK_BUNDLE: &str = include_str!("../static/roomcast.js");
 
 /// What the admin endpoints read.
 #[derive(Clone)]
 pub struct AdminState {
     pub hub: Arc<Hub>,
-    /// Set once the first partition discovery has succeeded.
-    pub discovered: Arc<AtomicBool>,
 }
 
 impl AdminState {
     pub fn is_ready(&self) -> bool {
-        self.discovered.load(Ordering::Acquire)
-            && self.hub.partitions.caught_up()
-            && !self.hub.is_draining()
+        self.hub.partitions.ready() && !self.hub.is_draining()
     }
 }
 
 /// Public router. `demo_token`, when set, is embedded in the page so it connects by itself.
 pub fn public_router(hub: Arc<Hub>, demo_token: Option<String>) -> Router {
-    let page = DEMO_PAGE.replace(
-        "__ROOMCAST_DEMO_TOKEN__",
-        demo_token.as_deref().unwrap_or(""),
-    );
+    let page = demo_page(&hub.config.server.name, demo_token.as_deref());
     Router::new()
         .route("/", get(move || async move { Html(page) }))
+        .route("/roomcast.js", get(sdk_bundle))
         .route("/ws", get(handshake::upgrade))
         .with_state(hub)
+}
+
+/// The demo page with its token (empty outside demo mode) and the replica's name, which the
+/// page shows and the SDK does not hand out.
+fn demo_page(server_name: &str, demo_token: Option<&str>) -> String {
+    DEMO_PAGE
+        .replace("__ROOMCAST_DEMO_TOKEN__", demo_token.unwrap_or(""))
+        .replace("\"__ROOMCAST_SERVER_NAME__\"", &script_string(server_name))
+}
+
+/// `text` as a JavaScript string literal that can stand inside a `<script>` element.
+fn script_string(text: &str) -> String {
+    serde_json::Value::from(text)
+        .to_string()
+        .replace('<', "\\u003c")
+        .replace('\u{2028}', "\\u2028")
+        .replace('\u{2029}', "\\u2029")
+}
+
+async fn sdk_bundle() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            // Revalidated, since it changes with the binary at the same URL.
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        SDK_BUNDLE,
+    )
+        .into_response()
 }
 
 pub fn admin_router(state: AdminState) -> Router {
@@ -122,4 +149,30 @@ async fn stats(State(s): State<AdminState>) -> Json<serde_json::Value> {
         "rooms": s.hub.registry.room_count(),
         "partitions": partitions,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_page_names_the_replica_in_a_string_that_cannot_end_its_script() {
+        let page = demo_page("pod-7</script><b>\"x\"\u{2028}", None);
+        let line = page
+            .lines()
+            .find(|l| l.starts_with("const SERVER = "))
+            .expect("the page's server line");
+        assert_eq!(
+            line,
+            r#"const SERVER = "pod-7\u003c/script>\u003cb>\"x\"\u2028";"#
+        );
+        assert!(page.contains(r#"const EMBEDDED = "";"#));
+    }
+
+    #[test]
+    fn the_demo_page_embeds_the_demo_token() {
+        let page = demo_page("roomcast", Some("a.b.c"));
+        assert!(page.contains(r#"const EMBEDDED = "a.b.c";"#));
+        assert!(page.contains(r#"const SERVER = "roomcast";"#));
+    }
 }

@@ -26,7 +26,6 @@ pub mod ws;
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -111,8 +110,7 @@ pub async fn serve(
     let partitions = Arc::new(PartitionTable::default());
     let auth = Authenticator::from_config(&config.auth)?;
     let hub = Arc::new(Hub::new(config.clone(), auth, metrics, partitions));
-    let discovered = Arc::new(AtomicBool::new(false));
-    let consumer = KafkaConsumer::new(&config, hub.clone(), discovered.clone())?;
+    let consumer = KafkaConsumer::new(&config, hub.clone())?;
 
     let send_buffer = config.websocket.send_buffer_bytes;
     let (public, public_addr) = bind("server.listen", &config.server.listen, send_buffer)?;
@@ -139,10 +137,7 @@ pub async fn serve(
         unupgraded,
         stages.stop_accepting.subscribe(),
     ));
-    let admin_state = http::AdminState {
-        hub: hub.clone(),
-        discovered,
-    };
+    let admin_state = http::AdminState { hub: hub.clone() };
     let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
     let admin_task = tokio::spawn(
         axum::serve(

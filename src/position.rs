@@ -1,11 +1,13 @@
 //! Positions: where this replica stands in every partition it reads.
 //!
 //! The consumer writes, everyone else reads: the welcome frame takes a snapshot, readiness asks
-//! whether every partition has been read up to the head it had when it was assigned, and
+//! whether the partitions have been discovered and each read up to the head it had when it was
+//! assigned (a resume waits for it), and
 //! `/stats` and `/metrics` show offsets and lag. Lookups by `&str` topic allocate nothing,
 //! since the consumer touches this table for every record.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
 
 /// `{"topic:partition": offset}`: everything up to and including the offset is covered.
@@ -33,6 +35,9 @@ type Table = BTreeMap<String, BTreeMap<i32, PartitionState>>;
 #[derive(Debug, Default)]
 pub struct PartitionTable {
     partitions: RwLock<Table>,
+    /// Set once the first partition discovery has succeeded: before it, an empty table says
+    /// nothing about what there is to read.
+    discovered: AtomicBool,
 }
 
 impl PartitionTable {
@@ -93,6 +98,16 @@ impl PartitionTable {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    pub fn set_discovered(&self) {
+        self.discovered.store(true, Ordering::Release);
+    }
+
+    /// Discovered, and every partition read up to its head at assignment: only then do the
+    /// positions handed out stand where the log does.
+    pub fn ready(&self) -> bool {
+        self.discovered.load(Ordering::Acquire) && self.caught_up()
     }
 
     /// True when every assigned partition has been read up to its head at assignment.

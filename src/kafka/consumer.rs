@@ -10,7 +10,6 @@
 //! their records arrived after this replica started).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -107,7 +106,6 @@ pub struct KafkaConsumer {
     refresh: Duration,
     positions_every: Duration,
     warm_window: Duration,
-    discovered: Arc<AtomicBool>,
     malformed_log: RateLimitedLog,
     error_log: RateLimitedLog,
     /// Debug builds only (see `PANIC_ON_TOPIC`).
@@ -121,11 +119,7 @@ pub struct KafkaConsumer {
 pub const PANIC_ON_TOPIC: &str = "ROOMCAST_TEST_PANIC_ON_TOPIC";
 
 impl KafkaConsumer {
-    pub fn new(
-        config: &Config,
-        hub: Arc<Hub>,
-        discovered: Arc<AtomicBool>,
-    ) -> Result<KafkaConsumer, ConsumerError> {
+    pub fn new(config: &Config, hub: Arc<Hub>) -> Result<KafkaConsumer, ConsumerError> {
         let group = super::group_id(&config.kafka, &config.server.name);
         let context = Context {
             partitions: hub.partitions.clone(),
@@ -153,7 +147,6 @@ impl KafkaConsumer {
             refresh: Duration::from_secs(config.kafka.metadata_refresh_seconds.max(1)),
             positions_every: Duration::from_secs_f64(config.resume.positions_interval_seconds),
             warm_window: Duration::from_secs(config.resume.buffer_max_age_seconds),
-            discovered,
             malformed_log: RateLimitedLog::new(Duration::from_secs(1)),
             error_log: RateLimitedLog::new(Duration::from_secs(5)),
             #[cfg(debug_assertions)]
@@ -262,7 +255,7 @@ impl KafkaConsumer {
                 .assigned_partitions
                 .set(self.partitions.len() as i64);
         }
-        self.discovered.store(true, Ordering::Release);
+        self.partitions.set_discovered();
     }
 
     fn process(&self, m: &BorrowedMessage<'_>, read_at: Instant) {

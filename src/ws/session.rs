@@ -37,6 +37,11 @@ const CLOSE_GRACE: Duration = Duration::from_secs(3);
 /// rather than read for the whole grace: a flooder closed for its rate would otherwise be
 /// read flat out, 512 bytes a call, until it noticed.
 const CLOSE_READ_BYTES: u32 = 64 * 1024;
+/// How long a resume waits for a replica that is still starting to be ready, and how often it
+/// looks. Long enough for a restart's warm-up; past it, the resume goes on with what the
+/// replica has (a gap it cannot place is a `resync`).
+const READY_WAIT: Duration = Duration::from_secs(10);
+const READY_POLL: Duration = Duration::from_millis(20);
 
 struct Session {
     id: ConnId,
@@ -578,6 +583,10 @@ impl Session {
     }
 
     /// Joins the rooms under the cut and queues the replay of `(after, cut]` in their place.
+    /// Not before the replica is ready: one that has just started has not read what the
+    /// client missed, and a cut taken then lacks partitions (whose gap is then replayed by
+    /// nobody, since what a replica reads back at start only warms its buffer) or stands
+    /// behind the client's map (a needless resync).
     async fn start_resume(
         &mut self,
         id: Option<Option<Value>>,
@@ -586,6 +595,8 @@ impl Session {
         filter: Option<Arc<EventFilter>>,
     ) {
         let hub = self.hub.clone();
+        // Boxed: the rare wait must not grow every session's future.
+        Box::pin(until_ready(&hub)).await;
         let _cut = hub.cut().await;
         let mut joined = self.identity.own_rooms();
         for room in &joined {
@@ -673,6 +684,14 @@ impl Session {
             .subscriptions
             .with_label_values(&[result])
             .inc_by(n as u64);
+    }
+}
+
+/// Returns once the replica is ready, or after `READY_WAIT`.
+async fn until_ready(hub: &Hub) {
+    let deadline = Instant::now() + READY_WAIT;
+    while !hub.partitions.ready() && Instant::now() < deadline {
+        tokio::time::sleep(READY_POLL).await;
     }
 }
 
@@ -795,14 +814,12 @@ mod tests {
         let _entered = runtime.enter();
         let hub = hub(Config::default());
         hub.partitions.assign("t", 0, 0, 0);
+        hub.partitions.set_discovered();
         hub.replay.reset("t", 0, 0);
         let admin_listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let admin = admin_listener.local_addr().unwrap();
         admin_listener.set_nonblocking(true).unwrap();
-        let state = AdminState {
-            hub: hub.clone(),
-            discovered: Arc::default(),
-        };
+        let state = AdminState { hub: hub.clone() };
         let admin_listener = tokio::net::TcpListener::from_std(admin_listener).unwrap();
         runtime.spawn(async move { axum::serve(admin_listener, admin_router(state)).await });
         assert!(healthz(admin).contains("200 OK"));

@@ -1,4 +1,5 @@
-// End-to-end: the real `roomcast demo` binary, its page in Debian's Chromium (playwright-core,
+// End-to-end: the real `roomcast demo` binary, its page (built on the SDK, served with it as
+// /roomcast.js) in Debian's Chromium (playwright-core,
 // no browser download). Run with `npm install && node --test` in this folder, after
 // `cargo build` at the root. ROOMCAST_BIN overrides the binary, CHROMIUM the browser.
 
@@ -180,6 +181,11 @@ describe('demo page in Chromium', { timeout: 180_000 }, () => {
     assert.ok(sockets.every((u) => !new URL(u).search), `token in URL: ${sockets}`);
     assert.equal(await page.locator('#token').isVisible(), false);
     assert.deepEqual(problems, []);
+
+    // The page is an application of the SDK, which the same server serves.
+    const bundle = await fetch(new URL('roomcast.js', base));
+    assert.equal(bundle.status, 200);
+    assert.equal(bundle.headers.get('content-type'), 'text/javascript; charset=utf-8');
 
     // At most 200 rows, whatever the rate.
     assert.ok((await page.locator('.event').count()) <= 200);

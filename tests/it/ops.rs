@@ -74,6 +74,22 @@ async fn metrics_pass_promtool_and_carry_no_identity_labels() {
 }
 
 #[tokio::test]
+async fn the_public_listener_serves_the_demo_page_and_the_sdk_it_imports() {
+    let topic = unique("static");
+    create_topic(&topic, 1).await;
+    let server = Server::start(&task_route(&topic), "").await;
+    let (status, bundle) = http_get(&server.public, "/roomcast.js").await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(bundle, include_str!("../../static/roomcast.js"));
+    let (status, page) = http_get(&server.public, "/").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        page.contains(r#"from "./roomcast.js""#),
+        "the page does not import the served bundle"
+    );
+}
+
+#[tokio::test]
 async fn health_and_stats() {
     let topic = unique("health");
     create_topic(&topic, 3).await;

@@ -130,6 +130,38 @@ async fn resume_beyond_the_buffer_is_served_from_kafka() {
     c.expect_silence(QUIET).await;
 }
 
+/// A replica restarted (or scaled up) accepts connections before it has read its partitions
+/// up to their head: a resume it answered from what it had read so far found the client's
+/// position "ahead of the log", told it to resync, and never delivered the gap, which it read
+/// only to warm its buffer.
+#[tokio::test]
+async fn a_resume_to_a_replica_still_starting_replays_the_gap() {
+    let topic = unique("resume-starting");
+    create_topic(&topic, 2).await;
+    let p = Producer::new();
+    // A long warm-up: many records to read back before the replica is at the head.
+    for seq in 0..2000 {
+        let value = task("starting", seq).to_string();
+        p.send_to(&topic, Some((seq % 2) as i32), value.as_bytes(), &[])
+            .await;
+    }
+    // The client had everything up to offset 900 of each partition (seq 1801 and before).
+    let mut tracker = Tracker::default();
+    for partition in 0..2 {
+        tracker
+            .positions
+            .insert(format!("{topic}:{partition}"), 900);
+    }
+    let server = Server::launch(&task_route(&topic), "", "", &[]);
+    let (_c, frames) = Client::resume(&server, &token("starting", &[]), &tracker, &[]).await;
+    assert_eq!(frames[0]["type"], "event", "{}", short(&frames[0]));
+    let ok = frames.last().unwrap();
+    assert_eq!(ok["replayed"], 198, "{}", short(ok));
+    let mut replayed = seqs(&only_events(&frames));
+    replayed.sort_unstable();
+    assert_eq!(replayed, (1802..2000).collect::<Vec<u64>>());
+}
+
 #[tokio::test]
 async fn too_old_or_impossible_positions_get_resync() {
     let topic = unique("resync");

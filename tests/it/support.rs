@@ -212,6 +212,14 @@ impl Server {
         extra: &str,
         env: &[(&str, &str)],
     ) -> Server {
+        let server = Server::launch(routes, server_keys, extra, env);
+        server.wait_ready().await;
+        server
+    }
+
+    /// Like `start_keys`, returning as soon as the binary listens: the replica may still be
+    /// discovering its partitions and reading them up to their head.
+    pub fn launch(routes: &str, server_keys: &str, extra: &str, env: &[(&str, &str)]) -> Server {
         let dir = TempDir::new();
         let config = format!(
             r#"
@@ -241,7 +249,6 @@ secret = "{SECRET}"
         std::fs::write(&path, config).unwrap();
         let mut server = Server::spawn(&path, env);
         server._dir = Some(dir);
-        server.wait_ready().await;
         server
     }
 

@@ -1,0 +1,73 @@
+/**
+ * The position map (docs/PROTOCOL.md, "Nothing lost"): `{"topic:partition": offset}`, every
+ * record up to the offset delivered or not for this client. It drops events already passed
+ * (dedupe) and, when asked, outlives the page in a storage.
+ */
+
+export type PositionMap = Record<string, number>;
+
+/** The part of the Web Storage API the map needs (sessionStorage, localStorage, or the app's). */
+export interface PositionStorage {
+  getItem(key: string): string | null;
+  setItem(key: string, value: string): void;
+  removeItem(key: string): void;
+}
+
+export class Positions {
+  /** Null until the first welcome (or a persisted map): a connection then starts fresh. */
+  private map: PositionMap | null = null;
+
+  constructor(
+    private readonly storage?: PositionStorage,
+    private readonly key = 'roomcast:positions',
+  ) {
+    try {
+      const saved = JSON.parse(storage?.getItem(key) ?? 'null');
+      if (saved && typeof saved === 'object' && Object.values(saved).every(Number.isInteger)) this.map = saved;
+    } catch {
+      // Unreadable: start fresh, as with nothing stored.
+    }
+  }
+
+  /** Whether there is a map to resume from. */
+  get known(): boolean {
+    return this.map !== null;
+  }
+
+  /** Replaces the map: a fresh connection's welcome. */
+  reset(positions: PositionMap): void {
+    this.map = {};
+    this.set(positions);
+  }
+
+  /** Takes the entries of a `positions` frame (or a welcome) as they are: after a resync
+   * they may be lower than before, when a topic was recreated. */
+  set(positions: PositionMap): void {
+    this.map = { ...this.map, ...positions };
+    this.save();
+  }
+
+  /** Records an event's `topic:partition:offset`; false when that offset was already passed. */
+  advance(pos: string): boolean {
+    const cut = pos.lastIndexOf(':');
+    const partition = pos.slice(0, cut);
+    const offset = Number(pos.slice(cut + 1));
+    const map = (this.map ??= {});
+    if (offset <= map[partition]) return false;
+    map[partition] = offset;
+    this.save();
+    return true;
+  }
+
+  snapshot(): PositionMap {
+    return { ...this.map };
+  }
+
+  private save(): void {
+    try {
+      this.storage?.setItem(this.key, JSON.stringify(this.map));
+    } catch {
+      // A full or disabled storage costs the next page its resume, not this one its events.
+    }
+  }
+}

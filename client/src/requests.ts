@@ -1,0 +1,69 @@
+/**
+ * Requests waiting for their answer. Each carries an `id`; the server answers it with exactly
+ * one final frame of that id (`ok`, or `error` without a `room`), after any per-room `error`
+ * frames, which are collected for the final answer.
+ */
+import type { Refusal } from './errors.js';
+
+/** A server frame as the SDK reads it. */
+export interface ServerFrame {
+  type: string;
+  id?: number | null;
+  [field: string]: any;
+}
+
+export type Final = (answer: ServerFrame, refusals: Refusal[]) => void;
+
+interface Pending {
+  frame: Record<string, unknown> & { id: number };
+  final: Final;
+  /** Sent again on the next connection (the application's requests, all idempotent), or
+   * dropped with this one (the connection's own: resume, refresh). */
+  durable: boolean;
+}
+
+export class Requests {
+  private next = 1;
+  private readonly pending = new Map<number, Pending & { refusals: Refusal[] }>();
+
+  /** Registers a request and gives it its id. */
+  add(frame: Record<string, unknown>, final: Final, durable: boolean): Pending['frame'] {
+    const withId = { ...frame, id: this.next++ };
+    this.pending.set(withId.id, { frame: withId, final, durable, refusals: [] });
+    return withId;
+  }
+
+  /** Takes an `ok` or `error` frame; false if it answers none of ours. */
+  answer(frame: ServerFrame): boolean {
+    const request = this.pending.get(frame.id as number);
+    if (!request) return false;
+    if (frame.type === 'error' && frame.room != null) {
+      request.refusals.push({ room: frame.room, code: frame.code, message: frame.message });
+      return true;
+    }
+    this.pending.delete(frame.id as number);
+    request.final(frame, request.refusals);
+    return true;
+  }
+
+  /** After a disconnect: forgets the connection's own requests, and the refusals collected
+   * for the others, which are sent again whole. */
+  disconnected(): void {
+    for (const [id, request] of this.pending) {
+      if (request.durable) request.refusals = [];
+      else this.pending.delete(id);
+    }
+  }
+
+  /** The application's waiting requests, in the order they were made. */
+  frames(): Pending['frame'][] {
+    return [...this.pending.values()].filter((r) => r.durable).map((r) => r.frame);
+  }
+
+  /** Answers every request with `frame` (the client was closed). */
+  fail(frame: ServerFrame): void {
+    const all = [...this.pending.values()];
+    this.pending.clear();
+    for (const request of all) request.final(frame, []);
+  }
+}

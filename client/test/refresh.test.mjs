@@ -1,0 +1,98 @@
+// Token refresh over the open connection, `refreshBeforeExpirySeconds` before `exp`, and a
+// reconnect with a fresh token when the refresh is refused.
+import { afterEach, beforeEach, test } from 'node:test';
+import assert from 'node:assert/strict';
+import { NOW, fakeTime, jwt, realTime, settle, start, tick } from './fake.mjs';
+
+beforeEach(fakeTime);
+afterEach(realTime);
+
+const token = (expIn, n) => jwt({ sub: '42', exp: NOW / 1000 + expIn, n });
+
+test('refreshes refreshBeforeExpirySeconds before exp, then again before the new exp', async () => {
+  const tokens = [token(120, 1), token(300, 2), token(600, 3)];
+  let asked = 0;
+  const { server, client } = start({ token: undefined, getToken: () => tokens[asked++], refreshBeforeExpirySeconds: 30 });
+  await settle();
+  server.socket.welcome();
+  tick(89_999);
+  await settle();
+  assert.equal(asked, 1);
+  assert.deepEqual(server.socket.sent, []);
+  tick(1);
+  await settle();
+  assert.equal(asked, 2);
+  assert.deepEqual(server.socket.last, { type: 'refresh', id: 1, token: tokens[1] });
+  server.socket.ok(1);
+  // The new token expires at +300 s: the next refresh is due at +270 s.
+  tick(270_000 - 90_000 - 1);
+  await settle();
+  assert.equal(server.socket.sent.length, 1);
+  tick(1);
+  await settle();
+  assert.deepEqual(server.socket.last, { type: 'refresh', id: 2, token: tokens[2] });
+  assert.equal(server.count, 1, 'no reconnect');
+  assert.equal(client.status, 'open');
+});
+
+test('the default is 30 s before exp; a static token is never refreshed', async () => {
+  const dynamic = start({ token: undefined, getToken: () => token(100) });
+  await settle();
+  dynamic.server.socket.welcome();
+  tick(69_999);
+  await settle();
+  assert.equal(dynamic.server.socket.sent.length, 0);
+  tick(1);
+  await settle();
+  assert.equal(dynamic.server.socket.last.type, 'refresh');
+
+  const fixed = start({ token: token(100) });
+  fixed.server.socket.welcome();
+  tick(99_000);
+  await settle();
+  assert.deepEqual(fixed.server.socket.sent, []);
+});
+
+test('a refused refresh reconnects at once with a token asked anew', async () => {
+  const tokens = [token(60, 1), token(60, 2), token(3600, 3)];
+  let asked = 0;
+  const { server, client } = start({ token: undefined, getToken: () => tokens[asked++] });
+  await settle();
+  server.socket.welcome({ 't:0': 7 });
+  tick(30_000);
+  await settle();
+  const first = server.socket;
+  assert.deepEqual(first.last, { type: 'refresh', id: 1, token: tokens[1] });
+  first.frame({ type: 'error', id: 1, code: 'invalid_token', message: 'refresh token refused: bad_signature' });
+  assert.equal(first.closedWith, 1000);
+  assert.equal(client.lastError.code, 'invalid_token');
+  assert.equal(client.status, 'reconnecting');
+  tick(0);
+  await settle();
+  assert.equal(asked, 3);
+  assert.equal(server.count, 2);
+  assert.equal(server.socket.token, tokens[2]);
+  assert.equal(server.socket.url, 'ws://a/ws?resume=1');
+  // The closed socket's own close event changes nothing.
+  first.drop(1000);
+  assert.equal(client.status, 'reconnecting');
+  server.socket.welcome();
+  assert.deepEqual(server.socket.sent[0].positions, { 't:0': 7 });
+});
+
+test('a token already within the window is refreshed a second after the welcome, not in a loop', async () => {
+  let asked = 0;
+  const { server } = start({ token: undefined, getToken: () => (asked++, token(10)) });
+  await settle();
+  server.socket.welcome();
+  tick(999);
+  await settle();
+  assert.equal(server.socket.sent.length, 0);
+  tick(1);
+  await settle();
+  assert.equal(server.socket.sent.length, 1);
+  server.socket.ok(1);
+  tick(999);
+  await settle();
+  assert.equal(server.socket.sent.length, 1);
+});
