@@ -804,13 +804,18 @@ mod tests {
         (release, thread)
     }
 
-    #[test]
-    fn handshakes_waiting_for_a_stalled_record_hold_no_worker() {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+    /// A multi-threaded runtime of `workers` threads, with timers and I/O.
+    fn runtime(workers: usize) -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
             .enable_all()
             .build()
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn handshakes_waiting_for_a_stalled_record_hold_no_worker() {
+        let runtime = runtime(2);
         let _entered = runtime.enter();
         let hub = hub(Config::default());
         hub.partitions.assign("t", 0, 0, 0);
@@ -905,11 +910,7 @@ mod tests {
     /// per-user and per-address limits 56 (in place of the permit's 16).
     #[test]
     fn an_idle_session_stays_small() {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = runtime(1);
         let _entered = runtime.enter();
         let hub = hub(Config::default());
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -932,11 +933,7 @@ mod tests {
     /// text as text and binary as binary, and the close handshake as usual.
     #[test]
     fn an_echo_session_sends_back_text_and_binary() {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = runtime(1);
         let _entered = runtime.enter();
         let mut echo = Arc::into_inner(hub(Config::default())).unwrap();
         echo.echo = true;
