@@ -101,6 +101,9 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
   private everOpen = false;
   private timer?: ReturnType<typeof setTimeout>;
   private refreshTimer?: ReturnType<typeof setTimeout>;
+  private beatTimer?: ReturnType<typeof setTimeout>;
+  /** A frame arrived since the last heartbeat. */
+  private heard = true;
 
   constructor(private readonly options: ConnectOptions) {
     this.urls = options.urls ?? (options.url ? [options.url] : []);
@@ -213,6 +216,7 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
     let welcomed = false;
     ws.onmessage = (message) => {
       if (this.ws !== ws) return;
+      this.heard = true;
       const frame: ServerFrame = JSON.parse(message.data);
       if (frame.type === 'welcome') welcomed = true;
       this.frame(frame);
@@ -237,6 +241,11 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
         // `ok`, `error`, `pong`. A `rate_limited` error has no id: this client sends too much.
         if (!this.requests.answer(frame) && frame.type === 'error') {
           this.setStatus(this.status, new RoomcastError(frame.code, frame.message));
+          // Messages over the budget were dropped unanswered: ask again, once it has refilled.
+          const ws = this.ws;
+          if (frame.code === 'rate_limited') {
+            setTimeout(() => this.ws === ws && this.ready && this.requests.frames().forEach((f) => this.send(f)), 1000);
+          }
         }
     }
   }
@@ -245,6 +254,7 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
     this.everOpen = true;
     this.failedBeforeOpen = 0;
     this.scheduleRefresh();
+    this.listen((frame.heartbeat || 25) * 1000);
     if (!this.resuming) {
       // A fresh connection's map starts at its welcome. On `?resume=1` the welcome's positions
       // are never taken: the stored map is what the resume replays from, and a drop before
@@ -326,6 +336,28 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
     }
   }
 
+  /**
+   * A browser sees neither the server's pings nor a connection that died without a word
+   * (a laptop asleep, a network gone): a `ping` each heartbeat, and a connection silent for
+   * a whole heartbeat after one is taken as lost.
+   */
+  private listen(ms: number): void {
+    this.beatTimer = setTimeout(() => {
+      if (this.heard) {
+        this.heard = false;
+        this.internal({ type: 'ping' }, () => {});
+        return this.listen(ms);
+      }
+      const ws = this.ws!;
+      this.detach();
+      ws.close(1000);
+      this.retry(new RoomcastError('connection_lost', 'no answer from the server', { closeCode: 1006 }), {
+        pace: 'backoff',
+        failover: true,
+      });
+    }, ms);
+  }
+
   private scheduleRefresh(): void {
     clearTimeout(this.refreshTimer);
     const exp = expiry(this.token);
@@ -375,7 +407,9 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
   private detach(): void {
     this.ws = undefined;
     this.ready = false;
+    this.heard = true;
     clearTimeout(this.refreshTimer);
+    clearTimeout(this.beatTimer);
     this.requests.disconnected();
   }
 
