@@ -109,8 +109,8 @@ test('4001 with a static token: closed, no retry', () => {
   assert.deepEqual(seen, [['open', undefined], ['closed', 'token_expired']]);
 });
 
-test('4003 and 1000: closed, no retry', () => {
-  for (const [code, name] of [[4003, 'forbidden'], [1000, 'normal_closure']]) {
+test('4003: closed, no retry', () => {
+  for (const [code, name] of [[4003, 'forbidden']]) {
     const { server, client } = start();
     server.socket.welcome();
     server.socket.drop(code);
@@ -135,6 +135,16 @@ test('client bugs (1002, 1007, 1008, 1009) and 4029 never reconnect sooner than 
     server.socket.drop(code);
     reconnectsAfter(server, 15_000);
   }
+});
+
+test('a 1000 the client did not ask for (a proxy) is a lost connection: back off, resume', () => {
+  const { server, client } = start({ random: () => 0.5 });
+  server.socket.welcome({ 't:0': 1 });
+  server.socket.drop(1000);
+  assert.equal(client.status, 'reconnecting');
+  assert.equal(client.lastError.code, 'normal_closure');
+  reconnectsAfter(server, 250);
+  assert.equal(server.socket.url, 'ws://a/ws?resume=1');
 });
 
 test('1006 and 1011 back off and fail over in turn', () => {
