@@ -7,7 +7,7 @@ import { fast, jitter, slow, type Backoff, type BackoffOptions } from './backoff
 import { RoomcastError, type Refusal } from './errors.js';
 import { compile, type Matcher } from './patterns.js';
 import { CLOSE_NAMES, decide, type Decision } from './policy.js';
-import { Positions, type PositionMap, type PositionStorage } from './positions.js';
+import { Positions, sessionStore, type PositionMap, type PositionStorage } from './positions.js';
 import { Requests, type ServerFrame } from './requests.js';
 import { Subscriptions, type Group, type SubscribeOptions } from './subscriptions.js';
 import { expiry } from './token.js';
@@ -116,9 +116,9 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
       random: options.random ?? Math.random,
     };
     this.Socket = options.WebSocket ?? (globalThis as any).WebSocket;
+    if (!this.Socket) throw new TypeError('roomcast: no global WebSocket here: pass one as options.WebSocket');
     const persist = options.persist;
-    const storage = persist === true ? (globalThis as any).sessionStorage : persist || undefined;
-    this.store = new Positions(storage, options.persistKey);
+    this.store = new Positions(persist === true ? sessionStore() : persist || undefined, options.persistKey);
     void this.dial();
   }
 

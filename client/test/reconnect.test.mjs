@@ -225,4 +225,11 @@ test('connect needs a URL and a token', () => {
   const server = new FakeServer();
   assert.throws(() => connect({ token: TOKEN, WebSocket: server.WebSocket }), TypeError);
   assert.throws(() => connect({ url: 'ws://a/ws', WebSocket: server.WebSocket }), TypeError);
+  const global = globalThis.WebSocket;
+  delete globalThis.WebSocket;
+  try {
+    assert.throws(() => connect({ url: 'ws://a/ws', token: TOKEN }), { name: 'TypeError', message: /pass one as options.WebSocket/ });
+  } finally {
+    if (global) globalThis.WebSocket = global;
+  }
 });
