@@ -362,10 +362,12 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
     clearTimeout(this.refreshTimer);
     const exp = expiry(this.token);
     if (!exp || !this.options.getToken) return;
-    const due = exp - (this.options.refreshBeforeExpirySeconds ?? 30) * 1000 - Date.now();
-    // At least a second apart: a getToken that keeps giving a token near its end must not
-    // make a loop of refreshes.
-    this.refreshTimer = setTimeout(() => void this.refresh(), Math.max(due, 1000));
+    const left = exp - Date.now();
+    const due = left - (this.options.refreshBeforeExpirySeconds ?? 30) * 1000;
+    // A token shorter-lived than the lead is refreshed halfway through what is left, not at
+    // once; and never sooner than a second, so that a getToken that keeps giving a token
+    // near its end cannot make a loop of refreshes.
+    this.refreshTimer = setTimeout(() => void this.refresh(), Math.max(due, left / 2, 1000));
   }
 
   private async refresh(): Promise<void> {

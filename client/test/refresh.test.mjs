@@ -83,19 +83,38 @@ test('a refused refresh reconnects at once with a token asked anew', async () =>
   assert.deepEqual(server.socket.sent[0].positions, { 't:0': 7 });
 });
 
-test('a token already within the window is refreshed a second after the welcome, not in a loop', async () => {
-  let asked = 0;
-  const { server } = start({ token: undefined, getToken: () => (asked++, token(10)) });
+test('a token shorter-lived than the lead is refreshed halfway through, each time', async () => {
+  // Tokens of 20 s, the lead 30 s: every 10 s, not in a loop.
+  const fresh = () => jwt({ sub: '42', exp: Date.now() / 1000 + 20 });
+  const { server } = start({ token: undefined, getToken: fresh });
   await settle();
   server.socket.welcome({}, QUIET);
-  tick(999);
+  for (let n = 1; n <= 3; n++) {
+    tick(9_999);
+    await settle();
+    assert.equal(server.socket.sent.length, n - 1);
+    tick(1);
+    await settle();
+    assert.equal(server.socket.sent.length, n);
+    assert.equal(server.socket.last.type, 'refresh');
+    server.socket.ok(n);
+  }
+});
+
+test('a getToken that keeps giving the same token refreshes no more than once a second', async () => {
+  const stale = token(10);
+  const { server } = start({ token: undefined, getToken: () => stale });
   await settle();
-  assert.equal(server.socket.sent.length, 0);
-  tick(1);
-  await settle();
-  assert.equal(server.socket.sent.length, 1);
-  server.socket.ok(1);
-  tick(999);
-  await settle();
-  assert.equal(server.socket.sent.length, 1);
+  server.socket.welcome({}, QUIET);
+  const at = [];
+  for (let ms = 0; ms < 12_000; ms += 100) {
+    tick(100);
+    await settle();
+    if (server.socket.sent.length > at.length) {
+      at.push(ms + 100);
+      server.socket.ok(at.length);
+    }
+  }
+  // Halfway each time (5 s, then 2.5 s, 1.25 s), then a second apart.
+  assert.deepEqual(at.slice(0, 5), [5000, 7500, 8800, 9800, 10800]);
 });
