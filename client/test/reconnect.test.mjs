@@ -233,3 +233,22 @@ test('connect needs a URL and a token', () => {
     if (global) globalThis.WebSocket = global;
   }
 });
+
+test('a getToken that fails is asked again with backoff', async () => {
+  let calls = 0;
+  const getToken = () => (++calls === 1 ? Promise.reject(new Error('auth service down')) : TOKEN);
+  const { server, client } = start({ token: undefined, getToken });
+  await settle();
+  assert.equal(server.count, 0);
+  assert.equal(client.status, 'connecting');
+  assert.equal(client.lastError.code, 'token_unavailable');
+  assert.equal(client.lastError.message, 'Error: auth service down');
+  tick(249);
+  await settle();
+  assert.equal(calls, 1);
+  tick(1);
+  await settle();
+  assert.equal(calls, 2);
+  assert.equal(server.count, 1);
+  assert.equal(server.socket.token, TOKEN);
+});
