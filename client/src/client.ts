@@ -367,7 +367,7 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
     // A token shorter-lived than the lead is refreshed halfway through what is left, not at
     // once; and never sooner than a second, so that a getToken that keeps giving a token
     // near its end cannot make a loop of refreshes.
-    this.refreshTimer = setTimeout(() => void this.refresh(), Math.max(due, left / 2, 1000));
+    this.refreshTimer = setTimeout(() => void this.refresh(), Math.max(due > 0 ? due : left / 2, 1000));
   }
 
   private async refresh(): Promise<void> {

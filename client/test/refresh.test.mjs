@@ -83,6 +83,18 @@ test('a refused refresh reconnects at once with a token asked anew', async () =>
   assert.deepEqual(server.socket.sent[0].positions, { 't:0': 7 });
 });
 
+test('a lead of most of the token\'s life is kept: 35 s before the exp of a 40 s token', async () => {
+  const { server } = start({ token: undefined, getToken: () => token(40), refreshBeforeExpirySeconds: 35 });
+  await settle();
+  server.socket.welcome({}, QUIET);
+  tick(4_999);
+  await settle();
+  assert.equal(server.socket.sent.length, 0);
+  tick(1);
+  await settle();
+  assert.equal(server.socket.last.type, 'refresh');
+});
+
 test('a token shorter-lived than the lead is refreshed halfway through, each time', async () => {
   // Tokens of 20 s, the lead 30 s: every 10 s, not in a loop.
   const fresh = () => jwt({ sub: '42', exp: Date.now() / 1000 + 20 });
