@@ -7,7 +7,7 @@ import { fast, jitter, slow, type Backoff, type BackoffOptions } from './backoff
 import { RoomcastError, type Refusal } from './errors.js';
 import { compile, type Matcher } from './patterns.js';
 import { CLOSE_NAMES, decide, type Decision } from './policy.js';
-import { Positions, type PositionMap, type PositionStorage } from './positions.js';
+import { Positions, sessionStore, type PositionMap, type PositionStorage } from './positions.js';
 import { Requests, type ServerFrame } from './requests.js';
 import { Subscriptions, type Group, type SubscribeOptions } from './subscriptions.js';
 import { expiry } from './token.js';
@@ -101,6 +101,9 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
   private everOpen = false;
   private timer?: ReturnType<typeof setTimeout>;
   private refreshTimer?: ReturnType<typeof setTimeout>;
+  private beatTimer?: ReturnType<typeof setTimeout>;
+  /** A frame arrived since the last heartbeat. */
+  private heard = true;
 
   constructor(private readonly options: ConnectOptions) {
     this.urls = options.urls ?? (options.url ? [options.url] : []);
@@ -113,9 +116,9 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
       random: options.random ?? Math.random,
     };
     this.Socket = options.WebSocket ?? (globalThis as any).WebSocket;
+    if (!this.Socket) throw new TypeError('roomcast: no global WebSocket here: pass one as options.WebSocket');
     const persist = options.persist;
-    const storage = persist === true ? (globalThis as any).sessionStorage : persist || undefined;
-    this.store = new Positions(storage, options.persistKey);
+    this.store = new Positions(persist === true ? sessionStore() : persist || undefined, options.persistKey);
     void this.dial();
   }
 
@@ -213,6 +216,7 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
     let welcomed = false;
     ws.onmessage = (message) => {
       if (this.ws !== ws) return;
+      this.heard = true;
       const frame: ServerFrame = JSON.parse(message.data);
       if (frame.type === 'welcome') welcomed = true;
       this.frame(frame);
@@ -237,6 +241,11 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
         // `ok`, `error`, `pong`. A `rate_limited` error has no id: this client sends too much.
         if (!this.requests.answer(frame) && frame.type === 'error') {
           this.setStatus(this.status, new RoomcastError(frame.code, frame.message));
+          // Messages over the budget were dropped unanswered: ask again, once it has refilled.
+          const ws = this.ws;
+          if (frame.code === 'rate_limited') {
+            setTimeout(() => this.ws === ws && this.ready && this.requests.frames().forEach((f) => this.send(f)), 1000);
+          }
         }
     }
   }
@@ -245,6 +254,7 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
     this.everOpen = true;
     this.failedBeforeOpen = 0;
     this.scheduleRefresh();
+    this.listen((frame.heartbeat || 25) * 1000);
     if (!this.resuming) {
       // A fresh connection's map starts at its welcome. On `?resume=1` the welcome's positions
       // are never taken: the stored map is what the resume replays from, and a drop before
@@ -326,14 +336,38 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
     }
   }
 
+  /**
+   * A browser sees neither the server's pings nor a connection that died without a word
+   * (a laptop asleep, a network gone): a `ping` each heartbeat, and a connection silent for
+   * a whole heartbeat after one is taken as lost.
+   */
+  private listen(ms: number): void {
+    this.beatTimer = setTimeout(() => {
+      if (this.heard) {
+        this.heard = false;
+        this.internal({ type: 'ping' }, () => {});
+        return this.listen(ms);
+      }
+      const ws = this.ws!;
+      this.detach();
+      ws.close(1000);
+      this.retry(new RoomcastError('connection_lost', 'no answer from the server', { closeCode: 1006 }), {
+        pace: 'backoff',
+        failover: true,
+      });
+    }, ms);
+  }
+
   private scheduleRefresh(): void {
     clearTimeout(this.refreshTimer);
     const exp = expiry(this.token);
     if (!exp || !this.options.getToken) return;
-    const due = exp - (this.options.refreshBeforeExpirySeconds ?? 30) * 1000 - Date.now();
-    // At least a second apart: a getToken that keeps giving a token near its end must not
-    // make a loop of refreshes.
-    this.refreshTimer = setTimeout(() => void this.refresh(), Math.max(due, 1000));
+    const left = exp - Date.now();
+    const due = left - (this.options.refreshBeforeExpirySeconds ?? 30) * 1000;
+    // A token shorter-lived than the lead is refreshed halfway through what is left, not at
+    // once; and never sooner than a second, so that a getToken that keeps giving a token
+    // near its end cannot make a loop of refreshes.
+    this.refreshTimer = setTimeout(() => void this.refresh(), Math.max(due > 0 ? due : left / 2, 1000));
   }
 
   private async refresh(): Promise<void> {
@@ -375,7 +409,9 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
   private detach(): void {
     this.ws = undefined;
     this.ready = false;
+    this.heard = true;
     clearTimeout(this.refreshTimer);
+    clearTimeout(this.beatTimer);
     this.requests.disconnected();
   }
 

@@ -33,7 +33,6 @@ export const CLOSE_NAMES: Record<number, string> = {
 /** The decision for a connection that was open (welcomed) and then closed with `code`. */
 export function decide(code: number, staticToken: boolean): Decision {
   switch (code) {
-    case 1000: // The server ended it on purpose.
     case 4003: // The same token would be refused again.
       return { pace: 'stop' };
     case 1001: // Draining (or silent too long): another replica.
@@ -48,7 +47,10 @@ export function decide(code: number, staticToken: boolean): Decision {
     case 1009:
     case 4029:
       return { pace: 'slow' };
-    default: // 1006 (lost, reset, killed), 1011, anything unknown.
+    // 1006 (lost, reset, killed), 1011, anything unknown, and 1000: the server sends it
+    // only in answer to a client's close, which this client has stopped listening for by
+    // then, so a 1000 it hears comes from something in between (a proxy) and ends nothing.
+    default:
       return { pace: 'backoff', failover: true };
   }
 }

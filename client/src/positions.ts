@@ -13,6 +13,15 @@ export interface PositionStorage {
   removeItem(key: string): void;
 }
 
+/** The page's sessionStorage, if it has one it may use (reading it throws where storage is blocked). */
+export function sessionStore(): PositionStorage | undefined {
+  try {
+    return (globalThis as any).sessionStorage;
+  } catch {
+    return undefined;
+  }
+}
+
 export class Positions {
   /** Null until the first welcome (or a persisted map): a connection then starts fresh. */
   private map: PositionMap | null = null;

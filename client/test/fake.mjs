@@ -14,13 +14,23 @@ export class FakeServer {
         this.url = url;
         this.protocols = protocols;
         this.sent = [];
+        this.pings = [];
+        this.mute = false;
         this.closedWith = undefined;
         this.onmessage = this.onclose = this.onerror = null;
         server.sockets.push(this);
       }
       send(data) {
         if (this.closedWith !== undefined) throw new Error('send after close');
-        this.sent.push(JSON.parse(data));
+        const frame = JSON.parse(data);
+        // Heartbeat pings are answered at once (unless the test mutes the server) and kept
+        // apart, so that `sent` shows what the tests are about.
+        if (frame.type === 'ping') {
+          this.pings.push(frame);
+          if (!this.mute) this.frame({ type: 'pong', id: frame.id });
+          return;
+        }
+        this.sent.push(frame);
       }
       close(code) {
         this.closedWith = code ?? 1005;

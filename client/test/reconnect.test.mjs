@@ -109,8 +109,8 @@ test('4001 with a static token: closed, no retry', () => {
   assert.deepEqual(seen, [['open', undefined], ['closed', 'token_expired']]);
 });
 
-test('4003 and 1000: closed, no retry', () => {
-  for (const [code, name] of [[4003, 'forbidden'], [1000, 'normal_closure']]) {
+test('4003: closed, no retry', () => {
+  for (const [code, name] of [[4003, 'forbidden']]) {
     const { server, client } = start();
     server.socket.welcome();
     server.socket.drop(code);
@@ -135,6 +135,16 @@ test('client bugs (1002, 1007, 1008, 1009) and 4029 never reconnect sooner than 
     server.socket.drop(code);
     reconnectsAfter(server, 15_000);
   }
+});
+
+test('a 1000 the client did not ask for (a proxy) is a lost connection: back off, resume', () => {
+  const { server, client } = start({ random: () => 0.5 });
+  server.socket.welcome({ 't:0': 1 });
+  server.socket.drop(1000);
+  assert.equal(client.status, 'reconnecting');
+  assert.equal(client.lastError.code, 'normal_closure');
+  reconnectsAfter(server, 250);
+  assert.equal(server.socket.url, 'ws://a/ws?resume=1');
 });
 
 test('1006 and 1011 back off and fail over in turn', () => {
@@ -215,4 +225,30 @@ test('connect needs a URL and a token', () => {
   const server = new FakeServer();
   assert.throws(() => connect({ token: TOKEN, WebSocket: server.WebSocket }), TypeError);
   assert.throws(() => connect({ url: 'ws://a/ws', WebSocket: server.WebSocket }), TypeError);
+  const global = globalThis.WebSocket;
+  delete globalThis.WebSocket;
+  try {
+    assert.throws(() => connect({ url: 'ws://a/ws', token: TOKEN }), { name: 'TypeError', message: /pass one as options.WebSocket/ });
+  } finally {
+    if (global) globalThis.WebSocket = global;
+  }
+});
+
+test('a getToken that fails is asked again with backoff', async () => {
+  let calls = 0;
+  const getToken = () => (++calls === 1 ? Promise.reject(new Error('auth service down')) : TOKEN);
+  const { server, client } = start({ token: undefined, getToken });
+  await settle();
+  assert.equal(server.count, 0);
+  assert.equal(client.status, 'connecting');
+  assert.equal(client.lastError.code, 'token_unavailable');
+  assert.equal(client.lastError.message, 'Error: auth service down');
+  tick(249);
+  await settle();
+  assert.equal(calls, 1);
+  tick(1);
+  await settle();
+  assert.equal(calls, 2);
+  assert.equal(server.count, 1);
+  assert.equal(server.socket.token, TOKEN);
 });

@@ -9,12 +9,15 @@ afterEach(realTime);
 
 const token = (expIn, n) => jwt({ sub: '42', exp: NOW / 1000 + expIn, n });
 
+// Heartbeat pings take request ids too: these tests' connections ping once a day.
+const QUIET = { heartbeat: 86_400 };
+
 test('refreshes refreshBeforeExpirySeconds before exp, then again before the new exp', async () => {
   const tokens = [token(120, 1), token(300, 2), token(600, 3)];
   let asked = 0;
   const { server, client } = start({ token: undefined, getToken: () => tokens[asked++], refreshBeforeExpirySeconds: 30 });
   await settle();
-  server.socket.welcome();
+  server.socket.welcome({}, QUIET);
   tick(89_999);
   await settle();
   assert.equal(asked, 1);
@@ -38,7 +41,7 @@ test('refreshes refreshBeforeExpirySeconds before exp, then again before the new
 test('the default is 30 s before exp; a static token is never refreshed', async () => {
   const dynamic = start({ token: undefined, getToken: () => token(100) });
   await settle();
-  dynamic.server.socket.welcome();
+  dynamic.server.socket.welcome({}, QUIET);
   tick(69_999);
   await settle();
   assert.equal(dynamic.server.socket.sent.length, 0);
@@ -47,7 +50,7 @@ test('the default is 30 s before exp; a static token is never refreshed', async 
   assert.equal(dynamic.server.socket.last.type, 'refresh');
 
   const fixed = start({ token: token(100) });
-  fixed.server.socket.welcome();
+  fixed.server.socket.welcome({}, QUIET);
   tick(99_000);
   await settle();
   assert.deepEqual(fixed.server.socket.sent, []);
@@ -58,7 +61,7 @@ test('a refused refresh reconnects at once with a token asked anew', async () =>
   let asked = 0;
   const { server, client } = start({ token: undefined, getToken: () => tokens[asked++] });
   await settle();
-  server.socket.welcome({ 't:0': 7 });
+  server.socket.welcome({ 't:0': 7 }, QUIET);
   tick(30_000);
   await settle();
   const first = server.socket;
@@ -76,23 +79,54 @@ test('a refused refresh reconnects at once with a token asked anew', async () =>
   // The closed socket's own close event changes nothing.
   first.drop(1000);
   assert.equal(client.status, 'reconnecting');
-  server.socket.welcome();
+  server.socket.welcome({}, QUIET);
   assert.deepEqual(server.socket.sent[0].positions, { 't:0': 7 });
 });
 
-test('a token already within the window is refreshed a second after the welcome, not in a loop', async () => {
-  let asked = 0;
-  const { server } = start({ token: undefined, getToken: () => (asked++, token(10)) });
+test('a lead of most of the token\'s life is kept: 35 s before the exp of a 40 s token', async () => {
+  const { server } = start({ token: undefined, getToken: () => token(40), refreshBeforeExpirySeconds: 35 });
   await settle();
-  server.socket.welcome();
-  tick(999);
+  server.socket.welcome({}, QUIET);
+  tick(4_999);
   await settle();
   assert.equal(server.socket.sent.length, 0);
   tick(1);
   await settle();
-  assert.equal(server.socket.sent.length, 1);
-  server.socket.ok(1);
-  tick(999);
+  assert.equal(server.socket.last.type, 'refresh');
+});
+
+test('a token shorter-lived than the lead is refreshed halfway through, each time', async () => {
+  // Tokens of 20 s, the lead 30 s: every 10 s, not in a loop.
+  const fresh = () => jwt({ sub: '42', exp: Date.now() / 1000 + 20 });
+  const { server } = start({ token: undefined, getToken: fresh });
   await settle();
-  assert.equal(server.socket.sent.length, 1);
+  server.socket.welcome({}, QUIET);
+  for (let n = 1; n <= 3; n++) {
+    tick(9_999);
+    await settle();
+    assert.equal(server.socket.sent.length, n - 1);
+    tick(1);
+    await settle();
+    assert.equal(server.socket.sent.length, n);
+    assert.equal(server.socket.last.type, 'refresh');
+    server.socket.ok(n);
+  }
+});
+
+test('a getToken that keeps giving the same token refreshes no more than once a second', async () => {
+  const stale = token(10);
+  const { server } = start({ token: undefined, getToken: () => stale });
+  await settle();
+  server.socket.welcome({}, QUIET);
+  const at = [];
+  for (let ms = 0; ms < 12_000; ms += 100) {
+    tick(100);
+    await settle();
+    if (server.socket.sent.length > at.length) {
+      at.push(ms + 100);
+      server.socket.ok(at.length);
+    }
+  }
+  // Halfway each time (5 s, then 2.5 s, 1.25 s), then a second apart.
+  assert.deepEqual(at.slice(0, 5), [5000, 7500, 8800, 9800, 10800]);
 });

@@ -258,6 +258,17 @@ test('persist: true uses sessionStorage under persistKey; a bad stored value sta
   }
 });
 
+test('persist: true where sessionStorage is blocked runs without it', () => {
+  Object.defineProperty(globalThis, 'sessionStorage', { configurable: true, get() { throw new Error('SecurityError'); } });
+  try {
+    const { server, client } = welcomed({ 't:0': 3 }, { persist: true });
+    server.socket.event('t:0:4');
+    assert.deepEqual(client.positions(), { 't:0': 4 });
+  } finally {
+    delete globalThis.sessionStorage;
+  }
+});
+
 test('without persist nothing is stored; with resume: false a reconnect starts fresh', () => {
   const storage = new MemoryStorage();
   globalThis.sessionStorage = storage;
