@@ -14,12 +14,13 @@
 
 use std::sync::Arc;
 
-use roomcast::auth::{now_secs, sign_hs256, Authenticator, Claims};
+use roomcast::auth::{now_secs, sign_hs256, Claims};
 use roomcast::config::Config;
 use roomcast::edge::Edge;
 use roomcast::http::public_router;
 use roomcast::metrics::Metrics;
 use roomcast::position::PartitionTable;
+use roomcast::setup::Setup;
 use roomcast::ws::Hub;
 
 /// Signs the harness's only token; the harness listens on loopback alone.
@@ -60,19 +61,12 @@ async fn main() {
     let listen = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:0".into());
-    let config = config(&listen);
-    config.validate().expect("the harness's configuration");
-    let auth = Authenticator::from_config(&config.auth).expect("the harness's secret");
-    let config = Arc::new(config);
+    let setup = Setup::build(config(&listen)).expect("the harness's configuration");
     let metrics = Arc::new(Metrics::new());
-    let mut hub = Hub::new(
-        config.clone(),
-        auth,
-        metrics.clone(),
-        Arc::new(PartitionTable::default()),
-    );
+    let mut hub = Hub::new(setup, metrics.clone(), Arc::new(PartitionTable::default()));
     hub.echo = true;
     let hub = Arc::new(hub);
+    let config = hub.config.clone();
 
     let listener = tokio::net::TcpListener::bind(&config.server.listen)
         .await

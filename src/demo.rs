@@ -31,11 +31,12 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()>) -> Result<(
         mock.create_topic(&route.topic, 3, 1)
             .map_err(|e| Error::Demo(format!("topic {}: {e}", route.topic)))?;
     }
-    config.kafka.brokers = mock.bootstrap_servers();
+    let brokers = mock.bootstrap_servers();
+    config.kafka.brokers = brokers.clone();
     config.auth.algorithm = Algorithm::HS256;
     let secret = config.auth.secret.clone().unwrap_or_else(random_secret);
     config.auth.secret = Some(secret.clone());
-    config.validate()?;
+    let setup = crate::setup::Setup::build(config)?;
 
     let token = sign_hs256(
         &secret,
@@ -47,12 +48,12 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()>) -> Result<(
         },
     );
     let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("bootstrap.servers", &brokers)
         .set("linger.ms", "0")
         .create()
         .map_err(|e| Error::Demo(format!("producer: {e}")))?;
     let publishing = tokio::spawn(publish(producer));
-    let served = crate::serve(config, Some(token), stop).await;
+    let served = crate::serve(setup, Some(token), stop).await;
     // Drop the producer before the mock cluster it talks to.
     publishing.abort();
     let _ = publishing.await;

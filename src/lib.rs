@@ -20,6 +20,7 @@ pub mod quota;
 pub mod registry;
 pub mod replay;
 pub mod route;
+pub mod setup;
 pub mod shutdown;
 pub mod thread_cache;
 pub mod ws;
@@ -33,11 +34,11 @@ use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpSocket};
 use tracing::{error, info, warn};
 
-use crate::auth::Authenticator;
-use crate::config::{Config, ConfigError};
+use crate::config::ConfigError;
 use crate::kafka::consumer::{ConsumerError, KafkaConsumer};
 use crate::metrics::Metrics;
 use crate::position::PartitionTable;
+use crate::setup::Setup;
 use crate::shutdown::Stages;
 use crate::ws::Hub;
 
@@ -77,8 +78,7 @@ const LISTEN_BACKLOG: u32 = 4096;
 
 /// Binds a listener and tells the address it got (the port may have been 0). A send buffer
 /// size set on the listener is inherited by every connection it accepts.
-fn bind(key: &str, value: &str, send_buffer: usize) -> Result<(TcpListener, SocketAddr), Error> {
-    let addr = config::parse_addr(key, value)?;
+fn bind(addr: SocketAddr, send_buffer: u32) -> Result<(TcpListener, SocketAddr), Error> {
     let bind_error = |source| Error::Bind { addr, source };
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
@@ -88,8 +88,9 @@ fn bind(key: &str, value: &str, send_buffer: usize) -> Result<(TcpListener, Sock
     .map_err(bind_error)?;
     socket.set_reuseaddr(true).map_err(bind_error)?;
     if send_buffer > 0 {
-        let size = u32::try_from(send_buffer).unwrap_or(u32::MAX);
-        socket.set_send_buffer_size(size).map_err(bind_error)?;
+        socket
+            .set_send_buffer_size(send_buffer)
+            .map_err(bind_error)?;
     }
     socket.bind(addr).map_err(bind_error)?;
     let listener = socket.listen(LISTEN_BACKLOG).map_err(bind_error)?;
@@ -97,24 +98,23 @@ fn bind(key: &str, value: &str, send_buffer: usize) -> Result<(TcpListener, Sock
     Ok((listener, local))
 }
 
-/// Runs the service until `stop` resolves, then drains and returns.
+/// Runs the service built by `setup` until `stop` resolves, then drains and returns.
 pub async fn serve(
-    config: Config,
+    setup: Setup,
     demo_token: Option<String>,
     stop: impl Future<Output = ()>,
 ) -> Result<(), Error> {
-    let config = Arc::new(config);
+    let config = setup.config.clone();
+    let (listen, admin_listen, kafka) = (setup.listen, setup.admin_listen, setup.kafka.clone());
     let metrics = Arc::new(Metrics::new());
     let topics: Vec<&str> = config.routes.iter().map(|r| r.topic.as_str()).collect();
     metrics.prime(&topics);
     let partitions = Arc::new(PartitionTable::default());
-    let auth = Authenticator::from_config(&config.auth)?;
-    let hub = Arc::new(Hub::new(config.clone(), auth, metrics, partitions));
-    let consumer = KafkaConsumer::new(&config, hub.clone())?;
+    let hub = Arc::new(Hub::new(setup, metrics, partitions));
+    let consumer = KafkaConsumer::new(&kafka, hub.clone())?;
 
-    let send_buffer = config.websocket.send_buffer_bytes;
-    let (public, public_addr) = bind("server.listen", &config.server.listen, send_buffer)?;
-    let (admin, admin_addr) = bind("server.admin_listen", &config.server.admin_listen, 0)?;
+    let (public, public_addr) = bind(listen, config.websocket.send_buffer_bytes)?;
+    let (admin, admin_addr) = bind(admin_listen, 0)?;
     info!(public = %public_addr, admin = %admin_addr, server = %config.server.name, "listening");
     if demo_token.is_some() {
         info!("demo page: http://{public_addr}/");

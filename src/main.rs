@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use roomcast::auth::{now_secs, sign_hs256, Claims};
 use roomcast::config::{Algorithm, Config, LogFormat, Overrides};
+use roomcast::setup::{log_filter, Setup};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -39,6 +40,13 @@ struct Common {
 }
 
 impl Common {
+    /// The configuration these options name, checked and built the one way every command
+    /// shares.
+    fn setup(&self) -> anyhow::Result<Setup> {
+        let config = Config::assemble(self.config.as_deref(), &self.overrides())?;
+        Ok(Setup::build(config)?)
+    }
+
     fn overrides(&self) -> Overrides {
         Overrides {
             listen: self.listen.clone(),
@@ -91,14 +99,15 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::CheckConfig(c) => {
-            let config = Config::load(c.config.as_deref(), &c.overrides())?;
-            print!("{}", config.redacted_toml());
+            let setup = c.setup()?;
+            print!("{}", setup.config().redacted_toml());
             eprintln!("configuration is valid");
             Ok(())
         }
         Command::Token(t) => {
-            let config = Config::load(t.common.config.as_deref(), &t.common.overrides())?;
-            let secret = match (config.auth.algorithm, config.auth.secret) {
+            let setup = t.common.setup()?;
+            let auth = &setup.config().auth;
+            let secret = match (auth.algorithm, &auth.secret) {
                 (Algorithm::HS256, Some(secret)) => secret,
                 _ => anyhow::bail!("token: needs auth.algorithm = HS256 and auth.secret"),
             };
@@ -109,13 +118,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 rooms: t.rooms,
                 ..Claims::default()
             };
-            println!("{}", sign_hs256(&secret, &claims));
+            println!("{}", sign_hs256(secret, &claims));
             Ok(())
         }
         Command::Serve(c) => {
-            let config = Config::load(c.config.as_deref(), &c.overrides())?;
-            init_logging(&config)?;
-            block_on(roomcast::serve(config, None, roomcast::shutdown::signal()))
+            let mut setup = c.setup()?;
+            init_logging(setup.take_log_filter(), setup.config().log.format);
+            block_on(roomcast::serve(setup, None, roomcast::shutdown::signal()))
         }
         Command::Demo(c) => {
             let mut overrides = c.overrides();
@@ -126,7 +135,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .admin_listen
                 .get_or_insert_with(|| "127.0.0.1:9090".into());
             let config = Config::assemble(c.config.as_deref(), &overrides)?;
-            init_logging(&config)?;
+            init_logging(log_filter(&config.log)?, config.log.format);
             block_on(roomcast::demo::run(config, roomcast::shutdown::signal()))
         }
     }
@@ -149,15 +158,12 @@ fn block_on(
     result.map_err(Into::into)
 }
 
-fn init_logging(config: &Config) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(&config.log.level)
-        .with_context(|| format!("log.level: invalid filter {:?}", config.log.level))?;
+fn init_logging(filter: EnvFilter, format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match config.log.format {
+    match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
     }
-    Ok(())
 }

@@ -20,7 +20,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::kafka::KafkaSettings;
 use crate::metrics::Metrics;
 use crate::position::{PartitionTable, PositionMap};
 use crate::replay::Entry;
@@ -119,13 +119,13 @@ pub struct KafkaConsumer {
 pub const PANIC_ON_TOPIC: &str = "ROOMCAST_TEST_PANIC_ON_TOPIC";
 
 impl KafkaConsumer {
-    pub fn new(config: &Config, hub: Arc<Hub>) -> Result<KafkaConsumer, ConsumerError> {
-        let group = super::group_id(&config.kafka, &config.server.name);
+    pub fn new(kafka: &KafkaSettings, hub: Arc<Hub>) -> Result<KafkaConsumer, ConsumerError> {
+        let group = &kafka.group;
+        let config = hub.config.clone();
         let context = Context {
             partitions: hub.partitions.clone(),
         };
-        let consumer: BaseConsumer<Context> =
-            super::client_config(&config.kafka, &group).create_with_context(context)?;
+        let consumer: BaseConsumer<Context> = kafka.consumer.create_with_context(context)?;
         let routes = hub.routes.clone();
         let consumed = routes
             .keys()
@@ -144,7 +144,7 @@ impl KafkaConsumer {
             partitions: hub.partitions.clone(),
             metrics: hub.metrics.clone(),
             hub,
-            refresh: Duration::from_secs(config.kafka.metadata_refresh_seconds.max(1)),
+            refresh: Duration::from_secs(config.kafka.metadata_refresh_seconds),
             positions_every: Duration::from_secs_f64(config.resume.positions_interval_seconds),
             warm_window: Duration::from_secs(config.resume.buffer_max_age_seconds),
             malformed_log: RateLimitedLog::new(Duration::from_secs(1)),

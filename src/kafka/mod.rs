@@ -11,6 +11,7 @@ pub mod replay;
 use std::ffi::CStr;
 
 use rdkafka::bindings::{rd_kafka_header_get_all, rd_kafka_headers_t, rd_kafka_resp_err_t};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::ClientConfig;
 
@@ -57,13 +58,39 @@ fn headers<'a>(m: &'a BorrowedMessage<'a>) -> Vec<(&'a str, &'a [u8])> {
         .collect()
 }
 
+/// librdkafka's settings for this replica: the consumer's and the resume reader's, checked
+/// by librdkafka itself once, when they are built.
+#[derive(Clone)]
+pub struct KafkaSettings {
+    /// The consumer group the replica commits under.
+    pub group: String,
+    pub consumer: ClientConfig,
+    pub replay: ClientConfig,
+}
+
+impl KafkaSettings {
+    /// Refuses what librdkafka refuses (an unknown property, a value out of its range), with
+    /// librdkafka's message.
+    pub fn new(c: &KafkaConfig, server_name: &str) -> Result<KafkaSettings, KafkaError> {
+        let group = group_id(c, server_name);
+        let consumer = client_config(c, &group);
+        consumer.create_native_config()?;
+        let replay = client_config(c, &format!("{group}.replay"));
+        Ok(KafkaSettings {
+            group,
+            consumer,
+            replay,
+        })
+    }
+}
+
 /// The consumer group a replica commits under.
-pub fn group_id(c: &KafkaConfig, server_name: &str) -> String {
+fn group_id(c: &KafkaConfig, server_name: &str) -> String {
     format!("{}.{}", c.group_prefix, server_name)
 }
 
 /// librdkafka settings: roomcast's own, then every `kafka.*` key from config unchanged.
-pub fn client_config(c: &KafkaConfig, group_id: &str) -> ClientConfig {
+fn client_config(c: &KafkaConfig, group_id: &str) -> ClientConfig {
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", &c.brokers)
         .set("group.id", group_id)

@@ -59,7 +59,7 @@ impl KafkaReplay {
         KafkaReplay {
             config,
             routes,
-            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            permits: Arc::new(Semaphore::new(concurrency)),
             max_age,
             max_records,
         }

@@ -29,8 +29,9 @@ use crate::position::{PartitionTable, PositionMap};
 use crate::proxy::TrustedProxies;
 use crate::quota::Quota;
 use crate::registry::{ConnId, Registry};
-use crate::replay::{self, ReplayBuffer};
+use crate::replay::ReplayBuffer;
 use crate::route::{Priority, Route, Routed};
+use crate::setup::Setup;
 use fanout::{Fanout, Spread, Tally};
 use outbox::Peer;
 use protocol::{close, Frame};
@@ -92,40 +93,28 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn new(
-        config: Arc<Config>,
-        auth: Authenticator,
-        metrics: Arc<Metrics>,
-        partitions: Arc<PartitionTable>,
-    ) -> Hub {
+    /// The hub of a built [`Setup`]: it takes the setup's routes, authenticator, proxies and
+    /// Kafka replay settings as they are.
+    pub fn new(setup: Setup, metrics: Arc<Metrics>, partitions: Arc<PartitionTable>) -> Hub {
+        let Setup {
+            config,
+            routes,
+            auth,
+            proxies,
+            kafka,
+            replay,
+            ..
+        } = setup;
         let limit = Arc::new(Semaphore::new(config.server.max_connections));
-        let routes: Arc<HashMap<String, Route>> = Arc::new(
-            config
-                .routes
-                .iter()
-                .map(|r| {
-                    let route =
-                        Route::from_config(r).expect("routes are validated with the config");
-                    (r.topic.clone(), route)
-                })
-                .collect(),
-        );
-        let proxies = TrustedProxies::parse(&config.server.trusted_proxies)
-            .expect("trusted proxies are validated with the config");
         let r = &config.resume;
-        let replay = ReplayBuffer::new(replay::Limits {
-            bytes: r.buffer_bytes,
-            // Memory never serves what a read back from Kafka would refuse as too old.
-            max_age: Duration::from_secs(r.buffer_max_age_seconds.min(r.max_age_seconds)),
-        });
-        let group = crate::kafka::group_id(&config.kafka, &config.server.name);
         let kafka_replay = KafkaReplay::new(
-            crate::kafka::client_config(&config.kafka, &format!("{group}.replay")),
+            kafka.replay,
             routes.clone(),
             r.kafka_concurrency,
             Duration::from_secs(r.max_age_seconds),
             r.max_replay_records,
         );
+        let replay = ReplayBuffer::new(replay);
         Hub {
             users: Quota::new(config.server.max_connections_per_user),
             addresses: Quota::new(config.server.max_connections_per_address),

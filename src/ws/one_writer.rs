@@ -15,11 +15,11 @@ use tokio::net::{TcpSocket, TcpStream};
 use super::outbox::{Delivery, Limits, Peer};
 use super::protocol::{close, Frame};
 use super::{writer, Hub};
-use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::position::PartitionTable;
 use crate::route::Priority;
+use crate::setup::Setup;
 
 /// Kernel buffer sizes asked for on both ends (the kernel's floor is a little higher).
 const SMALL_BUFFER: u32 = 4096;
@@ -35,10 +35,10 @@ const LINGER_AFTER_TAKE: Duration = Duration::from_micros(20);
 fn hub() -> Arc<Hub> {
     let mut config = Config::default();
     config.auth.secret = Some("one-writer-test-secret-0123456789".into());
-    let auth = Authenticator::from_config(&config.auth).unwrap();
+    let setup = Setup::build(config).unwrap();
     let metrics = Arc::new(Metrics::new());
     let partitions = Arc::new(PartitionTable::default());
-    Arc::new(Hub::new(Arc::new(config), auth, metrics, partitions))
+    Arc::new(Hub::new(setup, metrics, partitions))
 }
 
 /// A loopback pair with small buffers on both ends: the server's end for the writer and

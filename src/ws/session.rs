@@ -90,7 +90,7 @@ pub fn run(
         socket: socket.clone(),
         buf: BytesMut::from(&early[..]),
         decoder: Decoder::new(ws_cfg.max_frame_bytes, ws_cfg.max_message_bytes),
-        chunk: ws_cfg.read_buffer_bytes.clamp(64, u32::MAX as usize) as u32,
+        chunk: ws_cfg.read_buffer_bytes,
         taken: 0,
     };
     let mut session = Session {
@@ -704,21 +704,22 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::auth::{sign_hs256, Authenticator, Claims};
+    use crate::auth::{sign_hs256, Claims};
     use crate::config::Config;
     use crate::http::{admin_router, AdminState};
     use crate::metrics::Metrics;
     use crate::position::PartitionTable;
+    use crate::setup::Setup;
 
     const SECRET: &str = "session-test-secret-0123456789";
     const PATIENCE: Duration = Duration::from_secs(10);
 
     fn hub(mut config: Config) -> Arc<Hub> {
         config.auth.secret = Some(SECRET.into());
-        let auth = Authenticator::from_config(&config.auth).unwrap();
+        let setup = Setup::build(config).unwrap();
         let partitions = Arc::new(PartitionTable::default());
         let metrics = Arc::new(Metrics::new());
-        Arc::new(Hub::new(Arc::new(config), auth, metrics, partitions))
+        Arc::new(Hub::new(setup, metrics, partitions))
     }
 
     fn identity(hub: &Hub, user: &str) -> Identity {

@@ -93,7 +93,7 @@ pub async fn run(
     heartbeat: Duration,
 ) -> u16 {
     let peer = inbox.peer.clone();
-    let max_write = hub.config.websocket.write_buffer_bytes.max(1);
+    let max_write = hub.config.websocket.write_buffer_bytes;
     let w = Writer {
         hub,
         socket,
@@ -526,13 +526,12 @@ mod tests {
     }
 
     fn hub() -> Arc<Hub> {
-        use crate::auth::Authenticator;
         let mut config = crate::config::Config::default();
         config.auth.secret = Some("writer-test-secret-0123456789".into());
-        let auth = Authenticator::from_config(&config.auth).unwrap();
+        let setup = crate::setup::Setup::build(config).unwrap();
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let partitions = Arc::new(crate::position::PartitionTable::default());
-        Arc::new(Hub::new(Arc::new(config), auth, metrics, partitions))
+        Arc::new(Hub::new(setup, metrics, partitions))
     }
 
     /// Every connection's writer task holds its whole future for the connection's life: the

@@ -212,3 +212,92 @@ async fn check_config_prints_the_effective_config_without_secrets() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("websocket.queue_frames"), "{err}");
 }
+
+/// `check-config` and `serve` go through one build step: a configuration one refuses, the
+/// other refuses with the very same message, before listening. Before that step, a read
+/// buffer under 64 bytes, a frame limit over the message limit or a metadata refresh of 0 s
+/// passed `check-config` and were quietly changed by `serve`, and a log filter that `serve`
+/// refused passed `check-config`.
+#[tokio::test]
+async fn check_config_and_serve_refuse_the_same_configs_with_the_same_message() {
+    let dir = TempDir::new();
+    let cases = [
+        (
+            "[websocket]\nread_buffer_bytes = 63\n",
+            "websocket.read_buffer_bytes: must be between 64 and 4294967295",
+        ),
+        (
+            "[websocket]\nmax_message_bytes = 1000\nmax_frame_bytes = 1001\n",
+            "websocket.max_frame_bytes: must not exceed websocket.max_message_bytes",
+        ),
+        (
+            "[kafka]\nmetadata_refresh_seconds = 0\n",
+            "kafka.metadata_refresh_seconds: must be between 1 and 3600",
+        ),
+        (
+            "[[route]]\ntopic = \"t\"\nevent = \"e\"\nrooms = []\n",
+            "route[0] (t): rooms: at least one room template is needed",
+        ),
+        (
+            "[log]\nlevel = \"roomcast=loud\"\n",
+            "log.level: invalid filter \"roomcast=loud\": error parsing level filter: \
+             expected one of \"off\", \"error\", \"warn\", \"info\", \"debug\", \"trace\", \
+             or a number 0-5",
+        ),
+    ];
+    for (i, (extra, expected)) in cases.into_iter().enumerate() {
+        let path = dir.0.join(format!("bad-{i}.toml"));
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [auth]\nsecret = \"{SECRET}\"\n{extra}"
+        );
+        std::fs::write(&path, text).unwrap();
+        let checked = Command::new(binary())
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .env("ROOMCAST_KAFKA_BROKERS", brokers())
+            .output()
+            .unwrap();
+        let check_err = String::from_utf8(checked.stderr).unwrap();
+        assert_eq!(checked.status.code(), Some(1), "{extra}: {check_err}");
+        assert!(checked.stdout.is_empty(), "{extra}: nothing printed");
+        assert_eq!(check_err, format!("roomcast: {expected}\n"), "{extra}");
+        let (status, serve_err) = serve_briefly(&path);
+        assert_eq!(status, Some(1), "{extra}: serve started: {serve_err}");
+        assert_eq!(serve_err, check_err, "{extra}");
+    }
+}
+
+/// Runs `serve` on `config` for at most 10 s: its exit code (None if it was still running),
+/// and what it wrote on stderr.
+fn serve_briefly(config: &std::path::Path) -> (Option<i32>, String) {
+    let mut child = Command::new(binary())
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("ROOMCAST_KAFKA_BROKERS", brokers())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (code, err)
+}
