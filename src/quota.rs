@@ -1,12 +1,15 @@
 //! Per-key connection counts with a cap: connections of one user, from one address, or not
 //! yet upgraded from one address. A taken share is a guard; dropping it gives the share back,
-//! and a key whose count falls to zero is forgotten, so the map holds only live keys.
+//! and a key whose count falls to zero is forgotten, so the map holds only live keys. An
+//! `Admission` bundles the shares one open connection holds.
 
 use std::hash::Hash;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
+use tokio::sync::OwnedSemaphorePermit;
 
 pub struct Quota<K: Hash + Eq> {
     /// 0: no limit (nothing is counted).
@@ -69,6 +72,28 @@ impl<K: Hash + Eq + Clone> Drop for Share<K> {
         if let Some((quota, key)) = &self.0 {
             quota.give_back(key);
         }
+    }
+}
+
+/// What an open connection holds against the limits; all of it is given back when it ends.
+pub struct Admission {
+    _permit: OwnedSemaphorePermit,
+    _user: Share<u64>,
+    _address: Share<IpAddr>,
+}
+
+impl Admission {
+    pub fn new(permit: OwnedSemaphorePermit, user: Share<u64>, address: Share<IpAddr>) -> Self {
+        Admission {
+            _permit: permit,
+            _user: user,
+            _address: address,
+        }
+    }
+
+    /// A connection counted against the connection limit alone.
+    pub fn permit_only(permit: OwnedSemaphorePermit) -> Admission {
+        Admission::new(permit, Quota::unlimited(), Quota::unlimited())
     }
 }
 

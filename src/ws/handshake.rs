@@ -19,19 +19,11 @@ use base64::Engine;
 use hyper_util::rt::TokioIo;
 use sha1::{Digest, Sha1};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tracing::{debug, warn};
 
 use super::protocol::SUBPROTOCOL;
 use super::{session, Hub};
-use crate::quota::{Quota, Share};
-
-/// What an open connection holds against the limits; all of it is given back when it ends.
-pub struct Admission {
-    _permit: OwnedSemaphorePermit,
-    _user: Share<u64>,
-    _address: Share<IpAddr>,
-}
+use crate::quota::{Admission, Quota};
 
 /// A refused upgrade: status, bounded reason (for metrics) and the short body.
 #[derive(Debug, PartialEq, Eq)]
@@ -120,17 +112,6 @@ pub async fn upgrade(State(hub): State<Arc<Hub>>, mut req: Request) -> Response 
     response
 }
 
-impl Admission {
-    /// A connection counted against the connection limit alone.
-    pub fn permit_only(permit: OwnedSemaphorePermit) -> Admission {
-        Admission {
-            _permit: permit,
-            _user: Quota::unlimited(),
-            _address: Quota::unlimited(),
-        }
-    }
-}
-
 fn refused(hub: &Hub, refusal: Refusal) -> Response {
     hub.metrics
         .handshake_failures
@@ -167,11 +148,7 @@ fn admit(
         .clone()
         .try_acquire_owned()
         .map_err(|_| refuse(StatusCode::SERVICE_UNAVAILABLE, "too_many_connections"))?;
-    Ok(Admission {
-        _permit: permit,
-        _user: user,
-        _address: address,
-    })
+    Ok(Admission::new(permit, user, address))
 }
 
 struct Accepted {

@@ -16,7 +16,6 @@ use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, Instant};
 use tracing::{debug, debug_span, Instrument};
 
-use super::handshake::Admission;
 use super::outbox::{Limits, Peer};
 use super::protocol::{self, close, ClientFrame, Welcome};
 use super::throttle::{Budget, Throttle, Verdict};
@@ -25,6 +24,7 @@ use super::{writer, Hub};
 use crate::auth::{now_secs, Identity};
 use crate::pattern::{EventFilter, Pattern, PatternError};
 use crate::position::PositionMap;
+use crate::quota::Admission;
 use crate::registry::ConnId;
 use crate::replay::{ResumePlan, Selection};
 use crate::route::Priority;
