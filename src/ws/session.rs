@@ -47,6 +47,8 @@ struct Session {
     id: ConnId,
     hub: Arc<Hub>,
     identity: Identity,
+    /// When the token expires, unless refreshed.
+    expires: Instant,
     peer: Peer,
     /// Joined rooms and their event filters.
     rooms: HashMap<String, Option<Arc<EventFilter>>>,
@@ -96,6 +98,7 @@ pub fn run(
     let mut session = Session {
         id,
         hub: hub.clone(),
+        expires: Session::expiry_instant(&identity),
         identity,
         peer,
         rooms: HashMap::new(),
@@ -250,7 +253,7 @@ impl Session {
         let idle = Duration::from_secs(self.hub.config.websocket.idle_timeout_seconds);
         let mut silent_until = Instant::now() + idle;
         loop {
-            let expiry = sleep_until(self.expiry_instant());
+            let expiry = sleep_until(self.expires);
             let message = tokio::select! {
                 next = timeout(silent_until - Instant::now(), reader.next()) => match next {
                     Err(_) => {
@@ -295,8 +298,10 @@ impl Session {
         await_close_reply(reader).await;
     }
 
-    fn expiry_instant(&self) -> Instant {
-        let left = self.identity.expires_at.saturating_sub(now_secs());
+    /// `exp` on the runtime's clock, read once per token: the wall clock is not read per
+    /// message, and the deadline follows the clock the runtime's timers run on.
+    fn expiry_instant(identity: &Identity) -> Instant {
+        let left = identity.expires_at.saturating_sub(now_secs());
         Instant::now() + Duration::from_secs(left.min(u32::MAX as u64))
     }
 
@@ -661,6 +666,7 @@ impl Session {
             Ok(fresh)
                 if fresh.user == self.identity.user && fresh.tenant == self.identity.tenant =>
             {
+                self.expires = Session::expiry_instant(&fresh);
                 self.identity = fresh;
                 self.peer.reply(protocol::ok(id, None));
             }
@@ -964,5 +970,168 @@ mod tests {
             answer,
             b"\x81\x05hello\x82\x03\0\xff\x80\x88\x02\x03\xe8".to_vec()
         );
+    }
+
+    /// A session on a loopback pair under tokio's clock (paused in these tests), the client's
+    /// end as an async socket.
+    async fn timed_session(
+        config: Config,
+        expires_in: u64,
+    ) -> (Arc<Hub>, tokio::net::TcpStream, Instant) {
+        let hub = hub(config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let claims = Claims {
+            sub: "timed".into(),
+            exp: now_secs() + expires_in,
+            ..Claims::default()
+        };
+        let identity = hub.auth.authenticate(&sign_hs256(SECRET, &claims)).unwrap();
+        let permit = hub.limit.clone().try_acquire_owned().unwrap();
+        let opened = Instant::now();
+        tokio::spawn(run(
+            hub.clone(),
+            server,
+            Bytes::new(),
+            identity,
+            Admission::permit_only(permit),
+            false,
+        ));
+        (hub, client, opened)
+    }
+
+    /// One server frame: opcode and payload (the server never masks nor fragments these).
+    async fn next_frame(client: &mut tokio::net::TcpStream) -> Option<(u8, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        let mut head = [0u8; 2];
+        client.read_exact(&mut head).await.ok()?;
+        let len = match head[1] & 0x7f {
+            126 => client.read_u16().await.ok()? as usize,
+            127 => client.read_u64().await.ok()? as usize,
+            n => n as usize,
+        };
+        let mut payload = vec![0u8; len];
+        client.read_exact(&mut payload).await.ok()?;
+        Some((head[0] & 0x0f, payload))
+    }
+
+    /// Reads until the close frame, answering each ping with a pong when `answer` is set;
+    /// returns the close's code and reason and when it came.
+    async fn until_close(
+        client: &mut tokio::net::TcpStream,
+        answer: bool,
+    ) -> Option<(u16, String, Instant)> {
+        use tokio::io::AsyncWriteExt;
+        while let Some((opcode, payload)) = next_frame(client).await {
+            match opcode {
+                0x8 => {
+                    let code = u16::from_be_bytes([payload[0], payload[1]]);
+                    let reason = String::from_utf8(payload[2..].to_vec()).unwrap();
+                    return Some((code, reason, Instant::now()));
+                }
+                0x9 if answer => {
+                    // Masked with a zero key, which leaves the payload as it is.
+                    let mut pong = vec![0x8a, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+                    pong.extend_from_slice(&payload);
+                    client.write_all(&pong).await.unwrap();
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    async fn send_text(client: &mut tokio::net::TcpStream, value: &Value) {
+        use tokio::io::AsyncWriteExt;
+        let payload = value.to_string();
+        let mut frame = vec![0x81];
+        match u16::try_from(payload.len()).unwrap() {
+            n @ 0..=125 => frame.push(0x80 | n as u8),
+            n => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&n.to_be_bytes());
+            }
+        }
+        // Masked with a zero key, which leaves the payload as it is.
+        frame.extend_from_slice(&[0, 0, 0, 0]);
+        frame.extend_from_slice(payload.as_bytes());
+        client.write_all(&frame).await.unwrap();
+    }
+
+    fn heartbeat_config(heartbeat: u64, idle: u64) -> Config {
+        let mut config = Config::default();
+        config.websocket.heartbeat_seconds = heartbeat;
+        config.websocket.idle_timeout_seconds = idle;
+        config
+    }
+
+    /// A client that reads but never answers a ping is let go once it has been silent for
+    /// the idle timeout, with 1001 and the reason.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_peer_is_closed_after_the_idle_timeout() {
+        let (_hub, mut client, opened) = timed_session(heartbeat_config(20, 60), 3600).await;
+        let (code, reason, at) = until_close(&mut client, false).await.expect("a close");
+        assert_eq!((code, reason.as_str()), (1001, "heartbeat timeout"));
+        let silent = at - opened;
+        assert!(
+            silent >= Duration::from_secs(60) && silent < Duration::from_secs(61),
+            "{silent:?}"
+        );
+    }
+
+    /// A client that answers every ping stays connected however long it says nothing else.
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_answering_pings_is_kept_past_many_idle_timeouts() {
+        let (_hub, mut client, opened) = timed_session(heartbeat_config(20, 60), 3600).await;
+        let kept = tokio::time::timeout(Duration::from_secs(600), until_close(&mut client, true));
+        assert!(kept.await.is_err(), "closed within ten idle timeouts");
+        assert!(opened.elapsed() >= Duration::from_secs(600));
+        send_text(&mut client, &json!({"type": "ping", "id": 1})).await;
+        loop {
+            let (opcode, payload) = next_frame(&mut client).await.expect("an answer");
+            if opcode == 0x1 {
+                let frame: Value = serde_json::from_slice(&payload).unwrap();
+                if frame["type"] == "pong" {
+                    assert_eq!(frame["id"], 1);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// A token that expires unrefreshed ends the connection with 4001 at its `exp`.
+    #[tokio::test(start_paused = true)]
+    async fn an_expiring_token_closes_with_4001_at_its_exp() {
+        let (_hub, mut client, opened) = timed_session(heartbeat_config(20, 600), 30).await;
+        let (code, reason, at) = until_close(&mut client, true).await.expect("a close");
+        assert_eq!((code, reason.as_str()), (4001, "token expired"));
+        let lived = at - opened;
+        // `exp` is in whole seconds of the wall clock, read once when the session starts.
+        assert!(
+            lived >= Duration::from_secs(29) && lived <= Duration::from_secs(30),
+            "{lived:?}"
+        );
+    }
+
+    /// A refresh before `exp` replaces the deadline: the connection outlives the first token.
+    #[tokio::test(start_paused = true)]
+    async fn a_refreshed_token_keeps_the_connection_past_the_first_exp() {
+        let (_hub, mut client, _opened) = timed_session(heartbeat_config(20, 600), 30).await;
+        let fresh = Claims {
+            sub: "timed".into(),
+            exp: now_secs() + 3600,
+            ..Claims::default()
+        };
+        let token = sign_hs256(SECRET, &fresh);
+        send_text(
+            &mut client,
+            &json!({"type": "refresh", "id": 2, "token": token}),
+        )
+        .await;
+        let kept = tokio::time::timeout(Duration::from_secs(300), until_close(&mut client, true));
+        assert!(kept.await.is_err(), "closed although refreshed");
     }
 }
