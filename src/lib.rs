@@ -7,9 +7,9 @@
 pub mod auth;
 pub mod config;
 pub mod demo;
-pub mod doc;
 pub mod edge;
 pub mod http;
+pub mod json_view;
 pub mod kafka;
 pub mod memory;
 pub mod metrics;

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::fmt;
 
 use crate::config::{RecordsConfig, RouteConfig};
-use crate::doc::{self, Doc};
+use crate::json_view::{self, JsonView};
 
 /// Why a record could not be routed. Each one is counted and the consumer moves on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -121,7 +121,7 @@ impl Template {
     }
 
     /// Renders against `doc`; `None` when a field is missing, null, empty or not a scalar.
-    pub fn render(&self, doc: Option<&Doc<'_>>) -> Option<String> {
+    pub fn render(&self, doc: Option<&JsonView<'_>>) -> Option<String> {
         // Room and event names are short: one allocation instead of several growths.
         let mut out = String::with_capacity(32);
         for part in &self.parts {
@@ -231,7 +231,7 @@ impl Route {
     pub fn apply<'a>(&self, record: &Record<'a>) -> Result<Routed<'a>, RouteError> {
         let payload = record.value.ok_or(RouteError::NoValue)?;
         self.check_size(payload.len())?;
-        if doc::deeper_than(payload, self.limits.max_depth) {
+        if json_view::deeper_than(payload, self.limits.max_depth) {
             return Err(RouteError::TooDeep(self.limits.max_depth));
         }
         let header_event = record.header("event")?;
@@ -241,7 +241,7 @@ impl Route {
             || self.priority.is_some()
             || self.tenant.is_some();
         let parsed = if needs_value {
-            Some(Doc::parse(payload).map_err(RouteError::NotJson)?)
+            Some(JsonView::parse(payload).map_err(RouteError::NotJson)?)
         } else {
             // Spliced into the frame as is, so it must still be exactly one JSON document.
             serde_json::from_slice::<&serde_json::value::RawValue>(payload)
@@ -299,7 +299,7 @@ impl Route {
         }
     }
 
-    fn template_rooms(&self, value: Option<&Doc<'_>>) -> Result<Vec<String>, RouteError> {
+    fn template_rooms(&self, value: Option<&JsonView<'_>>) -> Result<Vec<String>, RouteError> {
         // As many candidates as the route has templates: a linear search is the cheapest.
         let mut rooms: Vec<String> = Vec::with_capacity(self.rooms.len());
         for room in self.rooms.iter().filter_map(|t| t.render(value)) {
@@ -322,7 +322,7 @@ impl Route {
     fn tenant(
         &self,
         record: &Record<'_>,
-        value: Option<&Doc<'_>>,
+        value: Option<&JsonView<'_>>,
     ) -> Result<Option<String>, RouteError> {
         if let Some(t) = record.header("tenant")? {
             return Ok(Some(t.to_string()));
@@ -383,7 +383,7 @@ mod tests {
     #[test]
     fn templates_render_dotted_paths_and_scalars() {
         let t = Template::parse("{entity}:{data.id}").unwrap();
-        let render = |json: &str| t.render(Some(&Doc::parse(json.as_bytes()).unwrap()));
+        let render = |json: &str| t.render(Some(&JsonView::parse(json.as_bytes()).unwrap()));
         assert_eq!(
             render(r#"{"entity": "user", "data": {"id": 7}}"#).as_deref(),
             Some("user:7")

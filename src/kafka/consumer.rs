@@ -26,7 +26,7 @@ use crate::position::{PartitionTable, PositionMap};
 use crate::replay::Entry;
 use crate::route::{Record, Route};
 use crate::ws::protocol;
-use crate::ws::{Delivered, Hub};
+use crate::ws::{Hub, PendingFanout};
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -332,7 +332,7 @@ impl KafkaConsumer {
         record: &Record<'_>,
         live: bool,
         read_at: Instant,
-        delivered: &mut Option<Delivered>,
+        delivered: &mut Option<PendingFanout>,
     ) -> Option<Entry> {
         let routed = match route.apply(record) {
             Ok(r) => r,

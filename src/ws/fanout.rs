@@ -10,7 +10,7 @@
 use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::outbox::{Delivery, Peer};
+use super::outbox::{Delivery, Handover, Peer};
 use super::protocol::Frame;
 use crate::metrics::Metrics;
 use crate::registry::Members;
@@ -38,7 +38,7 @@ pub struct Tally {
 impl Tally {
     pub fn add(&mut self, delivery: Delivery) {
         match delivery {
-            Delivery::Queued => self.queued += 1,
+            Delivery::Accepted => self.queued += 1,
             Delivery::Shed => self.shed += 1,
             Delivery::Overflow => self.overflowed += 1,
             Delivery::Closed => {}
@@ -116,7 +116,7 @@ impl Spread {
             let mut tally = Tally::default();
             self.members
                 .for_each_ahead(range, &self.event, Peer::prefetch, |peer| {
-                    tally.add(peer.enqueue(&self.frame, self.priority))
+                    tally.add(peer.hand_over(&self.frame, self.priority, Handover::Queue))
                 });
             tally.count(&self.metrics);
             let mut state = self.lock();

@@ -33,7 +33,7 @@ use crate::replay::ReplayBuffer;
 use crate::route::{Priority, Route, Routed};
 use crate::setup::Setup;
 use fanout::{Fanout, Spread, Tally};
-use outbox::Peer;
+use outbox::{Handover, Peer};
 use protocol::{close, Frame};
 
 /// Recipients per record whose frame may be written by the consumer itself when their
@@ -44,9 +44,9 @@ const DIRECT_WRITES: usize = 64;
 /// One record's deliveries, of which a large room's parts may still be to do.
 #[must_use = "finish the record's fan-out before delivering the next record"]
 #[derive(Default)]
-pub struct Delivered(Option<Arc<Spread>>);
+pub struct PendingFanout(Option<Arc<Spread>>);
 
-impl Delivered {
+impl PendingFanout {
     /// Does or waits for what is left of the fan-out.
     pub fn finish(self) {
         if let Some(spread) = self.0 {
@@ -196,7 +196,7 @@ impl Hub {
         let direct = self.direct_budget() > 0;
         for peer in self.sessions.iter() {
             if peer.key() % slices == slice && peer.is_live() {
-                peer.hand_over(&frame, Priority::Critical, direct);
+                peer.hand_over(&frame, Priority::Critical, Handover::write_if(direct));
             }
         }
         *last = now;
@@ -206,7 +206,7 @@ impl Hub {
     /// connection. A large room is listed and its parts started, but the caller finishes
     /// them after letting go of the cut (see `fanout.rs`), before the next record, so each
     /// connection still gets records in order.
-    pub fn deliver(&self, routed: &Routed<'_>, frame: &Frame) -> Delivered {
+    pub fn deliver(&self, routed: &Routed<'_>, frame: &Frame) -> PendingFanout {
         let mut tally = Tally::default();
         let tenant = routed.tenant.as_deref();
         let (rooms, event) = (&routed.rooms, &routed.event);
@@ -216,7 +216,7 @@ impl Hub {
         let mut direct = |peer: &Peer| {
             let write_now = budget > 0;
             budget = budget.saturating_sub(1);
-            tally.add(peer.hand_over(frame, routed.priority, write_now))
+            tally.add(peer.hand_over(frame, routed.priority, Handover::write_if(write_now)))
         };
         let large_at = match self.fanout {
             Some(_) => 2 * fanout::PART,
@@ -230,7 +230,7 @@ impl Hub {
             let metrics = self.metrics.clone();
             Spread::start(fanout, members, frame, event, routed.priority, metrics)
         });
-        Delivered(spread)
+        PendingFanout(spread)
     }
 
     /// Starts draining: no new connections, and every open one is closed with 1001 in paced

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::{TcpSocket, TcpStream};
 
-use super::outbox::{Delivery, Limits, Peer};
+use super::outbox::{Delivery, Handover, Limits, Peer};
 use super::protocol::{close, Frame};
 use super::{writer, Hub};
 use crate::config::Config;
@@ -180,8 +180,8 @@ fn deliver_until_closed(peer: Peer, stop: Arc<AtomicBool>, seed: u64) {
     let mut seq = 1;
     while !stop.load(Ordering::Relaxed) {
         let len = SEQ_DIGITS + random.below((LARGEST - SEQ_DIGITS) as u64) as usize;
-        match peer.deliver(&text(seq, len), Priority::Normal) {
-            Delivery::Queued => seq += 1,
+        match peer.hand_over(&text(seq, len), Priority::Normal, Handover::WriteIfQuiet) {
+            Delivery::Accepted => seq += 1,
             Delivery::Closed => return,
             other => panic!("frame {seq}: {other:?}"),
         }
@@ -214,7 +214,7 @@ async fn round(
     let beat = Duration::from_millis(1);
     let writer = tokio::spawn(writer::run(hub.clone(), server, inbox, id, beat));
     // The writer pings only after the connection's first frame, as after a welcome.
-    peer.enqueue(&text(0, SEQ_DIGITS), Priority::Critical);
+    peer.hand_over(&text(0, SEQ_DIGITS), Priority::Critical, Handover::Queue);
     let stop = Arc::new(AtomicBool::new(false));
     let consumer = {
         let (peer, stop) = (peer.clone(), stop.clone());

@@ -64,14 +64,34 @@ pub struct CloseRequest {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Delivery {
-    /// Queued, or already written to the socket.
-    Queued,
+    /// Taken: queued for the writer, or already written to the socket.
+    Accepted,
     /// Low priority, and the queue is past its soft limit.
     Shed,
     /// The queue was full: the connection is being closed with 4008.
     Overflow,
     /// The connection is already closing.
     Closed,
+}
+
+/// Whether a frame may be written by the one handing it over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handover {
+    /// Written now if the connection is quiet (nothing queued, the writer idle), else queued.
+    WriteIfQuiet,
+    /// Queued for the writer, never written here: for fan-out to many connections, where
+    /// batching in the writers costs less than one send per frame.
+    Queue,
+}
+
+impl Handover {
+    pub fn write_if(write: bool) -> Handover {
+        if write {
+            Handover::WriteIfQuiet
+        } else {
+            Handover::Queue
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -157,18 +177,6 @@ impl Peer {
         (peer, inbox)
     }
 
-    /// Hands a frame over without waiting: written now if the connection is quiet, else
-    /// queued for its writer.
-    pub fn deliver(&self, frame: &Frame, priority: Priority) -> Delivery {
-        self.hand_over(frame, priority, true)
-    }
-
-    /// Queues a frame for the writer, never writing it here: for fan-out to many connections,
-    /// where batching in the writers costs less than one send per frame.
-    pub fn enqueue(&self, frame: &Frame, priority: Priority) -> Delivery {
-        self.hand_over(frame, priority, false)
-    }
-
     /// Asks the CPU to start loading what a delivery touches first (the close flag, the
     /// queue's lock), so that a fan-out over thousands of outboxes overlaps their cache misses.
     pub fn prefetch(&self) {
@@ -184,8 +192,8 @@ impl Peer {
         }
     }
 
-    /// `deliver` when `write_now`, else `enqueue`.
-    pub fn hand_over(&self, frame: &Frame, priority: Priority, write_now: bool) -> Delivery {
+    /// Hands a frame over without waiting: see `Handover` for whether it may be written here.
+    pub fn hand_over(&self, frame: &Frame, priority: Priority, how: Handover) -> Delivery {
         let s = &*self.0;
         if s.closing.load(Ordering::Acquire) {
             return Delivery::Closed;
@@ -195,15 +203,15 @@ impl Peer {
             return Delivery::Shed;
         }
         let quiet = queue.items.is_empty() && !queue.writing;
-        if let (true, true, Some(socket)) = (write_now, quiet, &s.socket) {
+        if let (Handover::WriteIfQuiet, true, Some(socket)) = (how, quiet, &s.socket) {
             // Under the queue's lock: the writer cannot start a write in between.
             match socket.try_write(frame.wire()) {
-                Ok(n) if n == frame.len() => return Delivery::Queued,
+                Ok(n) if n == frame.len() => return Delivery::Accepted,
                 Ok(n) if n > 0 => {
                     let rest = frame.wire().slice(n..);
                     s.queued_bytes.fetch_add(rest.len(), Ordering::AcqRel);
                     self.push(queue, Outgoing::Rest(rest));
-                    return Delivery::Queued;
+                    return Delivery::Accepted;
                 }
                 // Full, or broken: the writer waits for room, or meets the error.
                 _ => {}
@@ -218,7 +226,7 @@ impl Peer {
         }
         s.queued_bytes.fetch_add(len, Ordering::AcqRel);
         self.push(queue, Outgoing::Frame(frame.clone()));
-        Delivery::Queued
+        Delivery::Accepted
     }
 
     fn push(&self, mut queue: MutexGuard<'_, Queue>, item: Outgoing) {
@@ -248,7 +256,7 @@ impl Peer {
 
     /// Queues a reply to the client (ok, error, pong), in order with events.
     pub fn reply(&self, frame: Frame) {
-        self.deliver(&frame, Priority::Critical);
+        self.hand_over(&frame, Priority::Critical, Handover::WriteIfQuiet);
     }
 
     /// Queues a replay at this point of the stream.
@@ -417,14 +425,35 @@ mod tests {
     fn full_queue_closes_with_4008_and_sheds_low_first() {
         let (peer, mut inbox) = Peer::new(limits(), None);
         let f = Frame::from("0123456789");
-        assert_eq!(peer.deliver(&f, Priority::Low), Delivery::Queued);
-        assert_eq!(peer.deliver(&f, Priority::Normal), Delivery::Queued);
-        assert_eq!(peer.deliver(&f, Priority::Low), Delivery::Shed);
-        assert_eq!(peer.deliver(&f, Priority::Normal), Delivery::Queued);
-        assert_eq!(peer.deliver(&f, Priority::Normal), Delivery::Queued);
-        assert_eq!(peer.deliver(&f, Priority::Normal), Delivery::Overflow);
+        assert_eq!(
+            peer.hand_over(&f, Priority::Low, Handover::WriteIfQuiet),
+            Delivery::Accepted
+        );
+        assert_eq!(
+            peer.hand_over(&f, Priority::Normal, Handover::WriteIfQuiet),
+            Delivery::Accepted
+        );
+        assert_eq!(
+            peer.hand_over(&f, Priority::Low, Handover::WriteIfQuiet),
+            Delivery::Shed
+        );
+        assert_eq!(
+            peer.hand_over(&f, Priority::Normal, Handover::WriteIfQuiet),
+            Delivery::Accepted
+        );
+        assert_eq!(
+            peer.hand_over(&f, Priority::Normal, Handover::WriteIfQuiet),
+            Delivery::Accepted
+        );
+        assert_eq!(
+            peer.hand_over(&f, Priority::Normal, Handover::WriteIfQuiet),
+            Delivery::Overflow
+        );
         assert_eq!(peer.close_request().unwrap().code, close::SLOW_CONSUMER);
-        assert_eq!(peer.deliver(&f, Priority::Normal), Delivery::Closed);
+        assert_eq!(
+            peer.hand_over(&f, Priority::Normal, Handover::WriteIfQuiet),
+            Delivery::Closed
+        );
         let batch = inbox.take_queued();
         assert_eq!(batch.len(), 4);
         assert!(matches!(batch.pop_front().unwrap(), Outgoing::Frame(got) if got == f));
@@ -434,8 +463,14 @@ mod tests {
     fn byte_limit_applies() {
         let (peer, _inbox) = Peer::new(limits(), None);
         let big = Frame::from("x".repeat(60));
-        assert_eq!(peer.deliver(&big, Priority::Normal), Delivery::Queued);
-        assert_eq!(peer.deliver(&big, Priority::Normal), Delivery::Overflow);
+        assert_eq!(
+            peer.hand_over(&big, Priority::Normal, Handover::WriteIfQuiet),
+            Delivery::Accepted
+        );
+        assert_eq!(
+            peer.hand_over(&big, Priority::Normal, Handover::WriteIfQuiet),
+            Delivery::Overflow
+        );
     }
 
     #[tokio::test]
@@ -447,15 +482,15 @@ mod tests {
             (n, inbox)
         });
         tokio::task::yield_now().await;
-        peer.deliver(&Frame::from("a"), Priority::Normal);
-        peer.deliver(&Frame::from("b"), Priority::Normal);
+        peer.hand_over(&Frame::from("a"), Priority::Normal, Handover::WriteIfQuiet);
+        peer.hand_over(&Frame::from("b"), Priority::Normal, Handover::WriteIfQuiet);
         tokio::task::yield_now().await;
         peer.close(close::GOING_AWAY, "drain", true);
         let (n, inbox) = writer.await.unwrap();
         assert!(n >= 1);
         drop(inbox);
         assert_eq!(
-            peer.deliver(&Frame::from("c"), Priority::Normal),
+            peer.hand_over(&Frame::from("c"), Priority::Normal, Handover::WriteIfQuiet),
             Delivery::Closed
         );
     }
@@ -495,7 +530,10 @@ mod tests {
         };
         let (peer, mut inbox) = Peer::new(big, Some(server));
         let a = Frame::from("a");
-        assert_eq!(peer.deliver(&a, Priority::Normal), Delivery::Queued);
+        assert_eq!(
+            peer.hand_over(&a, Priority::Normal, Handover::WriteIfQuiet),
+            Delivery::Accepted
+        );
         // No writer runs here: the frame is on the wire already, and nothing is queued.
         assert_eq!(read_exactly(&mut client, a.len()).await, a.wire().to_vec());
         assert!(inbox.take_queued().is_empty());
@@ -503,8 +541,14 @@ mod tests {
 
         // Once something is queued, later frames queue behind it rather than jump ahead.
         let (b, c) = (Frame::from("b"), Frame::from("c"));
-        assert_eq!(peer.enqueue(&b, Priority::Normal), Delivery::Queued);
-        assert_eq!(peer.deliver(&c, Priority::Normal), Delivery::Queued);
+        assert_eq!(
+            peer.hand_over(&b, Priority::Normal, Handover::Queue),
+            Delivery::Accepted
+        );
+        assert_eq!(
+            peer.hand_over(&c, Priority::Normal, Handover::WriteIfQuiet),
+            Delivery::Accepted
+        );
         let queued: Vec<String> = inbox
             .take_queued()
             .iter()
@@ -515,7 +559,10 @@ mod tests {
             .collect();
         assert_eq!(queued, ["b", "c"]);
         // The writer holds them: a frame delivered now must wait for them too.
-        assert_eq!(peer.deliver(&a, Priority::Normal), Delivery::Queued);
+        assert_eq!(
+            peer.hand_over(&a, Priority::Normal, Handover::WriteIfQuiet),
+            Delivery::Accepted
+        );
         inbox.written();
         assert_eq!(inbox.take_queued().len(), 1);
     }
@@ -536,7 +583,10 @@ mod tests {
         let mut delivered = 0;
         while inbox.take_queued().is_empty() {
             inbox.written();
-            assert_eq!(peer.deliver(&frame, Priority::Normal), Delivery::Queued);
+            assert_eq!(
+                peer.hand_over(&frame, Priority::Normal, Handover::WriteIfQuiet),
+                Delivery::Accepted
+            );
             delivered += 1;
             assert!(delivered < 10_000, "the socket never filled");
         }

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, Instant};
 use tracing::{debug, debug_span, Instrument};
 
-use super::outbox::{Limits, Peer};
+use super::outbox::{Handover, Limits, Peer};
 use super::protocol::{self, close, ClientFrame, Welcome};
 use super::throttle::{Budget, Throttle, Verdict};
 use super::wire::{Decoder, Incoming, WireError};
@@ -236,7 +236,8 @@ impl Session {
             server: &self.hub.config.server.name,
         });
         if !self.hub.echo {
-            self.peer.enqueue(&frame, Priority::Critical);
+            self.peer
+                .hand_over(&frame, Priority::Critical, Handover::Queue);
         }
         if resuming {
             self.awaiting_resume = Some(positions);

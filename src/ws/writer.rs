@@ -562,7 +562,7 @@ mod tests {
     async fn close_a_client_that_stopped_reading(
         close: Option<(u16, bool)>,
     ) -> (u16, Duration, Result<usize, io::ErrorKind>) {
-        use super::super::outbox::{Delivery, Limits};
+        use super::super::outbox::{Delivery, Handover, Limits};
         use crate::route::Priority;
         use tokio::io::AsyncReadExt;
 
@@ -587,8 +587,8 @@ mod tests {
         let writer = tokio::spawn(run(hub(), server, inbox, 1, Duration::from_secs(25)));
         let frame = Frame::from("x".repeat(100_000));
         for _ in 0..if close.is_some() { 4 } else { usize::MAX } {
-            match peer.enqueue(&frame, Priority::Normal) {
-                Delivery::Queued => tokio::task::yield_now().await,
+            match peer.hand_over(&frame, Priority::Normal, Handover::Queue) {
+                Delivery::Accepted => tokio::task::yield_now().await,
                 Delivery::Overflow => break,
                 other => panic!("{other:?}"),
             }

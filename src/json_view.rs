@@ -79,16 +79,16 @@ impl<'de> Deserialize<'de> for Fields<'de> {
 }
 
 /// A parsed record value.
-pub struct Doc<'a> {
+pub struct JsonView<'a> {
     /// The top-level object's members; none when the value is not an object.
     top: Fields<'a>,
     /// Nested objects split so far, by the address of their raw text.
     nested: RefCell<Vec<(usize, Option<Fields<'a>>)>>,
 }
 
-impl<'a> Doc<'a> {
+impl<'a> JsonView<'a> {
     /// Parses and validates the whole document.
-    pub fn parse(payload: &'a [u8]) -> Result<Doc<'a>, String> {
+    pub fn parse(payload: &'a [u8]) -> Result<JsonView<'a>, String> {
         let text = std::str::from_utf8(payload).map_err(|e| e.to_string())?;
         let top = match serde_json::from_str::<Fields<'a>>(text) {
             Ok(top) => top,
@@ -99,7 +99,7 @@ impl<'a> Doc<'a> {
             }
             Err(e) => return Err(e.to_string()),
         };
-        Ok(Doc {
+        Ok(JsonView {
             top,
             nested: RefCell::new(Vec::new()),
         })
@@ -205,7 +205,7 @@ mod tests {
     use proptest::prelude::*;
     use serde_json::Value;
 
-    fn scalar(doc: &Doc<'_>, path: &str) -> Option<String> {
+    fn scalar(doc: &JsonView<'_>, path: &str) -> Option<String> {
         let path: Vec<String> = path.split('.').map(String::from).collect();
         let mut out = String::new();
         doc.push_scalar(&path, &mut out).then_some(out)
@@ -215,7 +215,10 @@ mod tests {
     fn plain_and_escaped_keys_read_the_same_at_every_depth() {
         let plain = br#"{"a":"x","n":7,"f":1.5,"b":true,"z":null,"e":"","o":{"id":"u\"1","deep":{"k":2}},"arr":[1]}"#;
         let escaped = br#"{"a\u0062":1,"\u0061":"x","n":7,"f":1.5,"b":true,"z":null,"e":"","o":{"i\u0064":"u\"1","d\u0065ep":{"\u006b":2}},"arr":[1]}"#;
-        for doc in [Doc::parse(plain).unwrap(), Doc::parse(escaped).unwrap()] {
+        for doc in [
+            JsonView::parse(plain).unwrap(),
+            JsonView::parse(escaped).unwrap(),
+        ] {
             assert_eq!(scalar(&doc, "a").as_deref(), Some("x"));
             assert_eq!(scalar(&doc, "n").as_deref(), Some("7"));
             assert_eq!(scalar(&doc, "f").as_deref(), Some("1.5"));
@@ -230,10 +233,11 @@ mod tests {
 
     #[test]
     fn a_nested_escaped_tenant_key_is_read() {
-        let doc = Doc::parse(br#"{"meta":{"\u0074enantId":"beta"}}"#).unwrap();
+        let doc = JsonView::parse(br#"{"meta":{"\u0074enantId":"beta"}}"#).unwrap();
         assert_eq!(scalar(&doc, "meta.tenantId").as_deref(), Some("beta"));
         // The later of two members wins, as in a full parse, whichever of them is escaped.
-        let doc = Doc::parse(br#"{"meta":{"tenantId":"alpha","\u0074enantId":"beta"}}"#).unwrap();
+        let doc =
+            JsonView::parse(br#"{"meta":{"tenantId":"alpha","\u0074enantId":"beta"}}"#).unwrap();
         assert_eq!(scalar(&doc, "meta.tenantId").as_deref(), Some("beta"));
     }
 
@@ -248,11 +252,15 @@ mod tests {
             b"{\"a\":{\"b\":tru}}",
             b"\xff",
         ] {
-            assert!(Doc::parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                JsonView::parse(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
         // Not an object: valid, but no field can be read.
         for other in [&b"[1,2]"[..], b"\"a\"", b"7", b"null"] {
-            let doc = Doc::parse(other).unwrap();
+            let doc = JsonView::parse(other).unwrap();
             assert_eq!(scalar(&doc, "a"), None);
         }
     }
@@ -378,7 +386,7 @@ mod tests {
         #[test]
         fn templates_read_what_a_full_parse_reads(text in document(), paths in prop::collection::vec(path(), 1..6)) {
             let value: Value = serde_json::from_str(&text).expect("generated JSON is valid");
-            let doc = Doc::parse(text.as_bytes()).expect("valid JSON parses");
+            let doc = JsonView::parse(text.as_bytes()).expect("valid JSON parses");
             for path in &paths {
                 let mut out = String::from("prefix:");
                 let read = doc.push_scalar(path, &mut out);
