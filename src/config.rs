@@ -574,6 +574,19 @@ impl Config {
                 "must not exceed websocket.max_message_bytes",
             ));
         }
+        // Deadlines are instants on the runtime's clock: an unbounded one would overflow it.
+        if ws.heartbeat_seconds > 3600 {
+            return Err(ConfigError::invalid(
+                "websocket.heartbeat_seconds",
+                "must be between 1 and 3600",
+            ));
+        }
+        if ws.idle_timeout_seconds > 86_400 {
+            return Err(ConfigError::invalid(
+                "websocket.idle_timeout_seconds",
+                "must be between 2 and 86400",
+            ));
+        }
         if ws.idle_timeout_seconds <= ws.heartbeat_seconds {
             return Err(ConfigError::invalid(
                 "websocket.idle_timeout_seconds",
@@ -595,6 +608,19 @@ impl Config {
             return Err(ConfigError::invalid(
                 "resume.kafka_concurrency",
                 "must be > 0",
+            ));
+        }
+        // Both are subtracted from the wall clock in milliseconds, which they must not pass.
+        if r.buffer_max_age_seconds > 604_800 {
+            return Err(ConfigError::invalid(
+                "resume.buffer_max_age_seconds",
+                "must be at most 604800 (a week)",
+            ));
+        }
+        if r.max_age_seconds > 31_536_000 {
+            return Err(ConfigError::invalid(
+                "resume.max_age_seconds",
+                "must be at most 31536000 (a year)",
             ));
         }
         if r.max_replay_records <= 0 {
@@ -865,6 +891,44 @@ mod tests {
                 "kafka.metadata_refresh_seconds: must be between 1 and 3600",
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn durations_that_would_overflow_a_clock_are_refused() {
+        type Set = fn(&mut Config, u64);
+        let cases: [(Set, u64, &str); 4] = [
+            (
+                |c, v| c.websocket.heartbeat_seconds = v,
+                3600,
+                "websocket.heartbeat_seconds: must be between 1 and 3600",
+            ),
+            (
+                |c, v| c.websocket.idle_timeout_seconds = v,
+                86_400,
+                "websocket.idle_timeout_seconds: must be between 2 and 86400",
+            ),
+            (
+                |c, v| c.resume.buffer_max_age_seconds = v,
+                604_800,
+                "resume.buffer_max_age_seconds: must be at most 604800 (a week)",
+            ),
+            (
+                |c, v| c.resume.max_age_seconds = v,
+                31_536_000,
+                "resume.max_age_seconds: must be at most 31536000 (a year)",
+            ),
+        ];
+        for (set, max, message) in cases {
+            let mut c = hs_config();
+            set(&mut c, max);
+            c.websocket.idle_timeout_seconds = c.websocket.idle_timeout_seconds.max(3601);
+            assert!(c.validate().is_ok(), "{message} at {max}");
+            for bad in [max + 1, u64::MAX] {
+                let mut c = hs_config();
+                set(&mut c, bad);
+                assert_eq!(refusal(&c), message, "{bad}");
+            }
         }
     }
 
