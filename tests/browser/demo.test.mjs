@@ -9,13 +9,12 @@ import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
-import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
+import { targetDir } from './harness.mjs';
 
-const here = path.dirname(fileURLToPath(import.meta.url));
 const BIN = process.env.ROOMCAST_BIN
   ? path.resolve(process.env.ROOMCAST_BIN)
-  : path.resolve(here, '../../target/debug/roomcast');
+  : path.join(targetDir(), 'debug/roomcast');
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 // Fixed, so a second server started on the same port accepts the page's token (reconnect test).
 const SECRET = 'browser-test-secret-0123456789abcdef';

@@ -11,6 +11,7 @@ import { createHmac } from 'node:crypto';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:http';
 import { tmpdir } from 'node:os';
+import { execFileSync } from 'node:child_process';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
@@ -19,12 +20,17 @@ import { chromium } from 'playwright-core';
 const here = path.dirname(fileURLToPath(import.meta.url));
 const root = path.resolve(here, '../..');
 
+/** Where cargo builds, as cargo resolves it (CARGO_TARGET_DIR, a cargo config, or target/). */
+export function targetDir() {
+  return execFileSync(path.join(root, 'scripts/target-dir'), { encoding: 'utf8' }).trim();
+}
+
 export const BIN = process.env.ROOMCAST_BIN
   ? path.resolve(process.env.ROOMCAST_BIN)
-  : path.join(root, 'target/debug/roomcast');
+  : path.join(targetDir(), 'debug/roomcast');
 export const FEED = process.env.ROOMCAST_FEED
   ? path.resolve(process.env.ROOMCAST_FEED)
-  : path.join(root, 'target/debug/examples/kafka_feed');
+  : path.join(targetDir(), 'debug/examples/kafka_feed');
 export const SDK_BUNDLE = process.env.ROOMCAST_SDK_BUNDLE
   ? path.resolve(process.env.ROOMCAST_SDK_BUNDLE)
   : path.join(root, 'client/dist/roomcast.js');

@@ -85,11 +85,22 @@ if [ -z "$HELM" ] || ! "$HELM" version --short 2>/dev/null | grep -q '^v3\.'; th
 fi
 echo "helm: $HELM ($("$HELM" version --short))"
 
-if ! command -v promtool >/dev/null; then
-  echo "installing promtool (Debian package prometheus)"
-  apt_install prometheus || exit 1
+# promtool alone, unpacked from Debian's prometheus package: installing the package would start
+# a Prometheus server on :9090 wherever systemd runs, the demo's admin port.
+PROMTOOL="$(command -v promtool || true)"
+if [ -z "$PROMTOOL" ]; then
+  PROMTOOL="$CACHE/bin/promtool"
+  if [ ! -x "$PROMTOOL" ]; then
+    echo "unpacking promtool from Debian's prometheus package into $CACHE/bin (once)"
+    if [ -z "$apt_updated" ]; then as_root apt-get update -qq >/dev/null && apt_updated=1; fi
+    deb="$(mktemp -d)"
+    (cd "$deb" && apt-get download -qq prometheus >/dev/null 2>&1) || { echo "apt-get download prometheus failed"; exit 1; }
+    dpkg-deb -x "$deb"/prometheus_*.deb "$deb/x" || exit 1
+    mkdir -p "$CACHE/bin" && cp "$deb/x/usr/bin/promtool" "$PROMTOOL" && rm -rf "$deb"
+  fi
 fi
-echo "promtool: $(promtool --version 2>&1 | head -n 1)"
+promtool() { "$PROMTOOL" "$@"; }
+echo "promtool: $PROMTOOL ($(promtool --version 2>&1 | head -n 1))"
 
 PY=python3
 if ! "$PY" -c 'import yaml' 2>/dev/null; then
@@ -107,7 +118,7 @@ if [ -n "${ROOMCAST_BIN:-}" ]; then
 else
   echo "building the roomcast binary (cargo build --locked -p roomcast --bin roomcast)"
   cargo build --locked -q -p roomcast --bin roomcast || exit 1
-  BIN="$ROOT/target/debug/roomcast"
+  BIN="$("$ROOT/scripts/target-dir")/debug/roomcast"
 fi
 [ -x "$BIN" ] || { echo "no roomcast binary at $BIN"; exit 1; }
 export ROOMCAST_BIN="$BIN"
