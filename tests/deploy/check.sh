@@ -167,6 +167,8 @@ refusals() {
     "$HELM" template r "$CHART" --set config.resume.bufferSize=1 || return 1
 }
 check "chart refuses bad values" refusals
+check "every helm command and values example in the docs renders as written" \
+  "$PY" "$TESTS/test_doc_commands.py" "$HELM" "$ROOT"
 
 # NOTES.txt is only rendered by install/upgrade, which need a cluster: render it through a copy
 # of the chart where it is a named template, output in a ConfigMap.
