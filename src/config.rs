@@ -47,6 +47,9 @@ pub struct Config {
     /// Routes, one per topic. Empty means the two default routes.
     #[serde(rename = "route", skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RouteConfig>,
+    /// `ROOMCAST_*` variables that set nothing, to be reported (see `apply_env`).
+    #[serde(skip)]
+    pub ignored_env: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -371,11 +374,21 @@ impl Config {
     /// File (if any), then environment, then flags; not validated yet (`Setup::build` does it,
     /// for every command alike).
     pub fn assemble(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        Config::assemble_over(Config::default(), file, overrides)
+    }
+
+    /// `assemble` with other defaults than `Config::default()` (the demo's listeners):
+    /// whatever the file, the environment or the flags set still wins over them.
+    pub fn assemble_over(
+        base: Config,
+        file: Option<&Path>,
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
         let mut config = match file {
-            Some(path) => Config::from_file(path)?,
-            None => Config::default(),
+            Some(path) => base.overlaid_with_file(path)?,
+            None => base,
         };
-        config.apply_env(std::env::vars())?;
+        config.ignored_env = config.apply_env(std::env::vars())?;
         config.apply_overrides(overrides);
         if config.routes.is_empty() {
             config.routes = default_routes();
@@ -387,82 +400,138 @@ impl Config {
     }
 
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        Config::default().overlaid_with_file(path)
+    }
+
+    /// This configuration with every key the file sets replaced by the file's value.
+    fn overlaid_with_file(&self, path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Config::from_toml(&text).map_err(|message| ConfigError::Parse {
+        let parse = |message: String| ConfigError::Parse {
             path: path.to_owned(),
             message,
-        })
+        };
+        // Parsed whole first, for messages that point at the file's line.
+        Config::from_toml(&text).map_err(parse)?;
+        let file: toml::Table = toml::from_str(&text).map_err(|e| parse(e.to_string()))?;
+        let mut whole = toml::Table::try_from(self).map_err(|e| parse(e.to_string()))?;
+        for (key, value) in file {
+            match (whole.get_mut(&key), value) {
+                (Some(toml::Value::Table(section)), toml::Value::Table(keys)) => {
+                    section.extend(keys);
+                }
+                (_, value) => {
+                    whole.insert(key, value);
+                }
+            }
+        }
+        whole
+            .try_into()
+            .map_err(|e: toml::de::Error| parse(e.to_string()))
     }
 
     pub fn from_toml(text: &str) -> Result<Config, String> {
         toml::from_str(text).map_err(|e| e.to_string())
     }
 
-    /// Applies `ROOMCAST_*` variables. `ROOMCAST_KAFKA_<NAME>` sets librdkafka's `<name>` with
-    /// `_` read as `.`, so `ROOMCAST_KAFKA_SASL_PASSWORD` sets `sasl.password`.
+    /// Applies `ROOMCAST_*` variables by one rule: `ROOMCAST_<SECTION>_<KEY>` sets
+    /// `<section>.<key>` (`ROOMCAST_WEBSOCKET_HEARTBEAT_SECONDS`), a list given comma-separated.
+    /// `ROOMCAST_KAFKA_<NAME>` that is not a key of `[kafka]` sets librdkafka's `<name>` with
+    /// `_` read as `.`, so `ROOMCAST_KAFKA_SASL_PASSWORD` sets `sasl.password`. The short
+    /// names of earlier versions (`ROOMCAST_LISTEN`, `ROOMCAST_JWT_SECRET`, ...) still work.
+    ///
+    /// A variable that names a section but no key of it, or a key without its section, is
+    /// refused: it was meant as a setting and would change nothing. Any other unknown
+    /// `ROOMCAST_*` variable is returned, to be reported; Kubernetes' service links and the
+    /// tests' own `ROOMCAST_TEST_*` are left alone.
     pub fn apply_env(
         &mut self,
         vars: impl Iterator<Item = (String, String)>,
-    ) -> Result<(), ConfigError> {
+    ) -> Result<Vec<String>, ConfigError> {
+        let mut unknown = Vec::new();
         for (name, value) in vars {
             let Some(key) = name.strip_prefix("ROOMCAST_") else {
                 continue;
             };
-            match key {
-                "LISTEN" => self.server.listen = value,
-                "ADMIN_LISTEN" => self.server.admin_listen = value,
-                "SERVER_NAME" => self.server.name = value,
-                "ALLOWED_ORIGINS" => {
-                    self.server.allowed_origins = split_list(&value);
-                }
-                "MAX_CONNECTIONS" => {
-                    self.server.max_connections = parse_env(&name, &value)?;
-                }
-                "DRAIN_SECONDS" => self.server.drain_seconds = parse_env(&name, &value)?,
-                "TRUSTED_PROXIES" => self.server.trusted_proxies = split_list(&value),
-                "MAX_CONNECTIONS_PER_USER" => {
-                    self.server.max_connections_per_user = parse_env(&name, &value)?;
-                }
-                "MAX_CONNECTIONS_PER_ADDRESS" => {
-                    self.server.max_connections_per_address = parse_env(&name, &value)?;
-                }
-                "KAFKA_BROKERS" => self.kafka.brokers = value,
-                "KAFKA_GROUP_PREFIX" => self.kafka.group_prefix = value,
-                "JWT_SECRET" => self.auth.secret = Some(value),
-                "JWT_PUBLIC_KEY_FILE" => self.auth.public_key_file = Some(value.into()),
-                "JWT_ALGORITHM" => {
-                    self.auth.algorithm =
-                        toml::Value::String(value.clone()).try_into().map_err(|_| {
-                            ConfigError::invalid(&name, format!("unknown algorithm {value:?}"))
-                        })?;
-                }
-                "JWT_AUDIENCE" => self.auth.audience = Some(value),
-                "JWT_ISSUER" => self.auth.issuer = Some(value),
-                "RECORDS_MAX_BYTES" => self.records.max_bytes = parse_env(&name, &value)?,
-                "RECORDS_MAX_ROOMS" => self.records.max_rooms = parse_env(&name, &value)?,
-                "RECORDS_MAX_DEPTH" => self.records.max_depth = parse_env(&name, &value)?,
-                "LOG" => self.log.level = value,
-                "LOG_FORMAT" => {
-                    self.log.format = match value.as_str() {
-                        "json" => LogFormat::Json,
-                        "text" => LogFormat::Text,
-                        _ => return Err(ConfigError::invalid(&name, "expected text or json")),
-                    }
-                }
-                other => {
-                    if let Some(prop) = other.strip_prefix("KAFKA_") {
-                        if !is_service_link(prop) {
-                            let prop = prop.to_ascii_lowercase().replace('_', ".");
-                            self.kafka.properties.insert(prop, value);
-                        }
-                    }
-                }
+            let key = ALIASES
+                .iter()
+                .find(|(alias, _)| *alias == key)
+                .map_or(key, |(_, full)| *full);
+            if self.set_from_env(&name, key, &value)? {
+                continue;
             }
+            if is_service_link(key) || key.starts_with("TEST_") {
+                continue;
+            }
+            if let Some(full) = self.section_of(key) {
+                return Err(ConfigError::invalid(
+                    &name,
+                    format!("not a setting; did you mean ROOMCAST_{full}?"),
+                ));
+            }
+            unknown.push(name);
         }
-        Ok(())
+        Ok(unknown)
+    }
+
+    /// Sets the key `key` (`SECTION_KEY`) names, if it names one; false if it names none.
+    fn set_from_env(&mut self, name: &str, key: &str, value: &str) -> Result<bool, ConfigError> {
+        let Some((section, field)) = key.split_once('_') else {
+            return Ok(false);
+        };
+        let (section, field) = (section.to_ascii_lowercase(), field.to_ascii_lowercase());
+        if section == "route" {
+            return Err(ConfigError::invalid(name, "routes are set in the file"));
+        }
+        if !ENV_SECTIONS.contains(&section.as_str()) {
+            return Ok(false);
+        }
+        if section == "kafka" && !KAFKA_KEYS.contains(&field.as_str()) {
+            if is_service_link(&key["KAFKA_".len()..]) {
+                return Ok(true);
+            }
+            self.kafka
+                .properties
+                .insert(field.replace('_', "."), value.into());
+            return Ok(true);
+        }
+        let mut whole =
+            toml::Table::try_from(&*self).map_err(|e| ConfigError::invalid(name, e.to_string()))?;
+        let Some(table) = whole.get_mut(&section).and_then(toml::Value::as_table_mut) else {
+            return Ok(false);
+        };
+        let parsed = match table.get(&field) {
+            Some(toml::Value::Integer(_)) => toml::Value::Integer(parse_env(name, value)?),
+            Some(toml::Value::Float(_)) => toml::Value::Float(parse_env(name, value)?),
+            Some(toml::Value::Boolean(_)) => toml::Value::Boolean(parse_env(name, value)?),
+            Some(toml::Value::Array(_)) => {
+                toml::Value::Array(split_list(value).into_iter().map(Into::into).collect())
+            }
+            Some(toml::Value::Table(_)) => {
+                return Err(ConfigError::invalid(name, "a table is set in the file"));
+            }
+            // Unset optional keys are strings (secrets, paths, names); a key that is not one
+            // is refused below by the sections' `deny_unknown_fields`.
+            _ => toml::Value::String(value.into()),
+        };
+        table.insert(field, parsed);
+        *self = whole.try_into().map_err(|e: toml::de::Error| {
+            ConfigError::invalid(name, e.message().trim_end().to_string())
+        })?;
+        Ok(true)
+    }
+
+    /// `SECTION_KEY` for a bare `KEY` that is a key of one of the sections.
+    fn section_of(&self, key: &str) -> Option<String> {
+        let whole = toml::Table::try_from(self).ok()?;
+        let field = key.to_ascii_lowercase();
+        ENV_SECTIONS.iter().find_map(|section| {
+            let table = whole.get(*section)?.as_table()?;
+            let known = table.contains_key(&field) || OPTIONAL_KEYS.contains(&(section, &field));
+            known.then(|| format!("{}_{key}", section.to_ascii_uppercase()))
+        })
     }
 
     pub fn apply_overrides(&mut self, o: &Overrides) {
@@ -695,6 +764,52 @@ impl Config {
     }
 }
 
+/// The sections a `ROOMCAST_<SECTION>_<KEY>` variable may set.
+const ENV_SECTIONS: [&str; 7] = [
+    "server",
+    "websocket",
+    "kafka",
+    "auth",
+    "resume",
+    "records",
+    "log",
+];
+
+/// The keys of `[kafka]` that are roomcast's own; any other name is librdkafka's.
+const KAFKA_KEYS: [&str; 3] = ["brokers", "group_prefix", "metadata_refresh_seconds"];
+
+/// Keys left out of a serialized default configuration because they are unset.
+const OPTIONAL_KEYS: [(&str, &str); 4] = [
+    ("auth", "secret"),
+    ("auth", "public_key_file"),
+    ("auth", "audience"),
+    ("auth", "issuer"),
+];
+
+/// Short names kept from earlier versions, and the `SECTION_KEY` each stands for.
+const ALIASES: [(&str, &str); 14] = [
+    ("LISTEN", "SERVER_LISTEN"),
+    ("ADMIN_LISTEN", "SERVER_ADMIN_LISTEN"),
+    ("ALLOWED_ORIGINS", "SERVER_ALLOWED_ORIGINS"),
+    ("MAX_CONNECTIONS", "SERVER_MAX_CONNECTIONS"),
+    ("DRAIN_SECONDS", "SERVER_DRAIN_SECONDS"),
+    ("TRUSTED_PROXIES", "SERVER_TRUSTED_PROXIES"),
+    (
+        "MAX_CONNECTIONS_PER_USER",
+        "SERVER_MAX_CONNECTIONS_PER_USER",
+    ),
+    (
+        "MAX_CONNECTIONS_PER_ADDRESS",
+        "SERVER_MAX_CONNECTIONS_PER_ADDRESS",
+    ),
+    ("JWT_SECRET", "AUTH_SECRET"),
+    ("JWT_PUBLIC_KEY_FILE", "AUTH_PUBLIC_KEY_FILE"),
+    ("JWT_ALGORITHM", "AUTH_ALGORITHM"),
+    ("JWT_AUDIENCE", "AUTH_AUDIENCE"),
+    ("JWT_ISSUER", "AUTH_ISSUER"),
+    ("LOG", "LOG_LEVEL"),
+];
+
 /// Kubernetes injects `<SERVICE>_PORT...` and `<SERVICE>_SERVICE_...` variables for every
 /// Service in the namespace; a Service called `roomcast-kafka` must not become librdkafka
 /// properties named `port` or `service.host`.
@@ -773,6 +888,153 @@ mod tests {
             .apply_env([("ROOMCAST_MAX_CONNECTIONS".into(), "many".into())].into_iter())
             .unwrap_err();
         assert!(err.to_string().starts_with("ROOMCAST_MAX_CONNECTIONS:"));
+    }
+
+    fn env(c: &mut Config, vars: &[(&str, &str)]) -> Result<Vec<String>, String> {
+        let vars = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        c.apply_env(vars).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn every_key_has_an_environment_name_by_one_rule() {
+        let mut c = hs_config();
+        let ignored = env(
+            &mut c,
+            &[
+                ("ROOMCAST_WEBSOCKET_HEARTBEAT_SECONDS", "7"),
+                ("ROOMCAST_WEBSOCKET_IDLE_TIMEOUT_SECONDS", "30"),
+                ("ROOMCAST_WEBSOCKET_QUEUE_FRAMES", "99"),
+                ("ROOMCAST_RESUME_POSITIONS_INTERVAL_SECONDS", "0.5"),
+                (
+                    "ROOMCAST_SERVER_ALLOWED_ORIGINS",
+                    "https://a.example, https://b.example",
+                ),
+                ("ROOMCAST_KAFKA_METADATA_REFRESH_SECONDS", "3"),
+                ("ROOMCAST_LOG_LEVEL", "debug"),
+                ("ROOMCAST_LOG_FORMAT", "json"),
+                ("ROOMCAST_AUTH_ALGORITHM", "HS512"),
+                ("ROOMCAST_AUTH_ISSUER", "issuer.example"),
+            ],
+        )
+        .unwrap();
+        assert!(ignored.is_empty(), "{ignored:?}");
+        assert_eq!(c.websocket.heartbeat_seconds, 7);
+        assert_eq!(c.websocket.idle_timeout_seconds, 30);
+        assert_eq!(c.websocket.queue_frames, 99);
+        assert_eq!(c.resume.positions_interval_seconds, 0.5);
+        assert_eq!(
+            c.server.allowed_origins,
+            ["https://a.example", "https://b.example"]
+        );
+        assert_eq!(c.kafka.metadata_refresh_seconds, 3);
+        assert!(c.kafka.properties.is_empty(), "{:?}", c.kafka.properties);
+        assert_eq!(
+            (c.log.level.as_str(), c.log.format),
+            ("debug", LogFormat::Json)
+        );
+        assert_eq!(c.auth.algorithm, Algorithm::HS512);
+        assert_eq!(c.auth.issuer.as_deref(), Some("issuer.example"));
+    }
+
+    #[test]
+    fn the_short_names_of_earlier_versions_still_work() {
+        let mut c = hs_config();
+        env(
+            &mut c,
+            &[
+                ("ROOMCAST_LISTEN", "127.0.0.1:1"),
+                ("ROOMCAST_MAX_CONNECTIONS", "5"),
+                ("ROOMCAST_JWT_SECRET", "another-secret-0123456789"),
+                ("ROOMCAST_LOG", "warn"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:1");
+        assert_eq!(c.server.max_connections, 5);
+        assert_eq!(c.auth.secret.as_deref(), Some("another-secret-0123456789"));
+        assert_eq!(c.log.level, "warn");
+    }
+
+    #[test]
+    fn a_variable_meant_as_a_setting_that_sets_nothing_is_refused() {
+        let cases = [
+            (
+                "ROOMCAST_HEARTBEAT_SECONDS",
+                "ROOMCAST_HEARTBEAT_SECONDS: not a setting; did you mean \
+                 ROOMCAST_WEBSOCKET_HEARTBEAT_SECONDS?",
+            ),
+            (
+                "ROOMCAST_WEBSOCKET_HEARTBEAT",
+                "ROOMCAST_WEBSOCKET_HEARTBEAT: unknown field `heartbeat`",
+            ),
+            (
+                "ROOMCAST_ROUTE_TOPIC",
+                "ROOMCAST_ROUTE_TOPIC: routes are set in the file",
+            ),
+        ];
+        for (name, message) in cases {
+            let err = env(&mut hs_config(), &[(name, "1")]).unwrap_err();
+            assert!(err.starts_with(message), "{err}");
+        }
+        let err = env(
+            &mut hs_config(),
+            &[("ROOMCAST_WEBSOCKET_QUEUE_FRAMES", "x")],
+        );
+        assert_eq!(
+            err.unwrap_err(),
+            "ROOMCAST_WEBSOCKET_QUEUE_FRAMES: cannot parse \"x\""
+        );
+    }
+
+    #[test]
+    fn other_unknown_variables_are_reported_and_service_links_left_alone() {
+        let mut c = hs_config();
+        let ignored = env(
+            &mut c,
+            &[
+                ("ROOMCAST_COLOUR", "blue"),
+                ("ROOMCAST_PORT", "tcp://10.0.0.1:8080"),
+                ("ROOMCAST_SERVICE_HOST", "10.0.0.1"),
+                ("ROOMCAST_KAFKA_PORT_9092_TCP", "tcp://10.0.0.2:9092"),
+                ("ROOMCAST_TEST_BROKERS", "127.0.0.1:9092"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(ignored, ["ROOMCAST_COLOUR"]);
+        assert!(c.kafka.properties.is_empty(), "{:?}", c.kafka.properties);
+    }
+
+    /// The README's table names each key's variable: every one of them sets its key.
+    #[test]
+    fn every_variable_the_readme_names_sets_its_key() {
+        let readme = include_str!("../README.md");
+        let defaults = toml::Table::try_from(hs_config()).unwrap();
+        let mut named = 0;
+        for row in readme.lines().filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = row.split(" | ").collect();
+            let (Some(key), Some(var)) = (cells[0].strip_prefix("| `"), cells.get(1)) else {
+                continue;
+            };
+            let Some((section, field)) = key.split('`').next().unwrap().split_once('.') else {
+                continue;
+            };
+            let Some(var) = var.strip_prefix('`').and_then(|v| v.split('`').next()) else {
+                continue;
+            };
+            if field.starts_with('"') || !var.starts_with("ROOMCAST_") {
+                continue;
+            }
+            let value = match defaults[section].get(field) {
+                Some(toml::Value::String(s)) => s.clone(),
+                Some(toml::Value::Array(_)) | None => "x.example".into(),
+                Some(other) => other.to_string(),
+            };
+            let mut c = hs_config();
+            let ignored = env(&mut c, &[(var, &value)]).unwrap_or_else(|e| panic!("{e}"));
+            assert!(ignored.is_empty(), "{var} set nothing");
+            named += 1;
+        }
+        assert!(named >= 40, "only {named} variables found in the README");
     }
 
     #[test]

@@ -60,6 +60,22 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()>) -> Result<(
     served
 }
 
+/// Tells the user where to look and how to connect a client of their own: on stdout, so it
+/// is seen whatever the log level.
+pub fn announce(public: std::net::SocketAddr, admin: std::net::SocketAddr, token: &str) {
+    println!(
+        "\nroomcast demo\n\
+         \x20 page:      http://{public}/\n\
+         \x20 websocket: ws://{public}/ws?token={token}\n\
+         \x20 token:     {token}\n\
+         \x20            (user {DEMO_USER}, rooms feature:** and task:*, valid 24 h; or send it as\n\
+         \x20            `Authorization: Bearer` or the `bearer.<token>` subprotocol)\n\
+         \x20 metrics:   http://{admin}/metrics\n\
+         \x20 Tokens of your own: give the demo a secret (ROOMCAST_JWT_SECRET or auth.secret)\n\
+         \x20 and mint them with `roomcast token --sub <user> --rooms 'task:*'` and the same secret.\n"
+    );
+}
+
 /// Publishes one sample record every 700 ms, alternating between the two default formats.
 async fn publish(producer: FutureProducer) {
     let mut tick = tokio::time::interval(Duration::from_millis(700));

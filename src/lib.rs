@@ -116,8 +116,8 @@ pub async fn serve(
     let (public, public_addr) = bind(listen, config.websocket.send_buffer_bytes)?;
     let (admin, admin_addr) = bind(admin_listen, 0)?;
     info!(public = %public_addr, admin = %admin_addr, server = %config.server.name, "listening");
-    if demo_token.is_some() {
-        info!("demo page: http://{public_addr}/");
+    if let Some(token) = &demo_token {
+        demo::announce(public_addr, admin_addr, token);
     }
 
     let stages = Stages::new();

@@ -56,12 +56,38 @@ impl Common {
     }
 }
 
+/// The demo's options: those of `serve` but the brokers, as it runs its own Kafka. Its
+/// listeners default to 127.0.0.1:8080 and :9090.
+#[derive(clap::Args, Clone)]
+struct DemoArgs {
+    /// TOML configuration file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Public listener address (overrides server.listen and ROOMCAST_LISTEN).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Admin listener address (overrides server.admin_listen and ROOMCAST_ADMIN_LISTEN).
+    #[arg(long)]
+    admin_listen: Option<String>,
+}
+
+impl From<DemoArgs> for Common {
+    fn from(d: DemoArgs) -> Common {
+        Common {
+            config: d.config,
+            listen: d.listen,
+            admin_listen: d.admin_listen,
+            brokers: None,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the service.
     Serve(Common),
     /// Run the service on an embedded Kafka with a demo producer and page.
-    Demo(Common),
+    Demo(DemoArgs),
     /// Validate a configuration and print the effective one, secrets hidden.
     CheckConfig(Common),
     /// Print a connection token signed with the configured HMAC secret (for trying it out).
@@ -100,6 +126,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::CheckConfig(c) => {
             let setup = c.setup()?;
+            for name in &setup.config().ignored_env {
+                eprintln!("roomcast: {name} is not a setting and changes nothing");
+            }
             print!("{}", setup.config().redacted_toml());
             eprintln!("configuration is valid");
             Ok(())
@@ -124,18 +153,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(c) => {
             let mut setup = c.setup()?;
             init_logging(setup.take_log_filter(), setup.config().log.format);
+            report_ignored_env(&setup.config().ignored_env);
             block_on(roomcast::serve(setup, None, roomcast::shutdown::signal()))
         }
-        Command::Demo(c) => {
-            let mut overrides = c.overrides();
-            overrides
-                .listen
-                .get_or_insert_with(|| "127.0.0.1:8080".into());
-            overrides
-                .admin_listen
-                .get_or_insert_with(|| "127.0.0.1:9090".into());
-            let config = Config::assemble(c.config.as_deref(), &overrides)?;
+        Command::Demo(d) => {
+            let mut base = Config::default();
+            base.server.listen = "127.0.0.1:8080".into();
+            base.server.admin_listen = "127.0.0.1:9090".into();
+            let c = Common::from(d);
+            let config = Config::assemble_over(base, c.config.as_deref(), &c.overrides())?;
             init_logging(log_filter(&config.log)?, config.log.format);
+            report_ignored_env(&config.ignored_env);
             block_on(roomcast::demo::run(config, roomcast::shutdown::signal()))
         }
     }
@@ -156,6 +184,12 @@ fn block_on(
     let result = runtime.block_on(service);
     runtime.shutdown_timeout(Duration::from_secs(2));
     result.map_err(Into::into)
+}
+
+fn report_ignored_env(names: &[String]) {
+    for name in names {
+        tracing::warn!(variable = %name, "not a setting; it changes nothing");
+    }
 }
 
 fn init_logging(filter: EnvFilter, format: LogFormat) {

@@ -301,3 +301,70 @@ fn serve_briefly(config: &std::path::Path) -> (Option<i32>, String) {
         .unwrap();
     (code, err)
 }
+
+/// `roomcast demo` takes its listeners from the environment like `serve` (its own defaults
+/// only fill what nothing set), and prints a token and URL a client of one's own connects
+/// with. Before, ROOMCAST_LISTEN lost to the demo's 127.0.0.1:8080.
+#[tokio::test]
+async fn the_demo_honours_listen_settings_and_prints_a_token_that_connects() {
+    use std::io::{BufRead, BufReader};
+    let mut demo = Command::new(binary())
+        .arg("demo")
+        .env("ROOMCAST_LISTEN", "127.0.0.1:0")
+        .env("ROOMCAST_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("ROOMCAST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("roomcast demo starts");
+    let stdout = demo.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(url) = line.trim().strip_prefix("websocket: ") {
+                let _ = tx.send(url.to_string());
+            }
+        }
+    });
+    let url = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the demo prints a websocket URL");
+    let (base, token) = url
+        .split_once("?token=")
+        .expect("the URL carries the token");
+    assert!(base.starts_with("ws://127.0.0.1:"), "{base}");
+    assert!(
+        !base.contains(":8080/"),
+        "ROOMCAST_LISTEN was ignored: {base}"
+    );
+    let mut client = Client::connect(base, token)
+        .await
+        .expect("the token is accepted");
+    assert_eq!(client.welcome["user"], "42");
+    // The demo publishes a task of user 42 within a few records.
+    let event = client.frame_within(Duration::from_secs(20)).await;
+    let _ = demo.kill();
+    let _ = demo.wait();
+    assert_eq!(event.expect("a demo event")["type"], "event");
+}
+
+/// The sample configuration the README points to is valid as shipped.
+#[test]
+fn the_example_configuration_passes_check_config() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/roomcast.example.toml");
+    let out = Command::new(binary())
+        .args(["check-config", "--config", example])
+        .env_remove("ROOMCAST_LOG")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let effective = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        effective.contains("topic = \"task-updates\""),
+        "{effective}"
+    );
+}
