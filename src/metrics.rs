@@ -155,9 +155,9 @@ impl Metrics {
             resume_waits: counter_vec(
                 &r,
                 "roomcast_resume_waits_total",
-                "Resumes that found this replica behind the client's map, by outcome: \
+                "Resumes that found this replica behind the client's map, by result: \
                  caught_up within the wait, or still behind (answered lagging).",
-                &["outcome"],
+                &["result"],
             ),
             replay_buffer_bytes: gauge(
                 &r,

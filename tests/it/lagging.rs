@@ -37,8 +37,8 @@ async fn consumed(server: &Server, topic: &str) -> f64 {
     server.metric(&series).await
 }
 
-async fn resume_waits(server: &Server, outcome: &str) -> f64 {
-    let series = format!("roomcast_resume_waits_total{{outcome=\"{outcome}\"}}");
+async fn resume_waits(server: &Server, result: &str) -> f64 {
+    let series = format!("roomcast_resume_waits_total{{result=\"{result}\"}}");
     server.metric(&series).await
 }
 
