@@ -11,6 +11,7 @@ pub mod edge;
 pub mod http;
 pub mod json_view;
 pub mod kafka;
+pub mod lag;
 pub mod memory;
 pub mod metrics;
 pub mod pattern;

@@ -26,6 +26,7 @@ pub struct Metrics {
     pub record_latency: Histogram,
     pub resumes: IntCounterVec,
     pub replayed_records: IntCounterVec,
+    pub resume_waits: IntCounterVec,
     pub replay_buffer_bytes: IntGauge,
     pub replay_buffer_records: IntGauge,
     pub partition_offset: IntGaugeVec,
@@ -151,6 +152,13 @@ impl Metrics {
                 "Event frames replayed to resuming connections, by source.",
                 &["source"],
             ),
+            resume_waits: counter_vec(
+                &r,
+                "roomcast_resume_waits_total",
+                "Resumes that found this replica behind the client's map, by result: \
+                 caught_up within the wait, or still behind (answered lagging).",
+                &["result"],
+            ),
             replay_buffer_bytes: gauge(
                 &r,
                 "roomcast_replay_buffer_bytes",
@@ -196,7 +204,7 @@ impl Metrics {
     /// Creates the series whose labels are known in advance, so dashboards and alerts see a
     /// zero rather than no data until the first increment.
     pub fn prime(&self, topics: &[&str]) {
-        let sets: [(&IntCounterVec, &[&str]); 6] = [
+        let sets: [(&IntCounterVec, &[&str]); 7] = [
             (
                 &self.handshake_failures,
                 &[
@@ -222,7 +230,9 @@ impl Metrics {
             ),
             (
                 &self.connections_closed,
-                &["1000", "1001", "1006", "1008", "4001", "4008", "4029"],
+                &[
+                    "1000", "1001", "1006", "1008", "1013", "4001", "4008", "4029",
+                ],
             ),
             (
                 &self.subscriptions,
@@ -240,6 +250,7 @@ impl Metrics {
             ),
             (&self.resumes, &["nothing", "memory", "kafka", "resync"]),
             (&self.replayed_records, &["memory", "kafka"]),
+            (&self.resume_waits, &["caught_up", "behind"]),
         ];
         for (vec, labels) in sets {
             for label in labels {

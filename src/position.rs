@@ -67,7 +67,9 @@ impl PartitionTable {
         Some(before)
     }
 
-    /// After the log went back to `offset`: nothing before it is warm-up any more.
+    /// After the log went back to `offset`: nothing before it is warm-up any more, and the
+    /// old log's high watermark no longer says where this one ends (a resume would take a
+    /// position of the old log for one this replica has yet to read).
     pub fn rebase(&self, topic: &str, partition: i32, offset: i64) {
         if let Some(p) = self
             .write()
@@ -75,6 +77,7 @@ impl PartitionTable {
             .and_then(|t| t.get_mut(&partition))
         {
             p.assigned_head = p.assigned_head.min(offset);
+            p.high_watermark = p.next_offset;
         }
     }
 
@@ -170,6 +173,17 @@ mod tests {
         assert_eq!(map["a:1"], -1);
         assert_eq!(t.get("a", 0).unwrap().lag(), 3);
         assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn a_log_gone_back_forgets_the_old_logs_end() {
+        let t = PartitionTable::default();
+        t.assign("a", 0, 0, 0);
+        t.set_high_watermark("a", 0, 500);
+        // The consumer reads offset 0 of the recreated log, then rebases.
+        t.advance("a", 0, 0);
+        t.rebase("a", 0, 0);
+        assert_eq!(t.get("a", 0).unwrap().high_watermark, 1);
     }
 
     #[test]

@@ -271,6 +271,8 @@ pub async fn gather(buffer: &ReplayBuffer, kafka: &KafkaReplay, plan: &ResumePla
         };
         // A partition the client has never heard of is replayed from its beginning.
         let after = plan.after.get(key).copied().unwrap_or(-1).max(-1);
+        // The session has waited for this replica wherever the log holds `after` (lag.rs):
+        // still past the cut, the log itself ends before it.
         if after > upto {
             return Replayed::Resync(format!(
                 "{key}: position {after} is ahead of the log ({upto}); the topic was recreated"

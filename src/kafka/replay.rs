@@ -98,6 +98,27 @@ impl KafkaReplay {
     }
 }
 
+impl crate::lag::Log for KafkaReplay {
+    /// Asked of the broker, through the same permits as a read back: a failover brings every
+    /// client of the failed replica at once.
+    async fn high_watermark(&self, topic: &str, partition: i32) -> Result<i64, ReplayError> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|e| ReplayError::Kafka(e.to_string()))?;
+        let config = self.config.clone();
+        let topic = topic.to_string();
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = config.create()?;
+            let (_low, high) = consumer.fetch_watermarks(&topic, partition, CALL_TIMEOUT)?;
+            Ok(high)
+        })
+        .await
+        .map_err(|e| ReplayError::Kafka(e.to_string()))?
+    }
+}
+
 struct Job {
     config: ClientConfig,
     route: Option<Route>,

@@ -24,6 +24,7 @@ use tokio::sync::{Mutex, MutexGuard, Semaphore};
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::kafka::replay::KafkaReplay;
+use crate::lag::LogEnds;
 use crate::metrics::Metrics;
 use crate::position::{PartitionTable, PositionMap};
 use crate::proxy::TrustedProxies;
@@ -66,6 +67,8 @@ pub struct Hub {
     pub sessions: DashMap<ConnId, Peer>,
     pub replay: ReplayBuffer,
     pub kafka_replay: KafkaReplay,
+    /// Where the logs end, as the broker last told a resume (see `lag.rs`).
+    pub log_ends: LogEnds,
     /// Held by the consumer while it hands one record out and advances its position, and by
     /// whoever joins rooms and takes a position snapshot that must match them: so a snapshot
     /// and a join always fall between two records, never in the middle of one. An async
@@ -127,6 +130,7 @@ impl Hub {
             sessions: DashMap::new(),
             replay,
             kafka_replay,
+            log_ends: LogEnds::default(),
             cut: Mutex::new(()),
             limit,
             proxies,

@@ -25,6 +25,8 @@ pub mod close {
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const INTERNAL: u16 = 1011;
+    /// Try again later (RFC 6455's registry): this replica cannot serve the request yet.
+    pub const TRY_AGAIN: u16 = 1013;
     pub const TOKEN: u16 = 4001;
     pub const SLOW_CONSUMER: u16 = 4008;
     pub const TOO_MANY: u16 = 4029;

@@ -22,6 +22,7 @@ use super::throttle::{Budget, Throttle, Verdict};
 use super::wire::{Decoder, Incoming, WireError};
 use super::{writer, Hub};
 use crate::auth::{now_secs, Identity};
+use crate::lag::{self, Behind, Level};
 use crate::pattern::{EventFilter, Pattern, PatternError};
 use crate::position::PositionMap;
 use crate::quota::Admission;
@@ -37,9 +38,10 @@ const CLOSE_GRACE: Duration = Duration::from_secs(3);
 /// rather than read for the whole grace: a flooder closed for its rate would otherwise be
 /// read flat out, 512 bytes a call, until it noticed.
 const CLOSE_READ_BYTES: u32 = 64 * 1024;
-/// How long a resume waits for a replica that is still starting to be ready, and how often it
-/// looks. Long enough for a restart's warm-up; past it, the resume goes on with what the
-/// replica has (a gap it cannot place is a `resync`).
+/// How long a resume waits for this replica: to be ready if it is still starting, then to have
+/// read as far as the client's map if it is behind it (see `lag.rs`), and how often it looks.
+/// Long enough for a restart's warm-up. Past it, a replica not yet ready goes on with what it
+/// has (a gap it cannot place is a `resync`); one still behind the map says so (`lagging`).
 const READY_WAIT: Duration = Duration::from_secs(10);
 const READY_POLL: Duration = Duration::from_millis(20);
 
@@ -428,8 +430,12 @@ impl Session {
                     .await;
             }
             // Anything else first: resume from the welcome, then carry on.
-            self.start_resume(None, welcome_positions, Vec::new(), None)
-                .await;
+            if let Err(behind) = self
+                .start_resume(None, welcome_positions, Vec::new(), None)
+                .await
+            {
+                return self.refuse_behind(&None, &behind);
+            }
         }
         match frame {
             ClientFrame::Resume { id, .. } => {
@@ -584,25 +590,64 @@ impl Session {
             self.awaiting_resume = Some(welcome_positions);
             return;
         };
-        self.start_resume(Some(id.clone()), after, admitted, filter)
-            .await;
+        if let Err(behind) = self
+            .start_resume(Some(id.clone()), after, admitted, filter)
+            .await
+        {
+            self.refuse_behind(id, &behind);
+        }
+    }
+
+    /// This replica is behind the client's map: the client keeps its map and resumes later
+    /// or elsewhere. Closed, so that it does: waiting on here would hold it to this replica.
+    fn refuse_behind(&self, id: &Option<Value>, behind: &Behind) {
+        let (conn, user) = (self.id, &self.identity.user);
+        tracing::info!(%behind, conn, %user, "resume refused: replica behind the client");
+        self.peer.reply(protocol::error(
+            id,
+            "lagging",
+            None,
+            &format!("{behind}: resume again later or on another replica"),
+        ));
+        self.peer
+            .close(close::TRY_AGAIN, "replica behind; resume later", true);
     }
 
     /// Joins the rooms under the cut and queues the replay of `(after, cut]` in their place.
     /// Not before the replica is ready: one that has just started has not read what the
     /// client missed, and a cut taken then lacks partitions (whose gap is then replayed by
     /// nobody, since what a replica reads back at start only warms its buffer) or stands
-    /// behind the client's map (a needless resync).
+    /// behind the client's map (a needless resync). Nor before it has read as far as the
+    /// client's map, where its log holds the map (a client come from a replica ahead of this
+    /// one): a cut behind the map would be taken for a recreated topic. Until the cut, the
+    /// connection is in no room, so what the replica reads meanwhile reaches it only through
+    /// the replay, and only past the map.
     async fn start_resume(
         &mut self,
         id: Option<Option<Value>>,
         after: PositionMap,
         extra: Vec<String>,
         filter: Option<Arc<EventFilter>>,
-    ) {
+    ) -> Result<(), Behind> {
         let hub = self.hub.clone();
-        // Boxed: the rare wait must not grow every session's future.
-        Box::pin(until_ready(&hub)).await;
+        let deadline = Instant::now() + READY_WAIT;
+        // Boxed: the rare waits must not grow every session's future.
+        Box::pin(until_ready(&hub, deadline)).await;
+        let replica = lag::Replica {
+            table: &hub.partitions,
+            ends: &hub.log_ends,
+            log: &hub.kafka_replay,
+        };
+        let level = Box::pin(lag::catch_up(replica, &after, deadline)).await;
+        let outcome = match &level {
+            Ok(Level::Even) => None,
+            Ok(Level::CaughtUp) => Some("caught_up"),
+            Err(_) => Some("behind"),
+        };
+        if let Some(outcome) = outcome {
+            hub.metrics.resume_waits.with_label_values(&[outcome]).inc();
+        }
+        level?;
         let _cut = hub.cut().await;
         let mut joined = self.identity.own_rooms();
         for room in &joined {
@@ -629,6 +674,7 @@ impl Session {
         };
         self.peer.resume(plan);
         self.peer.set_live();
+        Ok(())
     }
 
     fn admit(&self, room: &str, grants: &[Pattern]) -> Result<(), (&'static str, &'static str)> {
@@ -694,9 +740,8 @@ impl Session {
     }
 }
 
-/// Returns once the replica is ready, or after `READY_WAIT`.
-async fn until_ready(hub: &Hub) {
-    let deadline = Instant::now() + READY_WAIT;
+/// Returns once the replica is ready, or at `deadline`.
+async fn until_ready(hub: &Hub, deadline: Instant) {
     while !hub.partitions.ready() && Instant::now() < deadline {
         tokio::time::sleep(READY_POLL).await;
     }

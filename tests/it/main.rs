@@ -9,6 +9,7 @@ mod hostile_edge;
 mod hostile_patterns;
 mod hostile_records;
 mod hostile_session;
+mod lagging;
 mod ops;
 mod protocol;
 mod raw;
