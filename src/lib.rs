@@ -8,6 +8,7 @@ pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod edge;
+pub mod frame;
 pub mod http;
 pub mod json_view;
 pub mod kafka;

@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::frame::Frame;
 use crate::kafka::replay::KafkaReplay;
 use crate::pattern::EventFilter;
 use crate::position::{parse_partition_key, PositionMap};
 use crate::route::Routed;
-use crate::ws::protocol::Frame;
 
 /// One routed record, as kept for replay.
 #[derive(Debug, Clone)]

@@ -14,9 +14,10 @@ use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::Semaphore;
 
+use crate::frame::Frame;
 use crate::replay::{Entry, Selection};
 use crate::route::Route;
-use crate::ws::protocol::{self, Frame};
+use crate::ws::protocol;
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const READ_TIMEOUT: Duration = Duration::from_secs(20);

@@ -11,7 +11,7 @@ use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::outbox::{Delivery, Handover, Peer};
-use super::protocol::Frame;
+use crate::frame::Frame;
 use crate::metrics::Metrics;
 use crate::registry::Members;
 use crate::route::Priority;

@@ -23,6 +23,7 @@ use tokio::sync::{Mutex, MutexGuard, Semaphore};
 
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::frame::Frame;
 use crate::kafka::replay::KafkaReplay;
 use crate::lag::LogEnds;
 use crate::metrics::Metrics;
@@ -35,7 +36,7 @@ use crate::route::{Priority, Route, Routed};
 use crate::setup::Setup;
 use fanout::{Fanout, Spread, Tally};
 use outbox::{Handover, Peer};
-use protocol::{close, Frame};
+use protocol::close;
 
 /// Recipients per record whose frame may be written by the consumer itself when their
 /// connection is quiet: a send costs it a few microseconds, against a task wake-up, a

@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::outbox::{Delivery, Handover, Limits, Peer};
-use super::protocol::{close, Frame};
+use super::protocol::close;
 use super::{writer, Hub};
 use crate::config::Config;
+use crate::frame::Frame;
 use crate::metrics::Metrics;
 use crate::position::PartitionTable;
 use crate::route::Priority;

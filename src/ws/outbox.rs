@@ -21,7 +21,8 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::protocol::{close, Frame};
+use super::protocol::close;
+use crate::frame::Frame;
 use crate::replay::ResumePlan;
 use crate::route::Priority;
 

@@ -14,7 +14,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const SUBPROTOCOL: &str = "roomcast.v1";
 
 /// One encoded server frame, WebSocket header included, shared by every connection it goes to.
-pub use super::wire::Frame;
+use crate::frame::Frame;
 
 /// Close codes the server sends (docs/PROTOCOL.md, "Close codes"; 4003 is reserved there).
 pub mod close {

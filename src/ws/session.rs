@@ -22,6 +22,7 @@ use super::throttle::{Budget, Throttle, Verdict};
 use super::wire::{Decoder, Incoming, WireError};
 use super::{writer, Hub};
 use crate::auth::{now_secs, Identity};
+use crate::frame::Frame;
 use crate::lag::{self, Behind, Level};
 use crate::pattern::{EventFilter, Pattern, PatternError};
 use crate::position::PositionMap;
@@ -350,11 +351,11 @@ impl Session {
     async fn on_message(&mut self, message: Incoming) -> bool {
         match message {
             Incoming::Text(text) if self.hub.echo => {
-                self.peer.reply(protocol::Frame::from(text));
+                self.peer.reply(Frame::from(text));
                 true
             }
             Incoming::Binary(data) if self.hub.echo => {
-                self.peer.reply(protocol::Frame::binary(&data));
+                self.peer.reply(Frame::binary(&data));
                 true
             }
             Incoming::Text(text) => match ClientFrame::parse(&text) {

@@ -24,8 +24,9 @@ use tokio::time::{timeout_at, Instant};
 use tracing::debug;
 
 use super::outbox::{Inbox, Outgoing, Peer};
-use super::protocol::{self, Frame};
+use super::protocol;
 use super::{wire, Hub};
+use crate::frame::Frame;
 use crate::registry::ConnId;
 use crate::replay::{self, Replayed, ResumePlan};
 
