@@ -17,7 +17,7 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{parse_addr, Config, ConfigError, LogConfig, RouteConfig};
 use crate::kafka::KafkaSettings;
 use crate::proxy::TrustedProxies;
-use crate::replay;
+use crate::resume;
 use crate::route::Route;
 
 /// A validated configuration and what was built from it. Made only by [`Setup::build`].
@@ -30,7 +30,7 @@ pub struct Setup {
     pub(crate) auth: Authenticator,
     pub(crate) proxies: TrustedProxies,
     pub(crate) kafka: KafkaSettings,
-    pub(crate) replay: replay::Limits,
+    pub(crate) replay: resume::Limits,
     log_filter: EnvFilter,
 }
 
@@ -89,9 +89,9 @@ fn compile_routes(config: &Config) -> Result<HashMap<String, Route>, ConfigError
     config.routes.iter().enumerate().map(compile).collect()
 }
 
-fn replay_limits(config: &Config) -> replay::Limits {
+fn replay_limits(config: &Config) -> resume::Limits {
     let r = &config.resume;
-    replay::Limits {
+    resume::Limits {
         bytes: r.buffer_bytes,
         // Memory never serves what a read back from Kafka would refuse as too old.
         max_age: Duration::from_secs(r.buffer_max_age_seconds.min(r.max_age_seconds)),

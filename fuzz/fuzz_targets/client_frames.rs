@@ -4,8 +4,9 @@
 //! the same messages, the same error and the same bytes left over whether the stream comes in
 //! one read or in many: the socket decides where reads end, never the client.
 //!
-//! The target compiles `src/ws/wire.rs` alone rather than depending on the roomcast crate:
-//! the decoder needs nothing else, and the crate would bring librdkafka into every fuzz build.
+//! The target compiles `src/ws/wire.rs` (and `src/frame.rs`, whose opcodes it reads) alone
+//! rather than depending on the roomcast crate: the decoder needs nothing else, and the crate
+//! would bring librdkafka into every fuzz build.
 
 #![no_main]
 
@@ -13,6 +14,9 @@ use bytes::BytesMut;
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 
+#[allow(dead_code)]
+#[path = "../../src/frame.rs"]
+mod frame;
 #[allow(dead_code)]
 #[path = "../../src/ws/wire.rs"]
 mod wire;

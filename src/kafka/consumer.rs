@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use crate::kafka::KafkaSettings;
 use crate::metrics::Metrics;
 use crate::position::{PartitionTable, PositionMap};
-use crate::replay::Entry;
+use crate::resume::Entry;
 use crate::route::{Record, Route};
 use crate::ws::protocol;
 use crate::ws::{Hub, PendingFanout};

@@ -15,26 +15,17 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::Semaphore;
 
 use crate::frame::Frame;
-use crate::replay::{Entry, Selection};
+use crate::resume::lag::Log;
+use crate::resume::{Entry, History, HistoryError, Selection};
 use crate::route::Route;
 use crate::ws::protocol;
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const READ_TIMEOUT: Duration = Duration::from_secs(20);
 
-#[derive(Debug, thiserror::Error)]
-pub enum ReplayError {
-    #[error("older than the replayable window")]
-    TooOld,
-    #[error("more than {0} records to replay")]
-    TooMany(i64),
-    #[error("kafka unavailable: {0}")]
-    Kafka(String),
-}
-
-impl From<rdkafka::error::KafkaError> for ReplayError {
+impl From<rdkafka::error::KafkaError> for HistoryError {
     fn from(e: rdkafka::error::KafkaError) -> Self {
-        ReplayError::Kafka(e.to_string())
+        HistoryError::Kafka(e.to_string())
     }
 }
 
@@ -65,24 +56,25 @@ impl KafkaReplay {
             max_records,
         }
     }
+}
 
-    /// The selected frames of `topic`/`partition` with offsets in `(after, upto]`.
-    pub async fn read(
+impl History for KafkaReplay {
+    async fn read(
         &self,
         topic: &str,
         partition: i32,
         after: i64,
         upto: i64,
         selection: &Selection,
-    ) -> Result<Vec<Frame>, ReplayError> {
+    ) -> Result<Vec<Frame>, HistoryError> {
         if upto - after > self.max_records {
-            return Err(ReplayError::TooMany(self.max_records));
+            return Err(HistoryError::TooMany(self.max_records));
         }
         let _permit = self
             .permits
             .acquire()
             .await
-            .map_err(|e| ReplayError::Kafka(e.to_string()))?;
+            .map_err(|e| HistoryError::Kafka(e.to_string()))?;
         let job = Job {
             config: self.config.clone(),
             route: self.routes.get(topic).cloned(),
@@ -95,19 +87,19 @@ impl KafkaReplay {
         };
         tokio::task::spawn_blocking(move || job.run())
             .await
-            .map_err(|e| ReplayError::Kafka(e.to_string()))?
+            .map_err(|e| HistoryError::Kafka(e.to_string()))?
     }
 }
 
-impl crate::lag::Log for KafkaReplay {
+impl Log for KafkaReplay {
     /// Asked of the broker, through the same permits as a read back: a failover brings every
     /// client of the failed replica at once.
-    async fn high_watermark(&self, topic: &str, partition: i32) -> Result<i64, ReplayError> {
+    async fn high_watermark(&self, topic: &str, partition: i32) -> Result<i64, HistoryError> {
         let _permit = self
             .permits
             .acquire()
             .await
-            .map_err(|e| ReplayError::Kafka(e.to_string()))?;
+            .map_err(|e| HistoryError::Kafka(e.to_string()))?;
         let config = self.config.clone();
         let topic = topic.to_string();
         tokio::task::spawn_blocking(move || {
@@ -116,7 +108,7 @@ impl crate::lag::Log for KafkaReplay {
             Ok(high)
         })
         .await
-        .map_err(|e| ReplayError::Kafka(e.to_string()))?
+        .map_err(|e| HistoryError::Kafka(e.to_string()))?
     }
 }
 
@@ -132,7 +124,7 @@ struct Job {
 }
 
 impl Job {
-    fn run(self) -> Result<Vec<Frame>, ReplayError> {
+    fn run(self) -> Result<Vec<Frame>, HistoryError> {
         let consumer: BaseConsumer = self.config.create()?;
         self.check_window(&consumer)?;
         let mut tpl = TopicPartitionList::new();
@@ -143,7 +135,7 @@ impl Job {
         let mut next = self.after + 1;
         while next <= self.upto {
             if Instant::now() > deadline {
-                return Err(ReplayError::Kafka("read back timed out".into()));
+                return Err(HistoryError::Kafka("read back timed out".into()));
             }
             let Some(message) = consumer.poll(Duration::from_millis(200)) else {
                 continue;
@@ -162,10 +154,10 @@ impl Job {
 
     /// Refuses ranges that start before the log's low watermark (retention) or whose first
     /// record is older than the maximum age.
-    fn check_window(&self, consumer: &BaseConsumer) -> Result<(), ReplayError> {
+    fn check_window(&self, consumer: &BaseConsumer) -> Result<(), HistoryError> {
         let (low, _high) = consumer.fetch_watermarks(&self.topic, self.partition, CALL_TIMEOUT)?;
         if self.after + 1 < low {
-            return Err(ReplayError::TooOld);
+            return Err(HistoryError::TooOld);
         }
         let cutoff = crate::unix_millis() - self.max_age.as_millis() as i64;
         let mut tpl = TopicPartitionList::new();
@@ -175,9 +167,9 @@ impl Job {
             .find_partition(&self.topic, self.partition)
             .map(|p| p.offset());
         match first_young {
-            Some(Offset::Offset(o)) if self.after + 1 < o => Err(ReplayError::TooOld),
+            Some(Offset::Offset(o)) if self.after + 1 < o => Err(HistoryError::TooOld),
             // No record is young enough: everything after `after` is too old, if anything.
-            Some(Offset::End) if self.after < self.upto => Err(ReplayError::TooOld),
+            Some(Offset::End) if self.after < self.upto => Err(HistoryError::TooOld),
             _ => Ok(()),
         }
     }

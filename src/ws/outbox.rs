@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use super::protocol::close;
 use crate::frame::Frame;
-use crate::replay::ResumePlan;
+use crate::resume::ResumePlan;
 use crate::route::Priority;
 
 /// A drained batch keeps at most this many slots for the next one, so a burst does not pin

@@ -23,12 +23,12 @@ use super::wire::{Decoder, Incoming, WireError};
 use super::{writer, Hub};
 use crate::auth::{now_secs, Identity};
 use crate::frame::Frame;
-use crate::lag::{self, Behind, Level};
 use crate::pattern::{EventFilter, Pattern, PatternError};
 use crate::position::PositionMap;
 use crate::quota::Admission;
 use crate::registry::ConnId;
-use crate::replay::{ResumePlan, Selection};
+use crate::resume::lag::{self, Behind, Level};
+use crate::resume::{ResumePlan, Selection};
 use crate::route::Priority;
 
 /// How long a closing session keeps reading for the peer's close reply, and then waits for

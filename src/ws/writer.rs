@@ -28,7 +28,7 @@ use super::protocol;
 use super::{wire, Hub};
 use crate::frame::Frame;
 use crate::registry::ConnId;
-use crate::replay::{self, Replayed, ResumePlan};
+use crate::resume::{self, Replayed, ResumePlan};
 
 /// The close code recorded when the socket broke before a close frame could be sent.
 pub const ABNORMAL: u16 = 1006;
@@ -214,7 +214,7 @@ impl Writer {
     /// Sends what the client missed, then the cut as a watermark, then the answer.
     async fn replay(&self, plan: &ResumePlan, phase: Phase) -> Result<(), Halt> {
         let hub = &self.hub;
-        let outcome = replay::gather(&hub.replay, &hub.kafka_replay, plan).await;
+        let outcome = resume::gather(&hub.replay, &hub.kafka_replay, plan).await;
         let (mut frames, count, source) = match outcome {
             Replayed::Frames { frames, source } => {
                 let count = frames.len();

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio::time::{timeout_at, Instant};
 
-use crate::kafka::replay::ReplayError;
+use super::HistoryError;
 use crate::position::{parse_partition_key, PartitionTable, PositionMap};
 
 /// How often a waiting resume looks at the consumer's positions again. Polled rather than
@@ -31,7 +31,7 @@ pub trait Log {
         &self,
         topic: &str,
         partition: i32,
-    ) -> impl Future<Output = Result<i64, ReplayError>> + Send;
+    ) -> impl Future<Output = Result<i64, HistoryError>> + Send;
 }
 
 /// The broker's answers about where partitions' logs end, with when each question was asked,
@@ -51,7 +51,7 @@ impl LogEnds {
         topic: &str,
         partition: i32,
         since: Instant,
-    ) -> Result<i64, ReplayError> {
+    ) -> Result<i64, HistoryError> {
         let mut asked = self.asked.lock().await;
         let key = (topic.to_string(), partition);
         if let Some(&(high, at)) = asked.get(&key) {
@@ -236,10 +236,10 @@ mod tests {
     }
 
     impl Log for Broker {
-        async fn high_watermark(&self, _: &str, _: i32) -> Result<i64, ReplayError> {
+        async fn high_watermark(&self, _: &str, _: i32) -> Result<i64, HistoryError> {
             self.asked.fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(self.delay).await;
-            self.high.ok_or_else(|| ReplayError::Kafka("down".into()))
+            self.high.ok_or_else(|| HistoryError::Kafka("down".into()))
         }
     }
 

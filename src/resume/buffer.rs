@@ -12,12 +12,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use crate::frame::Frame;
-use crate::kafka::replay::KafkaReplay;
 use crate::pattern::EventFilter;
-use crate::position::{parse_partition_key, PositionMap};
+
 use crate::route::Routed;
 
 /// One routed record, as kept for replay.
@@ -212,98 +209,6 @@ impl ReplayBuffer {
     fn lock(&self) -> std::sync::MutexGuard<'_, Partitions> {
         self.partitions.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
-
-/// A resume, decided by the session and carried out by its writer, in stream order.
-#[derive(Debug)]
-pub struct ResumePlan {
-    /// The request's id; None for an implicit resume (a client that opted in but sent
-    /// something else first), which gets no `ok`.
-    pub id: Option<Option<Value>>,
-    /// What the client has: everything up to these offsets.
-    pub after: PositionMap,
-    /// The cut taken when the rooms were joined: live delivery covers what comes after it.
-    pub cut: PositionMap,
-    pub selection: Selection,
-    pub rooms: Vec<String>,
-    /// Who asked, for the log.
-    pub conn: u64,
-    pub user: String,
-}
-
-/// Where a resume was served from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// Nothing was missing.
-    Nothing,
-    Memory,
-    Kafka,
-}
-
-impl Source {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Nothing => "nothing",
-            Source::Memory => "memory",
-            Source::Kafka => "kafka",
-        }
-    }
-}
-
-#[derive(Debug)]
-pub enum Replayed {
-    Frames {
-        frames: Vec<Frame>,
-        source: Source,
-    },
-    /// The gap cannot be replayed; the reason is for the client.
-    Resync(String),
-}
-
-/// Gathers, partition by partition and in offset order, every record of `(after, cut]` the
-/// plan's selection admits: from memory where the buffer covers the range, else from Kafka.
-pub async fn gather(buffer: &ReplayBuffer, kafka: &KafkaReplay, plan: &ResumePlan) -> Replayed {
-    let mut frames = Vec::new();
-    let mut source = Source::Nothing;
-    for (key, &upto) in &plan.cut {
-        let Some((topic, partition)) = parse_partition_key(key) else {
-            continue;
-        };
-        // A partition the client has never heard of is replayed from its beginning.
-        let after = plan.after.get(key).copied().unwrap_or(-1).max(-1);
-        // The session has waited for this replica wherever the log holds `after` (lag.rs):
-        // still past the cut, the log itself ends before it.
-        if after > upto {
-            return Replayed::Resync(format!(
-                "{key}: position {after} is ahead of the log ({upto}); the topic was recreated"
-            ));
-        }
-        if after == upto {
-            continue;
-        }
-        match buffer.lookup(topic, partition, after, upto, &plan.selection) {
-            Lookup::Hit(mut f) => {
-                frames.append(&mut f);
-                if source == Source::Nothing {
-                    source = Source::Memory;
-                }
-            }
-            Lookup::Miss { start } => {
-                tracing::debug!(key, after, upto, start, "replay buffer miss");
-                match kafka
-                    .read(topic, partition, after, upto, &plan.selection)
-                    .await
-                {
-                    Ok(mut f) => {
-                        frames.append(&mut f);
-                        source = Source::Kafka;
-                    }
-                    Err(e) => return Replayed::Resync(format!("{key}: {e}")),
-                }
-            }
-        }
-    }
-    Replayed::Frames { frames, source }
 }
 
 #[cfg(test)]
