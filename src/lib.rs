@@ -3,23 +3,26 @@
 //!
 //! [`serve`] wires the parts together and runs them until shutdown; see docs/ARCHITECTURE.md
 //! for the map.
+//!
+//! The public modules are what the binary, the benchmarks, the examples and the integration
+//! tests use; the rest is the crate's own.
 
 pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod edge;
-pub mod frame;
+mod frame;
 pub mod http;
-pub mod json_view;
-pub mod kafka;
-pub mod memory;
+mod json_view;
+mod kafka;
+mod memory;
 pub mod metrics;
-pub mod pattern;
+mod pattern;
 pub mod position;
-pub mod proxy;
-pub mod quota;
+mod proxy;
+mod quota;
 pub mod registry;
-pub mod resume;
+mod resume;
 pub mod route;
 pub mod setup;
 pub mod shutdown;
