@@ -405,8 +405,21 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
   }
 
   /** Subscribes again to rooms held before; drops those the server now refuses. */
-  private resubscribe({ rooms, events, token }: Group): void {
-    this.internal({ type: 'subscribe', rooms, events, token }, (answer, refusals) => {
+  private resubscribe(group: Group, renewed = false): void {
+    const { rooms, events, token, getToken } = group;
+    const ws = this.ws;
+    this.internal({ type: 'subscribe', rooms, events, token }, async (answer, refusals) => {
+      // Its subscription token refused: once, with a new one from the subscription's getToken.
+      if (answer.code === 'invalid_token' && getToken && !renewed) {
+        try {
+          const next = await getToken();
+          if (this.ws !== ws) return;
+          this.rooms.retoken(token!, next);
+          return this.resubscribe({ ...group, token: next }, true);
+        } catch (e) {
+          report(e);
+        }
+      }
       if (answer.type !== 'ok') this.lost(rooms.map((room) => ({ room, code: answer.code, message: answer.message })), []);
       else if (refusals.length) this.lost(refusals, answer.rooms);
     });
@@ -515,6 +528,7 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
   private detach(): void {
     this.ws = undefined;
     this.pacer?.stop();
+    this.pacer = undefined;
     this.ready = this.resumeOut = false;
     this.heard = true;
     this.limited = 0;

@@ -420,3 +420,29 @@ test('a throwing handler neither stops the others nor the map', async () => {
   }
   await settle();
 });
+
+test("a second token's rooms, refused on rejoining, are rejoined with a token from their getToken", async () => {
+  const resyncs = [];
+  const { server, client } = welcomed({ 't:0': 4 }, { onResync: (i) => resyncs.push(i.reason) });
+  const a = client.subscribe(['a:1'], { token: 'ta' });
+  const b = client.subscribe(['b:1'], { token: 'tb', getToken: () => 'tb2' });
+  server.socket.ok(1, ['a:1']);
+  server.socket.ok(2, ['b:1']);
+  await Promise.all([a, b]);
+  server.socket.drop(1006);
+  tick(250);
+  server.socket.welcome();
+  server.socket.ok(3, ['user:42', 'a:1']);
+  assert.deepEqual(server.socket.last, { type: 'subscribe', id: 4, rooms: ['b:1'], token: 'tb' });
+  server.socket.frame({ type: 'error', id: 4, code: 'invalid_token', message: 'subscription token refused: expired' });
+  await settle();
+  assert.deepEqual(server.socket.last, { type: 'subscribe', id: 5, rooms: ['b:1'], token: 'tb2' });
+  server.socket.ok(5, ['b:1']);
+  assert.equal(client.lastError, null);
+  assert.deepEqual(resyncs, ['rejoined without a replay: b:1']);
+  server.socket.drop(1006);
+  tick(500);
+  server.socket.welcome();
+  server.socket.ok(6, ['user:42', 'a:1']);
+  assert.deepEqual(server.socket.last, { type: 'subscribe', id: 7, rooms: ['b:1'], token: 'tb2' });
+});
