@@ -453,8 +453,8 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
   /**
    * A browser sees neither the server's pings nor a connection that died without a word
    * (a laptop asleep, a network gone): a `ping` each heartbeat, and a connection silent for
-   * a whole heartbeat after one is taken as lost. Not while a resume is answered: a replica
-   * may take seconds to be ready and to replay, and says nothing meanwhile.
+   * a whole heartbeat after one is taken as lost. Not while a resume waits for its answer:
+   * a replica may take seconds to be ready and to replay, and says nothing meanwhile.
    */
   private listen(ms: number): void {
     this.beatTimer = setTimeout(() => {
