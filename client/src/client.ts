@@ -5,6 +5,7 @@
  */
 import { fast, jitter, slow, type Backoff, type BackoffOptions } from './backoff.js';
 import { RoomcastError, type Refusal } from './errors.js';
+import { Pacer, type RateLimit } from './pacer.js';
 import { compile, type Matcher } from './patterns.js';
 import { CLOSE_NAMES, decide, type Decision } from './policy.js';
 import { Positions, sessionStore, type PositionMap, type PositionStorage } from './positions.js';
@@ -66,6 +67,11 @@ export interface ConnectOptions {
   WebSocket?: SocketConstructor;
   /** A source of uniform numbers in [0, 1) for the backoff's jitter (default `Math.random`). */
   random?: () => number;
+  /** The server's message budget, which the client keeps to (default 50 at once, 20 a second). */
+  rateLimit?: RateLimit;
+  /** A subscribe or unsubscribe not answered within this is rejected with `timeout`
+   * (default 30,000; 0: never). */
+  requestTimeoutMs?: number;
 }
 
 /** Failed attempts before a static token that never got a connection is taken as refused:
@@ -74,7 +80,23 @@ const STATIC_TOKEN_ATTEMPTS = 5;
 
 const SUBPROTOCOL = 'roomcast.v1';
 
+/** How long a connection stays up before its backoff starts again from the base: one that is
+ * welcomed and then closed at once, again and again, must not reconnect in a tight loop. */
+const STABLE_MS = 10_000;
+
+/** The longest a timer can wait: setTimeout fires at once past it. */
+const MAX_DELAY = 2 ** 31 - 1;
+
 const report = (error: unknown) => ((globalThis as any).reportError ?? console.error)(error);
+
+/** Calls the application; what it throws is reported and stops nothing of the client's. */
+function call<A extends unknown[]>(f: ((...args: A) => void) | undefined, ...args: A): void {
+  try {
+    f?.(...args);
+  } catch (error) {
+    report(error);
+  }
+}
 
 export class RoomcastClient<E extends EventMap = Record<string, any>> {
   status: Status = 'connecting';
@@ -84,13 +106,20 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
   private readonly backoff: Backoff;
   private readonly Socket: SocketConstructor;
   private readonly store: Positions;
-  private readonly rooms = new Subscriptions();
+  private readonly rooms: Subscriptions;
   private readonly requests = new Requests();
   private readonly handlers = new Set<[Matcher, Handler<any>]>();
   private readonly listeners = new Set<(status: Status, error: RoomcastError | null) => void>();
   private ws?: SocketLike;
+  private pacer?: Pacer;
+  /** Frames sent on the current connection, for telling the requests before a pong. */
+  private sends = 0;
+  /** `rate_limited` errors heard on the current connection. */
+  private limited = 0;
   /** The current connection was opened with `?resume=1`. */
   private resuming = false;
+  /** Its resume is not answered yet: a replay may keep the server quiet for seconds. */
+  private resumeOut = false;
   /** The current connection is welcomed (and resumed): requests go out as they are made. */
   private ready = false;
   private token?: string;
@@ -102,6 +131,7 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
   private timer?: ReturnType<typeof setTimeout>;
   private refreshTimer?: ReturnType<typeof setTimeout>;
   private beatTimer?: ReturnType<typeof setTimeout>;
+  private stableTimer?: ReturnType<typeof setTimeout>;
   /** A frame arrived since the last heartbeat. */
   private heard = true;
 
@@ -118,7 +148,9 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
     this.Socket = options.WebSocket ?? (globalThis as any).WebSocket;
     if (!this.Socket) throw new TypeError('roomcast: no global WebSocket here: pass one as options.WebSocket');
     const persist = options.persist;
-    this.store = new Positions(persist === true ? sessionStore() : persist || undefined, options.persistKey);
+    const storage = persist === true ? sessionStore() : persist || undefined;
+    this.store = new Positions(storage, options.persistKey);
+    this.rooms = new Subscriptions(storage, (options.persistKey ?? 'roomcast:positions') + ':rooms');
     void this.dial();
   }
 
@@ -140,10 +172,12 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
 
   /** Joins `rooms`; resolves when every room is joined, rejects with the refusals otherwise.
    * The rooms are joined again after every reconnect. */
-  subscribe(rooms: string[], options: SubscribeOptions = {}): Promise<{ rooms: string[] }> {
-    const frame = { type: 'subscribe', rooms, events: options.events, token: options.token };
+  subscribe(rooms: string[], { events, token, getToken }: SubscribeOptions = {}): Promise<{ rooms: string[] }> {
+    const at = this.rooms.mark();
+    // getToken rides along unsent (JSON leaves functions out), for a resume that needs it.
+    const frame = { type: 'subscribe', rooms, events, token, getToken };
     return this.request(frame, (joined) => {
-      this.rooms.join(joined, options);
+      this.rooms.join(joined, frame, at);
       return joined;
     });
   }
@@ -170,9 +204,15 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
   ): Promise<{ rooms: string[] }> {
     return new Promise((resolve, reject) => {
       if (this.status === 'closed') return reject(new RoomcastError('closed', 'the client is closed'));
+      const ms = this.options.requestTimeoutMs ?? 30_000;
+      const timer =
+        ms > 0
+          ? setTimeout(() => this.requests.drop(sent.id) && reject(new RoomcastError('timeout', `no answer in ${ms} ms`)), ms)
+          : undefined;
       const sent = this.requests.add(
         frame,
         (answer, refusals) => {
+          clearTimeout(timer);
           if (answer.type !== 'ok') return reject(refused(answer, refusals));
           const rooms = settle(answer.rooms ?? []);
           if (refusals.length) reject(refused(refusals[0], refusals, rooms));
@@ -189,8 +229,9 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
     this.send(this.requests.add(frame, final, false));
   }
 
-  private send(frame: object): void {
-    this.ws?.send(JSON.stringify(frame));
+  private send(frame: { id?: unknown }): void {
+    this.requests.sent(frame.id, ++this.sends);
+    this.pacer?.send(JSON.stringify(frame));
   }
 
   private async dial(): Promise<void> {
@@ -202,17 +243,31 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
       } catch (e) {
         return this.retry(new RoomcastError('token_unavailable', String(e)), { pace: 'backoff' });
       }
+      // Offered, it would be closed with 4001 at once, and asked for again at once.
+      if (expiry(this.token)! <= Date.now()) {
+        return this.retry(new RoomcastError('token_expired', 'getToken gave an expired token'), { pace: 'backoff', freshToken: true });
+      }
     } else if (!getToken && expiry(this.token)! <= Date.now()) {
       return this.stop(new RoomcastError('token_expired', 'the token has expired and there is no getToken'));
     }
     if (this.status === 'closed') return;
     this.resuming = this.options.resume !== false && this.store.known;
     const url = this.urls[this.turn % this.urls.length];
-    const ws = new this.Socket(
-      this.resuming ? url + (url.includes('?') ? '&' : '?') + 'resume=1' : url,
-      [SUBPROTOCOL, 'bearer.' + this.token],
-    );
+    let ws: SocketLike;
+    try {
+      ws = new this.Socket(this.resuming ? url + (url.includes('?') ? '&' : '?') + 'resume=1' : url, [
+        SUBPROTOCOL,
+        'bearer.' + this.token,
+      ]);
+    } catch (e) {
+      // A malformed URL or token: another URL or another token may do, the same ones never.
+      const error = new RoomcastError('connect_failed', String(e));
+      if (this.urls.length < 2 && !getToken) return this.stop(error);
+      return this.retry(error, { pace: 'backoff', failover: true, freshToken: true });
+    }
     this.ws = ws;
+    this.sends = 0;
+    this.pacer = new Pacer(this.options.rateLimit ?? {}, (data) => ws.send(data));
     let welcomed = false;
     ws.onmessage = (message) => {
       if (this.ws !== ws) return;
@@ -236,43 +291,66 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
       case 'positions':
         return this.store.set(frame.positions);
       case 'resync':
-        return this.options.onResync?.({ reason: frame.reason });
+        return call(this.options.onResync, { reason: frame.reason });
       default:
         // `ok`, `error`, `pong`. A `rate_limited` error has no id: this client sends too much.
         if (!this.requests.answer(frame) && frame.type === 'error') {
           this.setStatus(this.status, new RoomcastError(frame.code, frame.message));
-          // Messages over the budget were dropped unanswered: ask again, once it has refilled.
+          // Messages over the budget were dropped unanswered. Once it has refilled (later each
+          // time), a ping tells which: those sent before it and still unanswered.
           const ws = this.ws;
           if (frame.code === 'rate_limited') {
-            setTimeout(() => this.ws === ws && this.ready && this.requests.frames().forEach((f) => this.send(f)), 1000);
+            setTimeout(() => this.ws === ws && !this.resumeOut && this.ping(), 1000 * 2 ** Math.min(this.limited++, 4));
           }
         }
     }
   }
 
+  private ping(): void {
+    const mark = this.sends + 1;
+    this.internal({ type: 'ping' }, () => {
+      if (this.limited) for (const frame of this.requests.unanswered(mark)) this.send(frame);
+    });
+  }
+
   private welcome(frame: ServerFrame): void {
     this.everOpen = true;
     this.failedBeforeOpen = 0;
+    // The error that ended the last connection is history now; what this one meets replaces it.
+    this.lastError = null;
+    this.stableTimer = setTimeout(() => (this.attempt = 0), STABLE_MS);
     this.scheduleRefresh();
     this.listen((frame.heartbeat || 25) * 1000);
     if (!this.resuming) {
       // A fresh connection's map starts at its welcome. On `?resume=1` the welcome's positions
       // are never taken: the stored map is what the resume replays from, and a drop before
       // the resume is answered must leave it as it was.
-      this.store.reset(frame.positions ?? {});
+      this.store.set(frame.positions ?? {});
       for (const group of this.rooms.groups()) this.resubscribe(group);
       return this.opened();
     }
-    this.resume(this.rooms.plan(this.pendingSubscriptions()));
+    this.resume(new Set(), new Set());
   }
 
-  private resume({ resume, narrow, unreplayed }: ReturnType<Subscriptions['plan']>): void {
+  /**
+   * Resumes into the rooms held and asked for. `denied` are subscription tokens the server
+   * refused on this connection, `renewed` those got in their place: the server waits for a
+   * resume until one is accepted, so a refused token costs only its own groups their replay.
+   * `bare`: the resume was refused for another reason; the map alone, the rooms after it.
+   */
+  private resume(denied: Set<string | undefined>, renewed: Set<string>, bare = false): void {
+    const plan = bare
+      ? { resume: { rooms: [] }, narrow: [], unreplayed: this.rooms.groups() }
+      : this.rooms.plan(this.pendingSubscriptions(), denied);
+    const { resume, narrow, unreplayed } = plan;
     const frame = { type: 'resume', positions: this.store.snapshot(), ...resume };
+    this.resumeOut = true;
     this.internal(frame, (answer, refusals) => {
       if (answer.type !== 'ok') {
-        // Refused whole; the server still waits for a resume. Resume into the user's own
-        // rooms alone, and join the others without their gap.
         const error = refused(answer, refusals);
+        if (answer.code === 'invalid_token' && resume.token) {
+          return void this.renew(resume.token, plan.getToken, error, denied, renewed);
+        }
         if (!resume.rooms.length) {
           // Even the bare map is refused: never in a fast loop.
           const ws = this.ws!;
@@ -281,23 +359,67 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
           return this.retry(error, { pace: 'slow' });
         }
         this.setStatus(this.status, error);
-        const groups = this.rooms.groups();
-        return this.resume({ resume: { rooms: [] }, narrow: [], unreplayed: groups });
+        return this.resume(denied, renewed, true);
       }
+      this.resumeOut = false;
       if (refusals.length) this.lost(refusals, answer.rooms);
       for (const group of narrow) this.resubscribe(group);
       for (const group of unreplayed) this.resubscribe(group);
       if (unreplayed.length) {
         const rooms = unreplayed.flatMap((g) => g.rooms).join(', ');
-        this.options.onResync?.({ reason: `rejoined without a replay: ${rooms}` });
+        call(this.options.onResync, { reason: `rejoined without a replay: ${rooms}` });
       }
       this.opened();
     });
   }
 
+  /** The resume's subscription token was refused: resume again with a new one from its
+   * subscription's getToken, or without its rooms, which are then reported lost. */
+  private async renew(
+    token: string,
+    getToken: (() => string | Promise<string>) | undefined,
+    error: RoomcastError,
+    denied: Set<string | undefined>,
+    renewed: Set<string>,
+  ): Promise<void> {
+    const ws = this.ws;
+    let next: string | undefined;
+    try {
+      // A token just given and refused already is not asked for again: that would loop.
+      if (getToken && !renewed.has(token)) next = await getToken();
+    } catch (e) {
+      report(e);
+    }
+    if (this.ws !== ws) return;
+    if (next) {
+      renewed.add(next);
+      this.rooms.retoken(token, next);
+      for (const frame of this.requests.frames()) if (frame.token === token) frame.token = next;
+    } else {
+      denied.add(token);
+      const rooms = this.rooms.groups().filter((g) => g.token === token).flatMap((g) => g.rooms);
+      if (rooms.length) this.lost(rooms.map((room) => ({ room, code: error.code, message: error.message })), []);
+      else this.setStatus(this.status, error);
+    }
+    this.resume(denied, renewed);
+  }
+
   /** Subscribes again to rooms held before; drops those the server now refuses. */
-  private resubscribe({ rooms, events, token }: Group): void {
-    this.internal({ type: 'subscribe', rooms, events, token }, (answer, refusals) => {
+  private resubscribe(group: Group, renewed = false): void {
+    const { rooms, events, token, getToken } = group;
+    const ws = this.ws;
+    this.internal({ type: 'subscribe', rooms, events, token }, async (answer, refusals) => {
+      // Its subscription token refused: once, with a new one from the subscription's getToken.
+      if (answer.code === 'invalid_token' && getToken && !renewed) {
+        try {
+          const next = await getToken();
+          if (this.ws !== ws) return;
+          this.rooms.retoken(token!, next);
+          return this.resubscribe({ ...group, token: next }, true);
+        } catch (e) {
+          report(e);
+        }
+      }
       if (answer.type !== 'ok') this.lost(rooms.map((room) => ({ room, code: answer.code, message: answer.message })), []);
       else if (refusals.length) this.lost(refusals, answer.rooms);
     });
@@ -313,12 +435,11 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
     return this.requests
       .frames()
       .filter((f) => f.type === 'subscribe')
-      .map((f) => ({ rooms: f.rooms, events: f.events, token: f.token }) as Group);
+      .map((f) => ({ rooms: f.rooms, events: f.events, token: f.token, getToken: f.getToken }) as Group);
   }
 
   private opened(): void {
     this.ready = true;
-    this.attempt = 0;
     this.setStatus('open');
     for (const frame of this.requests.frames()) this.send(frame);
   }
@@ -326,26 +447,20 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
   private event(frame: ServerFrame): void {
     if (!this.store.advance(frame.pos)) return;
     const info: EventInfo = { event: frame.event, pos: frame.pos, ts: frame.ts, rooms: frame.rooms };
-    for (const [matches, handler] of this.handlers) {
-      if (!matches(frame.event)) continue;
-      try {
-        handler(frame.payload, info);
-      } catch (error) {
-        report(error);
-      }
-    }
+    for (const [matches, handler] of this.handlers) if (matches(frame.event)) call(handler, frame.payload, info);
   }
 
   /**
    * A browser sees neither the server's pings nor a connection that died without a word
    * (a laptop asleep, a network gone): a `ping` each heartbeat, and a connection silent for
-   * a whole heartbeat after one is taken as lost.
+   * a whole heartbeat after one is taken as lost. Not while a resume waits for its answer:
+   * a replica may take seconds to be ready and to replay, and says nothing meanwhile.
    */
   private listen(ms: number): void {
     this.beatTimer = setTimeout(() => {
-      if (this.heard) {
-        this.heard = false;
-        this.internal({ type: 'ping' }, () => {});
+      if (this.heard || this.resumeOut) {
+        this.heard = this.resumeOut;
+        if (!this.resumeOut) this.ping();
         return this.listen(ms);
       }
       const ws = this.ws!;
@@ -367,7 +482,11 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
     // A token shorter-lived than the lead is refreshed halfway through what is left, not at
     // once; and never sooner than a second, so that a getToken that keeps giving a token
     // near its end cannot make a loop of refreshes.
-    this.refreshTimer = setTimeout(() => void this.refresh(), Math.max(due > 0 ? due : left / 2, 1000));
+    const delay = Math.max(due > 0 ? due : left / 2, 1000);
+    this.refreshTimer = setTimeout(
+      () => void (delay > MAX_DELAY ? this.scheduleRefresh() : this.refresh()),
+      Math.min(delay, MAX_DELAY),
+    );
   }
 
   private async refresh(): Promise<void> {
@@ -408,10 +527,14 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
   /** Forgets the current connection and what was tied to it. */
   private detach(): void {
     this.ws = undefined;
-    this.ready = false;
+    this.pacer?.stop();
+    this.pacer = undefined;
+    this.ready = this.resumeOut = false;
     this.heard = true;
+    this.limited = 0;
     clearTimeout(this.refreshTimer);
     clearTimeout(this.beatTimer);
+    clearTimeout(this.stableTimer);
     this.requests.disconnected();
   }
 
@@ -421,7 +544,9 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
     if (decision.freshToken) this.freshToken = true;
     const b = this.backoff;
     const pace = decision.pace;
-    const delay = pace === 'now' ? 0 : pace === 'fast' ? fast(b) : pace === 'slow' ? slow(b) : jitter(b, this.attempt++);
+    // `now` is at once only after a connection that stayed up; closed again soon after, it backs off.
+    const delay = pace === 'fast' ? fast(b) : pace === 'slow' ? slow(b) : pace === 'now' && !this.attempt ? 0 : jitter(b, this.attempt);
+    if (pace === 'now' || pace === 'backoff') this.attempt++;
     this.setStatus(this.everOpen ? 'reconnecting' : 'connecting', error);
     this.timer = setTimeout(() => void this.dial(), delay);
   }
@@ -439,7 +564,7 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
   private setStatus(status: Status, error?: RoomcastError | null): void {
     this.status = status;
     if (error) this.lastError = error;
-    for (const listener of [...this.listeners]) listener(status, this.lastError);
+    for (const listener of [...this.listeners]) call(listener, status, this.lastError);
   }
 }
 

@@ -43,16 +43,14 @@ export class Positions {
     return this.map !== null;
   }
 
-  /** Replaces the map: a fresh connection's welcome. */
-  reset(positions: PositionMap): void {
-    this.map = {};
-    this.set(positions);
-  }
-
-  /** Takes the entries of a `positions` frame (or a welcome) as they are: after a resync
-   * they may be lower than before, when a topic was recreated. */
+  /** Takes the entries of a `positions` frame (or a fresh connection's welcome) that move
+   * the map forward. A lower one (a replica behind the one before, or a resync from it) would
+   * let what was already handled through again. */
   set(positions: PositionMap): void {
-    this.map = { ...this.map, ...positions };
+    const map = (this.map ??= {});
+    for (const [partition, offset] of Object.entries(positions)) {
+      if (!(map[partition] >= offset)) map[partition] = offset;
+    }
     this.save();
   }
 

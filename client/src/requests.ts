@@ -20,17 +20,41 @@ interface Pending {
   /** Sent again on the next connection (the application's requests, all idempotent), or
    * dropped with this one (the connection's own: resume, refresh). */
   durable: boolean;
+  /** When it was last sent, in the order of the connection's frames. */
+  at?: number;
 }
 
 export class Requests {
   private next = 1;
   private readonly pending = new Map<number, Pending & { refusals: Refusal[] }>();
 
-  /** Registers a request and gives it its id. */
+  /** Registers a request and gives it its id (the frame stays the caller's to amend). */
   add(frame: Record<string, unknown>, final: Final, durable: boolean): Pending['frame'] {
-    const withId = { ...frame, id: this.next++ };
+    const withId = Object.assign(frame, { id: this.next++ });
     this.pending.set(withId.id, { frame: withId, final, durable, refusals: [] });
     return withId;
+  }
+
+  /** Notes that request `id` went out as the connection's `at`-th frame. */
+  sent(id: unknown, at: number): void {
+    const request = this.pending.get(id as number);
+    if (request) request.at = at;
+  }
+
+  /**
+   * The requests sent before frame `mark` and still unanswered. The server answers in the
+   * order it reads (a resume aside, answered after its replay), so once the answer to frame
+   * `mark` is in, these were dropped by its rate limit.
+   */
+  unanswered(mark: number): Pending['frame'][] {
+    return [...this.pending.values()]
+      .filter((r) => r.at! < mark && r.frame.type !== 'resume' && r.frame.type !== 'ping')
+      .map((r) => r.frame);
+  }
+
+  /** Gives up on a request: its answer, if one comes, finds nothing waiting. */
+  drop(id: number): boolean {
+    return this.pending.delete(id);
   }
 
   /** Takes an `ok` or `error` frame; false if it answers none of ours. */

@@ -2,14 +2,18 @@
  * The rooms the application wants to be in, with each room's `events` filter and
  * subscription token, and how a reconnect gets back into them: one `resume` frame (the only
  * way into a room with a replay of what was missed), then `subscribe` frames for what one
- * resume cannot say.
+ * resume cannot say. Kept with the position map when that outlives the page, so that the
+ * next page resumes into them too.
  */
+import type { PositionStorage } from './positions.js';
 
 export interface SubscribeOptions {
   /** Event-name patterns delivered through these rooms (at most 16); all events if absent. */
   events?: string[];
   /** A subscription token granting these rooms. */
   token?: string;
+  /** Gives a new subscription token when the server refuses `token` on a reconnect. */
+  getToken?: () => string | Promise<string>;
 }
 
 /** Rooms sharing one filter and one token: one `subscribe` frame. */
@@ -25,6 +29,8 @@ export interface Plan {
   /** Groups of another subscription token than the resume's: joined after it, without a
    * replay of the gap. */
   unreplayed: Group[];
+  /** A source of a new token for the resume's, if one of its groups has one. */
+  getToken?: () => string | Promise<string>;
 }
 
 /** Most patterns in one `events` filter (the server's limit). */
@@ -34,14 +40,47 @@ const key = (o: SubscribeOptions) => JSON.stringify([o.events, o.token]);
 
 export class Subscriptions {
   private readonly rooms = new Map<string, SubscribeOptions>();
+  /** Each room's latest unsubscribe, in the order of the application's calls: an answer to
+   * an older subscribe must not bring the room back. */
+  private readonly left = new Map<string, number>();
+  private calls = 0;
 
-  join(rooms: string[], options: SubscribeOptions): void {
-    for (const room of rooms) this.rooms.set(room, { events: options.events, token: options.token });
+  constructor(
+    private readonly storage?: PositionStorage,
+    private readonly storageKey = '',
+  ) {
+    try {
+      for (const group of JSON.parse(storage?.getItem(storageKey) ?? '[]')) this.join(group.rooms, group, 0);
+    } catch {
+      // Unreadable: the application subscribes again.
+    }
+  }
+
+  /** The place of a subscribe call among the others. */
+  mark(): number {
+    return ++this.calls;
+  }
+
+  /** Holds `rooms`, joined by a subscribe made at `at`, unless they were left since. */
+  join(rooms: string[], { events, token, getToken }: SubscribeOptions, at: number): void {
+    for (const room of rooms) {
+      if (!((this.left.get(room) ?? -1) > at)) this.rooms.set(room, { events, token, getToken });
+    }
+    this.save();
   }
 
   /** Forgets `rooms`; returns those that were held. */
   leave(rooms: string[]): string[] {
-    return rooms.filter((room) => this.rooms.delete(room));
+    const at = this.mark();
+    const held = rooms.filter((room) => this.left.set(room, at) && this.rooms.delete(room));
+    this.save();
+    return held;
+  }
+
+  /** Replaces a subscription token the server refused with a new one. */
+  retoken(old: string, token: string): void {
+    for (const options of this.rooms.values()) if (options.token === old) options.token = token;
+    this.save();
   }
 
   /** Every room held, grouped by filter and token. */
@@ -59,17 +98,16 @@ export class Subscriptions {
    * A resume takes one filter and one token. It carries every room of the first token seen
    * (and the rooms that need none), under the union of their filters; rooms of other tokens
    * can only be subscribed after it. `pending` are subscriptions asked for but not yet
-   * answered: they join the resume so that their rooms get the replay too.
+   * answered: they join the resume so that their rooms get the replay too. Tokens in
+   * `denied` were refused on this connection: their groups are left out.
    */
-  plan(pending: Group[]): Plan {
-    const held = this.groups();
-    const all = [...held, ...pending];
+  plan(pending: Group[], denied: Set<string | undefined>): Plan {
+    const held = this.groups().filter((g) => !denied.has(g.token));
+    const all = [...held, ...pending.filter((g) => !denied.has(g.token))];
     const token = all.find((g) => g.token)?.token;
     const fits = (g: Group) => !g.token || g.token === token;
     const resumed = all.filter(fits);
-    let events: string[] | undefined = [
-      ...new Set(resumed.flatMap((g) => g.events ?? [])),
-    ];
+    let events: string[] | undefined = [...new Set(resumed.flatMap((g) => g.events ?? []))];
     if (!events.length || events.length > MAX_FILTER_PATTERNS || resumed.some((g) => !g.events)) events = undefined;
     const resume: Group = {
       rooms: [...new Set(resumed.flatMap((g) => g.rooms))],
@@ -80,6 +118,15 @@ export class Subscriptions {
       resume,
       narrow: held.filter((g) => fits(g) && key(g) !== key({ events, token: g.token })),
       unreplayed: held.filter((g) => !fits(g)),
+      getToken: resumed.find((g) => g.getToken && g.token === token)?.getToken,
     };
+  }
+
+  private save(): void {
+    try {
+      this.storage?.setItem(this.storageKey, JSON.stringify(this.groups()));
+    } catch {
+      // As with the map: the next page loses its resume, not this one its events.
+    }
   }
 }

@@ -62,3 +62,27 @@ test('requests dropped for the rate limit are sent again a second later', async 
   server.socket.ok(1, ['a:1']);
   assert.deepEqual(await joined, { rooms: ['a:1'] });
 });
+
+test('a long resume is not cut by the silence check, and no ping goes ahead of it', () => {
+  const { server, client } = start();
+  server.socket.welcome({ 't:0': 3 }, { heartbeat: 10 });
+  server.socket.drop(1006);
+  tick(250);
+  const second = server.socket;
+  second.welcome({}, { heartbeat: 10 });
+  second.mute = true;
+  // A replica getting ready, then a replay from Kafka: a minute without a frame.
+  tick(60_000);
+  assert.equal(second.closedWith, undefined);
+  assert.equal(second.pings.length, 0);
+  assert.equal(client.status, 'reconnecting');
+  second.event('t:0:4');
+  second.ok(1, ['user:42']);
+  assert.equal(client.status, 'open');
+  // Resumed, the check is back: a ping, then silence for a heartbeat, and it is cut.
+  tick(10_000);
+  assert.equal(second.pings.length, 1);
+  tick(10_000);
+  assert.equal(second.closedWith, 1000);
+  assert.equal(client.lastError.code, 'connection_lost');
+});

@@ -30,7 +30,7 @@ test('full jitter stays within zero and the capped exponential', () => {
   assert.equal(slow(b(0.999)), 29_985);
 });
 
-test('failures double the ceiling up to the cap, and an open connection resets it', async () => {
+test('failures double the ceiling up to the cap; only a connection that stayed up resets it', async () => {
   const { server } = start({ backoff: { baseMs: 100, maxMs: 1000 }, getToken: () => TOKEN, token: undefined });
   await settle();
   // random 0.5: half of 100, 200, ... capped at 1000.
@@ -44,14 +44,24 @@ test('failures double the ceiling up to the cap, and an open connection resets i
     await settle();
     assert.equal(server.count, before + 1, `a new attempt at ${ceiling / 2} ms`);
   }
+  // Welcomed and closed at once: still at the cap.
   server.socket.welcome();
   server.socket.drop(1011);
-  tick(49);
+  tick(499);
   await settle();
   assert.equal(server.count, 7);
   tick(1);
   await settle();
-  assert.equal(server.count, 8, 'the ceiling is back at the base once a connection opened');
+  assert.equal(server.count, 8, 'a connection closed right after its welcome keeps the ceiling');
+  server.socket.welcome();
+  tick(10_000);
+  server.socket.drop(1011);
+  tick(49);
+  await settle();
+  assert.equal(server.count, 8);
+  tick(1);
+  await settle();
+  assert.equal(server.count, 9, 'the ceiling is back at the base once a connection stayed up 10 s');
 });
 
 test('1001 (drain) reconnects within a base interval, to the next URL', () => {
@@ -251,4 +261,92 @@ test('a getToken that fails is asked again with backoff', async () => {
   assert.equal(calls, 2);
   assert.equal(server.count, 1);
   assert.equal(server.socket.token, TOKEN);
+});
+
+test('a getToken that gives an expired token: not offered, asked again with backoff', async () => {
+  const expired = jwt({ sub: '42', exp: NOW / 1000 - 1 });
+  let calls = 0;
+  const { server, client } = start({ token: undefined, getToken: () => (++calls === 1 ? expired : TOKEN) });
+  await settle();
+  assert.equal(server.count, 0);
+  assert.equal(client.lastError.code, 'token_expired');
+  tick(249);
+  await settle();
+  assert.equal(calls, 1);
+  tick(1);
+  await settle();
+  assert.equal(calls, 2);
+  assert.equal(server.socket.token, TOKEN);
+});
+
+test('4008 or 4001 right after each welcome: at once the first time, then backing off', async () => {
+  const { server } = start({ token: undefined, getToken: () => TOKEN });
+  await settle();
+  server.socket.welcome();
+  tick(60_000);
+  server.socket.drop(4008);
+  tick(0);
+  await settle();
+  assert.equal(server.count, 2, 'at once after a connection that stayed up');
+  for (const [code, ms] of [[4008, 500], [4001, 1000], [4008, 2000]]) {
+    server.socket.welcome();
+    server.socket.ok(1, ['user:42']);
+    server.socket.drop(code);
+    const before = server.count;
+    tick(ms - 1);
+    await settle();
+    assert.equal(server.count, before, `${code}: nothing before ${ms} ms`);
+    tick(1);
+    await settle();
+    assert.equal(server.count, before + 1, `${code}: a new attempt at ${ms} ms`);
+  }
+});
+
+test('a WebSocket constructor that throws: closed when nothing can change, the next URL otherwise', async () => {
+  class Throwing {
+    constructor() {
+      throw new SyntaxError("Failed to construct 'WebSocket': The subprotocol is invalid.");
+    }
+  }
+  const one = connect({ url: 'ws://a/ws', token: 'bad\ntoken', WebSocket: Throwing });
+  assert.equal(one.status, 'closed');
+  assert.equal(one.lastError.code, 'connect_failed');
+  assert.match(one.lastError.message, /subprotocol is invalid/);
+
+  const server = new FakeServer();
+  const urls = [];
+  class FirstThrows extends server.WebSocket {
+    constructor(url, protocols) {
+      urls.push(url);
+      if (url.startsWith('bad')) throw new SyntaxError('The URL is invalid.');
+      super(url, protocols);
+    }
+  }
+  const two = connect({ urls: ['bad url', 'ws://b/ws'], token: TOKEN, WebSocket: FirstThrows, random: () => 0.5 });
+  assert.equal(two.status, 'connecting');
+  assert.equal(two.lastError.code, 'connect_failed');
+  tick(250);
+  assert.deepEqual(urls, ['bad url', 'ws://b/ws']);
+  server.socket.welcome();
+  assert.equal(two.status, 'open');
+  assert.equal(two.lastError, null);
+  two.close();
+});
+
+test('lastError is cleared once a new connection is welcomed and resumed', () => {
+  const { server, client } = start();
+  const seen = [];
+  client.onStatus((status, error) => seen.push([status, error?.code ?? null]));
+  server.socket.welcome();
+  server.socket.drop(1011);
+  assert.equal(client.lastError.code, 'internal_error');
+  tick(250);
+  server.socket.welcome();
+  assert.equal(client.lastError, null);
+  server.socket.ok(1, ['user:42']);
+  assert.deepEqual(seen, [
+    ['open', null],
+    ['reconnecting', 'internal_error'],
+    ['open', null],
+  ]);
 });

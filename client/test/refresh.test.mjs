@@ -130,3 +130,20 @@ test('a getToken that keeps giving the same token refreshes no more than once a 
   // Halfway each time (5 s, then 2.5 s, 1.25 s), then a second apart.
   assert.deepEqual(at.slice(0, 5), [5000, 7500, 8800, 9800, 10800]);
 });
+
+test('a token living longer than a timer can wait is not refreshed at once', async () => {
+  // Real timers: a delay past 2^31-1 ms is what makes setTimeout fire at once.
+  realTime();
+  const long = jwt({ sub: '42', exp: Math.floor(Date.now() / 1000) + 100 * 86_400 });
+  let asked = 0;
+  const { server, client } = start({ token: undefined, getToken: () => (asked++, long) });
+  try {
+    await settle();
+    server.socket.welcome({}, QUIET);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    assert.equal(asked, 1);
+    assert.deepEqual(server.socket.sent, []);
+  } finally {
+    client.close();
+  }
+});

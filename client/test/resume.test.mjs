@@ -88,19 +88,39 @@ test("a resume connection's welcome positions are never taken", () => {
   assert.deepEqual(server.socket.sent[0].positions, { 't:0': 10 });
 });
 
-test('resync calls onResync, and the positions that follow are kept even if lower', () => {
+test('resync calls onResync, and the positions that follow are taken where they move forward', () => {
   const resyncs = [];
   const { server, client, seen } = welcomed({ 't:0': 900 }, { onResync: (info) => resyncs.push(info) });
   server.socket.drop(1006);
   tick(250);
   server.socket.welcome();
   server.socket.frame({ type: 'resync', reason: 't:0: position 900 is ahead of the log (12); the topic was recreated' });
-  server.socket.frame({ type: 'positions', positions: { 't:0': 12 } });
+  server.socket.frame({ type: 'positions', positions: { 't:0': 950, 'u:0': 3 } });
   server.socket.ok(1, ['user:42'], { replayed: 0, source: 'resync' });
   assert.deepEqual(resyncs, [{ reason: 't:0: position 900 is ahead of the log (12); the topic was recreated' }]);
-  assert.deepEqual(client.positions(), { 't:0': 12 });
-  server.socket.event('t:0:13');
-  assert.deepEqual(seen, ['t:0:13']);
+  assert.deepEqual(client.positions(), { 't:0': 950, 'u:0': 3 });
+  server.socket.event('t:0:951');
+  assert.deepEqual(seen, ['t:0:951']);
+});
+
+test('no position ever moves back: a replica behind the last one cannot replay what was seen', () => {
+  const resyncs = [];
+  const { server, client, seen } = welcomed({ 't:0': 100, 'u:0': 7 }, { onResync: (info) => resyncs.push(info) });
+  server.socket.event('t:0:101');
+  // A positions frame from a replica that lags: the map keeps what it has.
+  server.socket.frame({ type: 'positions', positions: { 't:0': 90, 'u:0': 8 } });
+  assert.deepEqual(client.positions(), { 't:0': 101, 'u:0': 8 });
+  server.socket.drop(1006);
+  tick(250);
+  server.socket.welcome();
+  // A resync from it, and its cut lower than what was handled.
+  server.socket.frame({ type: 'resync', reason: 'behind' });
+  server.socket.frame({ type: 'positions', positions: { 't:0': 95 } });
+  server.socket.ok(1, ['user:42'], { replayed: 0, source: 'resync' });
+  assert.deepEqual(client.positions(), { 't:0': 101, 'u:0': 8 });
+  for (const pos of ['t:0:96', 't:0:101', 't:0:102']) server.socket.event(pos);
+  assert.deepEqual(seen, ['t:0:101', 't:0:102']);
+  assert.equal(resyncs.length, 1);
 });
 
 test('subscriptions are re-established through the resume, with their filter and token', async () => {
@@ -187,7 +207,7 @@ test('rooms refused by the resume are reported and no longer held', async () => 
   assert.equal(client.lastError.room, 'b:1');
   assert.deepEqual(client.lastError.joined, ['user:42', 'a:1']);
   server.socket.drop(1006);
-  tick(250);
+  tick(500);
   server.socket.welcome();
   assert.deepEqual(server.socket.sent[0].rooms, ['a:1']);
 });
@@ -195,23 +215,118 @@ test('rooms refused by the resume are reported and no longer held', async () => 
 test('a resume refused whole is sent again with the map alone; its rooms are joined after it', async () => {
   const resyncs = [];
   const { server, client } = welcomed({ 't:0': 4 }, { onResync: (i) => resyncs.push(i.reason) });
-  const joined = client.subscribe(['a:1'], { token: 'old' });
+  const joined = client.subscribe(['a:1'], { events: ['x.*'] });
   server.socket.ok(1, ['a:1']);
   await joined;
   server.socket.drop(1006);
   tick(250);
   server.socket.welcome();
-  server.socket.frame({ type: 'error', id: 2, code: 'invalid_token', message: 'subscription token refused: expired' });
-  assert.equal(client.lastError.code, 'invalid_token');
+  server.socket.frame({ type: 'error', id: 2, code: 'bad_request', message: 'bad event pattern' });
+  assert.equal(client.lastError.code, 'bad_request');
   assert.deepEqual(server.socket.last, { type: 'resume', id: 3, positions: { 't:0': 4 }, rooms: [] });
   server.socket.ok(3, ['user:42']);
-  assert.deepEqual(server.socket.last, { type: 'subscribe', id: 4, rooms: ['a:1'], token: 'old' });
+  assert.deepEqual(server.socket.last, { type: 'subscribe', id: 4, rooms: ['a:1'], events: ['x.*'] });
   assert.deepEqual(resyncs, ['rejoined without a replay: a:1']);
-  server.socket.frame({ type: 'error', id: 4, code: 'invalid_token', message: 'subscription token refused: expired' });
+});
+
+/** A client holding `a:1` (no token) and `b:1` (token `old`), reconnected and welcomed. */
+async function twoGroups(options) {
+  const resyncs = [];
+  const { server, client, seen } = welcomed({ 't:0': 4 }, { onResync: (i) => resyncs.push(i.reason) });
+  const a = client.subscribe(['a:1']);
+  const b = client.subscribe(['b:1'], { token: 'old', ...options });
+  server.socket.ok(1, ['a:1']);
+  server.socket.ok(2, ['b:1']);
+  await Promise.all([a, b]);
   server.socket.drop(1006);
   tick(250);
   server.socket.welcome();
-  assert.deepEqual(server.socket.sent[0].rooms, [], 'a room refused on rejoining is no longer held');
+  assert.deepEqual(server.socket.sent, [{ type: 'resume', id: 3, positions: { 't:0': 4 }, rooms: ['a:1', 'b:1'], token: 'old' }]);
+  server.socket.frame({ type: 'error', id: 3, code: 'invalid_token', message: 'subscription token refused: expired' });
+  await settle();
+  return { server, client, seen, resyncs };
+}
+
+test("a refused subscription token is renewed by its getToken and the resume sent again, replay kept", async () => {
+  let asked = 0;
+  const { server, client, seen, resyncs } = await twoGroups({ getToken: async () => `new${++asked}` });
+  assert.equal(asked, 1);
+  assert.deepEqual(server.socket.last, { type: 'resume', id: 4, positions: { 't:0': 4 }, rooms: ['a:1', 'b:1'], token: 'new1' });
+  server.socket.event('t:0:5');
+  server.socket.ok(4, ['user:42', 'a:1', 'b:1']);
+  assert.equal(client.status, 'open');
+  assert.equal(client.lastError, null);
+  assert.deepEqual(resyncs, []);
+  assert.deepEqual(seen, ['t:0:5']);
+  assert.equal(server.socket.sent.length, 2, 'nothing joined without its replay');
+  server.socket.drop(1006);
+  tick(500);
+  server.socket.welcome();
+  assert.equal(server.socket.sent[0].token, 'new1', 'the new token is kept');
+});
+
+test('a refused subscription token without a way to renew it costs its rooms alone', async () => {
+  const { server, client, seen, resyncs } = await twoGroups();
+  assert.deepEqual(server.socket.last, { type: 'resume', id: 4, positions: { 't:0': 4 }, rooms: ['a:1'] });
+  assert.equal(client.lastError.code, 'invalid_token');
+  assert.equal(client.lastError.room, 'b:1');
+  server.socket.event('t:0:5');
+  server.socket.ok(4, ['user:42', 'a:1']);
+  assert.equal(client.status, 'open');
+  assert.equal(client.lastError.code, 'invalid_token', 'still told once open');
+  assert.deepEqual(seen, ['t:0:5']);
+  assert.deepEqual(resyncs, []);
+  assert.equal(server.socket.sent.length, 2);
+  server.socket.drop(1006);
+  tick(500);
+  server.socket.welcome();
+  assert.deepEqual(server.socket.sent[0].rooms, ['a:1'], 'b:1 is no longer held');
+});
+
+test('a renewed token refused too is not asked for again', async () => {
+  let asked = 0;
+  const { server, client } = await twoGroups({ getToken: () => `new${++asked}` });
+  server.socket.frame({ type: 'error', id: 4, code: 'invalid_token', message: 'subscription token refused: bad signature' });
+  await settle();
+  assert.equal(asked, 1);
+  assert.deepEqual(server.socket.last, { type: 'resume', id: 5, positions: { 't:0': 4 }, rooms: ['a:1'] });
+  server.socket.ok(5, ['user:42', 'a:1']);
+  assert.equal(client.lastError.code, 'invalid_token');
+  assert.equal(client.lastError.message, 'subscription token refused: bad signature');
+});
+
+test('a subscribe waiting at the reconnect whose token is refused is rejected, the others resumed', async () => {
+  const { server, client } = welcomed({ 't:0': 4 });
+  const a = client.subscribe(['a:1']);
+  server.socket.ok(1, ['a:1']);
+  await a;
+  const b = client.subscribe(['b:1'], { token: 'old' });
+  server.socket.drop(1006);
+  tick(250);
+  server.socket.welcome();
+  assert.deepEqual(server.socket.sent, [{ type: 'resume', id: 3, positions: { 't:0': 4 }, rooms: ['a:1', 'b:1'], token: 'old' }]);
+  server.socket.frame({ type: 'error', id: 3, code: 'invalid_token', message: 'subscription token refused: expired' });
+  assert.deepEqual(server.socket.last, { type: 'resume', id: 4, positions: { 't:0': 4 }, rooms: ['a:1'] });
+  server.socket.ok(4, ['user:42', 'a:1']);
+  assert.deepEqual(server.socket.last, { type: 'subscribe', id: 2, rooms: ['b:1'], token: 'old' });
+  server.socket.frame({ type: 'error', id: 2, code: 'invalid_token', message: 'subscription token refused: expired' });
+  const error = await b.then(() => assert.fail('resolved'), (e) => e);
+  assert.equal(error.code, 'invalid_token');
+});
+
+test('persisted, the rooms subscribed after the welcome are resumed by the next page too', async () => {
+  const storage = new MemoryStorage();
+  const first = welcomed({ 't:0': 10 }, { persist: storage });
+  const joined = first.client.subscribe(['task:7'], { events: ['task.*'], token: 'sub' });
+  first.server.socket.ok(1, ['task:7']);
+  await joined;
+  first.client.close();
+  const second = start({ persist: storage });
+  assert.equal(second.server.socket.url, 'ws://a/ws?resume=1');
+  second.server.socket.welcome();
+  assert.deepEqual(second.server.socket.sent, [
+    { type: 'resume', id: 1, positions: { 't:0': 10 }, rooms: ['task:7'], events: ['task.*'], token: 'sub' },
+  ]);
 });
 
 test('persistence: the map outlives the page, and the next page resumes from it', async () => {
@@ -304,4 +419,30 @@ test('a throwing handler neither stops the others nor the map', async () => {
     delete globalThis.reportError;
   }
   await settle();
+});
+
+test("a second token's rooms, refused on rejoining, are rejoined with a token from their getToken", async () => {
+  const resyncs = [];
+  const { server, client } = welcomed({ 't:0': 4 }, { onResync: (i) => resyncs.push(i.reason) });
+  const a = client.subscribe(['a:1'], { token: 'ta' });
+  const b = client.subscribe(['b:1'], { token: 'tb', getToken: () => 'tb2' });
+  server.socket.ok(1, ['a:1']);
+  server.socket.ok(2, ['b:1']);
+  await Promise.all([a, b]);
+  server.socket.drop(1006);
+  tick(250);
+  server.socket.welcome();
+  server.socket.ok(3, ['user:42', 'a:1']);
+  assert.deepEqual(server.socket.last, { type: 'subscribe', id: 4, rooms: ['b:1'], token: 'tb' });
+  server.socket.frame({ type: 'error', id: 4, code: 'invalid_token', message: 'subscription token refused: expired' });
+  await settle();
+  assert.deepEqual(server.socket.last, { type: 'subscribe', id: 5, rooms: ['b:1'], token: 'tb2' });
+  server.socket.ok(5, ['b:1']);
+  assert.equal(client.lastError, null);
+  assert.deepEqual(resyncs, ['rejoined without a replay: b:1']);
+  server.socket.drop(1006);
+  tick(500);
+  server.socket.welcome();
+  server.socket.ok(6, ['user:42', 'a:1']);
+  assert.deepEqual(server.socket.last, { type: 'subscribe', id: 7, rooms: ['b:1'], token: 'tb2' });
 });
