@@ -120,6 +120,8 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
   private resuming = false;
   /** Its resume is not answered yet: a replay may keep the server quiet for seconds. */
   private resumeOut = false;
+  /** A `resync` came: the `positions` frame after it is the cut, taken as it is. */
+  private resynced?: boolean;
   /** The current connection is welcomed (and resumed): requests go out as they are made. */
   private ready = false;
   private token?: string;
@@ -146,7 +148,7 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
       random: options.random ?? Math.random,
     };
     this.Socket = options.WebSocket ?? (globalThis as any).WebSocket;
-    if (!this.Socket) throw new TypeError('roomcast: no global WebSocket here: pass one as options.WebSocket');
+    if (!this.Socket) throw new TypeError('roomcast: no WebSocket: pass options.WebSocket');
     const persist = options.persist;
     const storage = persist === true ? sessionStore() : persist || undefined;
     this.store = new Positions(storage, options.persistKey);
@@ -289,8 +291,11 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
       case 'event':
         return this.event(frame);
       case 'positions':
-        return this.store.set(frame.positions);
+        // The cut after a resync is the log as it now is (a recreated topic restarts lower).
+        this.store.set(frame.positions, this.resynced);
+        return void (this.resynced = false);
       case 'resync':
+        this.resynced = true;
         return call(this.options.onResync, { reason: frame.reason });
       default:
         // `ok`, `error`, `pong`. A `rate_limited` error has no id: this client sends too much.
@@ -351,13 +356,10 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
         if (answer.code === 'invalid_token' && resume.token) {
           return void this.renew(resume.token, plan.getToken, error, denied, renewed);
         }
-        if (!resume.rooms.length) {
-          // Even the bare map is refused: never in a fast loop.
-          const ws = this.ws!;
-          this.detach();
-          ws.close(1000);
-          return this.retry(error, { pace: 'slow' });
-        }
+        // This replica has not read as far as the map: another one, or this one later.
+        if (answer.code === 'lagging') return this.abandon(error, { pace: 'backoff', failover: true });
+        // Even the bare map is refused: never in a fast loop.
+        if (!resume.rooms.length) return this.abandon(error, { pace: 'slow' });
         this.setStatus(this.status, error);
         return this.resume(denied, renewed, true);
       }
@@ -536,6 +538,14 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
     clearTimeout(this.beatTimer);
     clearTimeout(this.stableTimer);
     this.requests.disconnected();
+  }
+
+  /** Leaves this connection and decides the next one. */
+  private abandon(error: RoomcastError, decision: Decision): void {
+    const ws = this.ws!;
+    this.detach();
+    ws.close(1000);
+    this.retry(error, decision);
   }
 
   private retry(error: RoomcastError, decision: Decision): void {

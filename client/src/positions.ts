@@ -44,12 +44,12 @@ export class Positions {
   }
 
   /** Takes the entries of a `positions` frame (or a fresh connection's welcome) that move
-   * the map forward. A lower one (a replica behind the one before, or a resync from it) would
-   * let what was already handled through again. */
-  set(positions: PositionMap): void {
+   * the map forward: a lower one would let what was already handled through again. `reset`:
+   * the cut after a resync, taken as it is, lower where the log itself restarted lower. */
+  set(positions: PositionMap, reset = false): void {
     const map = (this.map ??= {});
     for (const [partition, offset] of Object.entries(positions)) {
-      if (!(map[partition] >= offset)) map[partition] = offset;
+      if (reset || !(map[partition] >= offset)) map[partition] = offset;
     }
     this.save();
   }

@@ -238,7 +238,7 @@ test('connect needs a URL and a token', () => {
   const global = globalThis.WebSocket;
   delete globalThis.WebSocket;
   try {
-    assert.throws(() => connect({ url: 'ws://a/ws', token: TOKEN }), { name: 'TypeError', message: /pass one as options.WebSocket/ });
+    assert.throws(() => connect({ url: 'ws://a/ws', token: TOKEN }), { name: 'TypeError', message: /pass options.WebSocket/ });
   } finally {
     if (global) globalThis.WebSocket = global;
   }

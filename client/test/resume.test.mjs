@@ -103,24 +103,54 @@ test('resync calls onResync, and the positions that follow are taken where they 
   assert.deepEqual(seen, ['t:0:951']);
 });
 
-test('no position ever moves back: a replica behind the last one cannot replay what was seen', () => {
-  const resyncs = [];
-  const { server, client, seen } = welcomed({ 't:0': 100, 'u:0': 7 }, { onResync: (info) => resyncs.push(info) });
+test('no position moves back on a positions frame: a replica behind the last one cannot replay what was seen', () => {
+  const { server, client, seen } = welcomed({ 't:0': 100, 'u:0': 7 });
   server.socket.event('t:0:101');
-  // A positions frame from a replica that lags: the map keeps what it has.
   server.socket.frame({ type: 'positions', positions: { 't:0': 90, 'u:0': 8 } });
-  assert.deepEqual(client.positions(), { 't:0': 101, 'u:0': 8 });
-  server.socket.drop(1006);
-  tick(250);
-  server.socket.welcome();
-  // A resync from it, and its cut lower than what was handled.
-  server.socket.frame({ type: 'resync', reason: 'behind' });
-  server.socket.frame({ type: 'positions', positions: { 't:0': 95 } });
-  server.socket.ok(1, ['user:42'], { replayed: 0, source: 'resync' });
   assert.deepEqual(client.positions(), { 't:0': 101, 'u:0': 8 });
   for (const pos of ['t:0:96', 't:0:101', 't:0:102']) server.socket.event(pos);
   assert.deepEqual(seen, ['t:0:101', 't:0:102']);
+});
+
+test('the cut after a resync is taken as it is: a recreated topic restarts lower and is delivered', () => {
+  const resyncs = [];
+  const { server, client, seen } = welcomed({ 't:0': 900, 'u:0': 7 }, { onResync: (info) => resyncs.push(info.reason) });
+  server.socket.drop(1006);
+  tick(250);
+  server.socket.welcome();
+  server.socket.frame({ type: 'resync', reason: 't:0: position 900 is ahead of the log (12); the topic was recreated' });
+  server.socket.frame({ type: 'positions', positions: { 't:0': 12, 'u:0': 7 } });
+  server.socket.ok(1, ['user:42'], { replayed: 0, source: 'resync' });
+  assert.deepEqual(client.positions(), { 't:0': 12, 'u:0': 7 });
+  for (const pos of ['t:0:12', 't:0:13', 't:0:14']) server.socket.event(pos);
+  assert.deepEqual(seen, ['t:0:13', 't:0:14']);
   assert.equal(resyncs.length, 1);
+  // Only that cut: a later positions frame moves forward only.
+  server.socket.frame({ type: 'positions', positions: { 't:0': 3 } });
+  assert.equal(client.positions()['t:0'], 14);
+});
+
+test('a resume refused as lagging leaves that replica for the next, the map untouched', () => {
+  const resyncs = [];
+  const { server, client } = start({ urls: ['ws://a/ws', 'ws://b/ws'], url: undefined, random: () => 0, onResync: (i) => resyncs.push(i) });
+  server.socket.welcome({ 't:0': 10 });
+  server.socket.event('t:0:11');
+  server.socket.drop(1006);
+  tick(250);
+  const lagging = server.socket;
+  lagging.welcome();
+  lagging.frame({ type: 'error', id: 1, code: 'lagging', message: 'this replica has read t:0 up to 5, behind the position 11 resumed from' });
+  assert.equal(lagging.closedWith, 1000, 'the client leaves the lagging replica');
+  assert.equal(lagging.sent.length, 1, 'no bare resume on it');
+  assert.equal(client.lastError.code, 'lagging');
+  assert.deepEqual(client.positions(), { 't:0': 11 });
+  tick(30_000);
+  const next = server.socket;
+  assert.notEqual(next, lagging);
+  assert.notEqual(next.url, lagging.url, 'the next URL');
+  next.welcome();
+  assert.deepEqual(next.sent[0].positions, { 't:0': 11 });
+  assert.deepEqual(resyncs, []);
 });
 
 test('subscriptions are re-established through the resume, with their filter and token', async () => {
