@@ -14,11 +14,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
+use crate::cli::ReplayMemoryArgs;
 use crate::dist::Dist;
 use crate::procstat::{self, status_kib};
 use crate::producer::{self, Counters, Schedule, Sink};
+use crate::round;
 use crate::server::Spec;
-use crate::{round, Args};
 
 const MIB: f64 = 1024.0 * 1024.0;
 /// Users the records are spread over (`user:u0` .. `user:u999`).
@@ -45,11 +46,8 @@ pub fn parse_targets(text: &str) -> anyhow::Result<Vec<f64>> {
     Ok(v)
 }
 
-pub async fn run(args: &Args, spec: Spec) -> anyhow::Result<Value> {
-    let brokers = args
-        .brokers
-        .as_deref()
-        .context("--replay-memory needs --brokers")?;
+pub async fn run(args: &ReplayMemoryArgs, spec: Spec) -> anyhow::Result<Value> {
+    let brokers = args.kafka.brokers("replay-memory")?;
     let targets = parse_targets(&args.targets_mib)?;
     let server = {
         let spec = spec.clone();
@@ -75,8 +73,8 @@ pub async fn run(args: &Args, spec: Spec) -> anyhow::Result<Value> {
     let counters = Arc::new(Counters::new(ROOMS));
     let mut sink = Some(producer::kafka_sink(
         brokers,
-        &args.topic,
-        &args.producer(),
+        &args.kafka.topic,
+        &args.kafka.producer(),
         &counters,
     )?);
     let mut produced: u64 = 0;
@@ -185,7 +183,7 @@ pub async fn run(args: &Args, spec: Spec) -> anyhow::Result<Value> {
     let report = json!({
         "tool": "roomcast-load",
         "mode": "replay-memory",
-        "label": args.label,
+        "label": args.output.label,
         "target": "roomcast",
         "payload_bytes": args.payload_bytes,
         "users": ROOMS,

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
@@ -24,12 +24,13 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
+use crate::cli::ResumeStormArgs;
 use crate::client::{self, number_after, Plan};
 use crate::dist::Dist;
 use crate::procstat;
 use crate::producer::{self, Counters, Schedule};
+use crate::round;
 use crate::server::{Server, Spec};
-use crate::{round, Args};
 
 const FIRST_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// A reconnect in a storm waits longer: SYNs beyond the listen backlog are retried by the
@@ -573,22 +574,19 @@ async fn stop_server(mut server: Server) -> anyhow::Result<Duration> {
     tokio::task::spawn_blocking(move || server.terminate()).await?
 }
 
-pub async fn run(args: &Args, spec: Spec) -> anyhow::Result<Value> {
-    let dist = Dist::parse(&args.dist).map_err(anyhow::Error::msg)?;
-    let brokers = args
-        .brokers
-        .as_deref()
-        .context("--resume-storm needs --brokers")?;
-    let n = args.connections;
+pub async fn run(args: &ResumeStormArgs, spec: Spec) -> anyhow::Result<Value> {
+    let dist = Dist::parse(&args.rooms.dist).map_err(anyhow::Error::msg)?;
+    let brokers = args.kafka.brokers("resume-storm")?;
+    let n = args.rooms.connections;
     if n == 0 {
-        bail!("--resume-storm needs connections");
+        bail!("resume-storm needs connections");
     }
     let nofile = procstat::raise_nofile();
     if (nofile as usize) < n + 64 {
         bail!("{n} connections need more open files than the limit of {nofile}");
     }
     let rooms = dist.rooms(n);
-    let assignment = dist.assign(n, args.seed);
+    let assignment = dist.assign(n, args.rooms.seed);
 
     // The first server.
     eprintln!("starting the first server");
@@ -601,13 +599,13 @@ pub async fn run(args: &Args, spec: Spec) -> anyhow::Result<Value> {
         server_a.ready_after.as_secs_f64()
     );
     let url_a = format!("ws://{}/ws", server_a.public);
-    let per_source = args.per_source.max(1);
+    let per_source = args.connecting.per_source.max(1);
     let first = Arc::new(FirstTarget {
         url: url_a.clone(),
         addr: server_a.public,
         sources: sources(0, n, per_source),
         per_source,
-        read_buffer: args.read_buffer,
+        read_buffer: args.connecting.read_buffer,
         rooms: rooms as u64,
     });
     let board = Arc::new(Board::default());
@@ -617,20 +615,20 @@ pub async fn run(args: &Args, spec: Spec) -> anyhow::Result<Value> {
     // Connect everyone, paced like the other scenarios.
     eprintln!(
         "opening {n} connections to {url_a} ({} rooms, {}/s)",
-        rooms, args.connect_rate
+        rooms, args.connecting.connect_rate
     );
     let connect_started = Instant::now();
     let spawner = {
         let board = board.clone();
         let first = first.clone();
-        let rate = args.connect_rate;
-        let sem = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
+        let rate = args.connecting.connect_rate;
+        let sem = Arc::new(Semaphore::new(args.connecting.connect_concurrency.max(1)));
         let mut plans = Vec::with_capacity(n);
         for (i, room) in assignment.iter().copied().enumerate() {
             plans.push(Plan {
                 index: i,
                 room,
-                token: crate::token(&args.secret, &Dist::user(i), args.token_ttl)?,
+                token: crate::token(&args.tokens.secret, &Dist::user(i), args.tokens.token_ttl)?,
                 subscribe: dist.subscribe_room(room),
                 slow: false,
             });
@@ -657,7 +655,7 @@ pub async fn run(args: &Args, spec: Spec) -> anyhow::Result<Value> {
         })
     };
     let connect_deadline = tokio::time::Instant::now()
-        + Duration::from_secs_f64(n as f64 / args.connect_rate.max(1.0) + 60.0);
+        + Duration::from_secs_f64(n as f64 / args.connecting.connect_rate.max(1.0) + 60.0);
     let (mut open, mut failed) = (0usize, 0usize);
     let mut first_error = None;
     while open + failed < n {
@@ -678,17 +676,22 @@ pub async fn run(args: &Args, spec: Spec) -> anyhow::Result<Value> {
 
     // Produce, open-ended, from now until told to stop.
     let counters = Arc::new(Counters::new(rooms));
-    let mut sink = producer::kafka_sink(brokers, &args.topic, &args.producer(), &counters)?;
+    let mut sink = producer::kafka_sink(
+        brokers,
+        &args.kafka.topic,
+        &args.kafka.producer(),
+        &counters,
+    )?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let stop_producing = Arc::new(AtomicBool::new(false));
     let schedule = Schedule {
         dist: dist.clone(),
         rooms,
-        rate: args.rate,
+        rate: args.production.rate,
         total: u64::MAX,
         start: Instant::now() + Duration::from_millis(100),
         start_us: client::now_us() + 100_000,
-        payload_bytes: args.payload_bytes,
+        payload_bytes: args.production.payload_bytes,
         stop: Some(stop_producing.clone()),
     };
     let producer_counters = counters.clone();
@@ -697,7 +700,7 @@ pub async fn run(args: &Args, spec: Spec) -> anyhow::Result<Value> {
         .spawn(move || producer::run(&mut sink, &schedule, &producer_counters))?;
     eprintln!(
         "producing {}/s to {rooms} rooms; live for {} s, then SIGTERM",
-        args.rate, args.live_seconds
+        args.production.rate, args.live_seconds
     );
     let live_a = procstat::sample(&server_a.pid.to_string());
     let live_start = Instant::now();
@@ -851,7 +854,7 @@ pub async fn run(args: &Args, spec: Spec) -> anyhow::Result<Value> {
         members[*r] += 1;
     }
     let expected_if_all: u64 = (0..rooms).map(|r| expected_for(r) * members[r]).sum();
-    let drain_deadline = Instant::now() + Duration::from_secs_f64(args.drain);
+    let drain_deadline = Instant::now() + Duration::from_secs_f64(args.production.drain);
     while Instant::now() < drain_deadline && board.unique.load(Ordering::Relaxed) < expected_if_all
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -966,12 +969,12 @@ pub async fn run(args: &Args, spec: Spec) -> anyhow::Result<Value> {
     let report = json!({
         "tool": "roomcast-load",
         "mode": "resume-storm",
-        "label": args.label,
+        "label": args.output.label,
         "target": "roomcast",
         "dist": dist.to_string(),
         "rooms": rooms,
-        "rate": args.rate,
-        "payload_bytes": args.payload_bytes,
+        "rate": args.production.rate,
+        "payload_bytes": args.production.payload_bytes,
         "connections": {
             "requested": n,
             "open": open,
