@@ -55,6 +55,17 @@ pub enum Command {
     Hostile(HostileArgs),
     /// Only create the topic (with --partitions) and exit.
     CreateTopic(CreateTopicArgs),
+    /// Markdown tables, one per kind of run, from the JSON lines of a results file.
+    Report(crate::report::ReportArgs),
+    /// One `idle-replicas` JSON line from the idle lines of clients run side by side (one
+    /// per server), with totals and the machine's MemAvailable.
+    CombineReplicas(crate::report::CombineArgs),
+    /// Free loopback ports, on one line: for a configuration that must name its ports before
+    /// the server starts (a restarted server listens where its clients were).
+    FreePorts {
+        #[arg(default_value_t = 2)]
+        count: usize,
+    },
 }
 
 impl Command {
@@ -69,7 +80,10 @@ impl Command {
             Command::ReplayMemory(a) => &a.output,
             Command::RouteBacklog(a) => &a.output,
             Command::Hostile(a) => &a.output,
-            Command::CreateTopic(_) => return None,
+            Command::CreateTopic(_)
+            | Command::Report(_)
+            | Command::CombineReplicas(_)
+            | Command::FreePorts { .. } => return None,
         })
     }
 }

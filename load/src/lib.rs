@@ -27,6 +27,7 @@ mod kafkapath;
 mod procstat;
 mod producer;
 mod replaymem;
+pub mod report;
 mod samples;
 mod server;
 mod storm;
@@ -64,7 +65,32 @@ pub async fn run(command: &Command) -> anyhow::Result<Value> {
             );
             Ok(json!({ "topic": args.topic, "created": true }))
         }
+        Command::CombineReplicas(args) => report::combine(args),
+        Command::Report(_) | Command::FreePorts { .. } => {
+            bail!("{command:?} prints no JSON line: see `offline`")
+        }
     }
+}
+
+/// The commands that run no scenario, and need no runtime: their text, if `command` is one.
+pub fn offline(command: &Command) -> Option<anyhow::Result<String>> {
+    match command {
+        Command::Report(args) => Some(report::tables(args)),
+        Command::FreePorts { count } => Some(free_ports(*count)),
+        _ => None,
+    }
+}
+
+/// Ports the kernel had free on 127.0.0.1 a moment ago, space-separated.
+fn free_ports(count: usize) -> anyhow::Result<String> {
+    let listeners = (0..count)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let ports = listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port().to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ports.join(" "))
 }
 
 pub(crate) fn loopback(addr: &SocketAddr) -> anyhow::Result<()> {

@@ -1,5 +1,6 @@
 //! roomcast-load's command line: parses the subcommand, runs its scenario on a runtime of
-//! `--threads` workers, prints its JSON line (and appends it to `--json-out`).
+//! `--threads` workers, prints its JSON line (and appends it to `--json-out`); or prints the
+//! text of a command that runs nothing (`report`, `free-ports`).
 
 use std::io::Write;
 use std::time::Duration;
@@ -10,6 +11,10 @@ use roomcast_load::cli::{Cli, Output};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(text) = roomcast_load::offline(&cli.command) {
+        println!("{}", text?.trim_end());
+        return Ok(());
+    }
     let threads = cli.command.output().map_or(1, |o| o.threads);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
