@@ -113,121 +113,54 @@ impl Tables {
     }
 }
 
+/// The tables' heads, one cell per column of their rows.
+#[rustfmt::skip]
 const FANOUT: &[&str] = &[
-    "run",
-    "target",
-    "dist",
-    "conns",
-    "rec/s",
-    "p50 ms",
-    "p99 ms",
-    "p99.9 ms",
-    "max ms",
-    "deliveries/s",
-    "lost",
-    "dup",
-    "server cores",
-    "server RSS MiB",
-    "RSS/conn B",
+    "run", "target", "dist", "conns", "rec/s", "p50 ms", "p99 ms", "p99.9 ms", "max ms",
+    "deliveries/s", "lost", "dup", "server cores", "server RSS MiB", "RSS/conn B",
 ];
+#[rustfmt::skip]
 const STORM: &[&str] = &[
-    "run",
-    "caught up",
-    "dist",
-    "replayed p50 / mean / max",
-    "source (ok)",
-    "all caught up s",
-    "catch-up p50 / p99 / max s",
-    "resume->ok p50 / p99 ms",
-    "lost / dup / out of order",
-    "server CPU s (cores)",
-    "server RSS MiB",
-    "listen overflows",
+    "run", "caught up", "dist", "replayed p50 / mean / max", "source (ok)", "all caught up s",
+    "catch-up p50 / p99 / max s", "resume->ok p50 / p99 ms", "lost / dup / out of order",
+    "server CPU s (cores)", "server RSS MiB", "listen overflows",
 ];
+#[rustfmt::skip]
 const MEMORY: &[&str] = &[
-    "value B",
-    "buffer MiB",
-    "records",
-    "raw MiB",
-    "accounted MiB",
-    "accounted/raw",
-    "RSS growth MiB",
-    "RSS MiB per MiB of window",
-    "RSS per accounted MiB",
-    "RSS B/record",
+    "value B", "buffer MiB", "records", "raw MiB", "accounted MiB", "accounted/raw",
+    "RSS growth MiB", "RSS MiB per MiB of window", "RSS per accounted MiB", "RSS B/record",
 ];
+#[rustfmt::skip]
 const SLOW: &[&str] = &[
-    "run",
-    "target",
-    "fast conns",
-    "slow conns",
-    "fast p50 ms",
-    "fast p99 ms",
-    "fast max ms",
-    "deliveries/s (fast)",
-    "lost (fast)",
-    "dup (fast)",
-    "4008 closes",
+    "run", "target", "fast conns", "slow conns", "fast p50 ms", "fast p99 ms", "fast max ms",
+    "deliveries/s (fast)", "lost (fast)", "dup (fast)", "4008 closes",
 ];
+#[rustfmt::skip]
 const CONNECT: &[&str] = &[
-    "run",
-    "target",
-    "clients",
-    "welcomed",
-    "failed (reason)",
-    "welcome p50 / p90 / p99 / max ms",
-    "all welcomed s",
-    "server CPU s (cores)",
-    "server RSS MiB t0 -> peak -> end",
+    "run", "target", "clients", "welcomed", "failed (reason)", "welcome p50 / p90 / p99 / max ms",
+    "all welcomed s", "server CPU s (cores)", "server RSS MiB t0 -> peak -> end",
     "listen overflows / drops",
 ];
+#[rustfmt::skip]
 const BACKLOG: &[&str] = &[
-    "run",
-    "records",
-    "produced in s",
-    "ready s",
-    "all consumed s",
-    "records/s",
-    "server CPU s (cores)",
-    "records per CPU s",
-    "CPU librdkafka / roomcast s",
-    "CPU by thread name s",
-    "server RSS MiB",
+    "run", "records", "produced in s", "ready s", "all consumed s", "records/s",
+    "server CPU s (cores)", "records per CPU s", "CPU librdkafka / roomcast s",
+    "CPU by thread name s", "server RSS MiB",
 ];
+#[rustfmt::skip]
 const KAFKA: &[&str] = &[
-    "run",
-    "rec/s",
-    "linger ms",
-    "received",
-    "age p50 ms",
-    "p90 ms",
-    "p99 ms",
-    "p99.9 ms",
-    "max ms",
-    "broker cores",
-    "producer+consumer cores",
+    "run", "rec/s", "linger ms", "received", "age p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms",
+    "broker cores", "producer+consumer cores",
 ];
+#[rustfmt::skip]
 const HOSTILE: &[&str] = &[
-    "run",
-    "phase",
-    "s",
-    "bystander worst gap ms",
-    "lost",
-    "worst latency ms",
-    "healthz worst ms",
-    "healthz failed",
-    "server RSS MiB",
-    "server replaced",
+    "run", "phase", "s", "bystander worst gap ms", "lost", "worst latency ms", "healthz worst ms",
+    "healthz failed", "server RSS MiB", "server replaced",
 ];
+#[rustfmt::skip]
 const REPLICAS: &[&str] = &[
-    "run",
-    "open",
-    "server RSS before MiB",
-    "server RSS after MiB",
-    "server RSS/conn B",
-    "client RSS/conn B",
-    "MemAvailable drop MiB",
-    "MemAvailable drop/conn B",
+    "run", "open", "server RSS before MiB", "server RSS after MiB", "server RSS/conn B",
+    "client RSS/conn B", "MemAvailable drop MiB", "MemAvailable drop/conn B",
 ];
 
 fn idle_row(r: &Value) -> Vec<String> {

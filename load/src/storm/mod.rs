@@ -333,7 +333,35 @@ async fn client_task(
             ..Outcome::default()
         },
     };
-    // 1. The first connection: welcome positions, the group's room, then live events.
+    let opened = open_first(&mut c, &plan, &first, &board, permit).await;
+    let ws = match opened {
+        Ok(ws) => ws,
+        Err(e) => {
+            let _ = ready.send((plan.index, Err(e)));
+            return c.out;
+        }
+    };
+    c.out.first_connected = true;
+    let _ = ready.send((plan.index, Ok(())));
+    drop(ready);
+    live_on_first(&mut c, ws, &mut phase, &board).await;
+    board.first_closed.fetch_add(1, Ordering::Relaxed);
+    let Some(rc) = await_reconnect(&mut phase).await else {
+        return c.out;
+    };
+    c.set_target(rc.s0, &rc.lost);
+    resume_until_stopped(&mut c, &plan, first.read_buffer, &rc, &mut phase, &board).await;
+    c.out
+}
+
+/// The first connection: welcome positions, then the group's room.
+async fn open_first(
+    c: &mut Client,
+    plan: &Plan,
+    first: &FirstTarget,
+    board: &Board,
+    permit: OwnedSemaphorePermit,
+) -> Result<Ws, String> {
     let source = first.sources[(plan.index / first.per_source.max(1)) % first.sources.len()];
     let opened = timeout(FIRST_HANDSHAKE_TIMEOUT, async {
         let (mut ws, welcome) = client::handshake(
@@ -352,96 +380,86 @@ async fn client_task(
     })
     .await;
     drop(permit);
-    let mut ws = match opened {
-        Ok(Ok(ws)) => ws,
-        Ok(Err(e)) => {
-            let _ = ready.send((plan.index, Err(e)));
-            return c.out;
-        }
-        Err(_) => {
-            let _ = ready.send((plan.index, Err("handshake timed out".into())));
-            return c.out;
-        }
-    };
-    c.out.first_connected = true;
-    let _ = ready.send((plan.index, Ok(())));
-    drop(ready);
+    opened.unwrap_or_else(|_| Err("handshake timed out".into()))
+}
+
+/// Live events on the first connection, until the server closes it or the phase moves on.
+async fn live_on_first(
+    c: &mut Client,
+    mut ws: Ws,
+    phase: &mut watch::Receiver<Phase>,
+    board: &Board,
+) {
     loop {
         tokio::select! {
             biased;
             changed = phase.changed() => {
                 if changed.is_err() || !matches!(*phase.borrow(), Phase::First) {
-                    break;
+                    return;
                 }
             }
             m = ws.next() => match m {
                 Some(Ok(Message::Text(t))) => {
-                    c.on_text(t.as_str(), &board);
+                    c.on_text(t.as_str(), board);
                 }
                 Some(Ok(Message::Close(f))) => {
                     c.out.first_close = Some(close_code(f));
                     finish_close(&mut ws).await;
-                    break;
+                    return;
                 }
                 Some(Ok(_)) => {}
                 Some(Err(_)) | None => {
                     c.out.first_close = Some(1006);
-                    break;
+                    return;
                 }
             },
         }
     }
-    drop(ws);
-    board.first_closed.fetch_add(1, Ordering::Relaxed);
+}
 
-    // 2. Wait for the signal to reconnect, keeping the map.
-    let rc = loop {
+/// Waits for the signal to reconnect, keeping the map; None when told to stop instead.
+async fn await_reconnect(phase: &mut watch::Receiver<Phase>) -> Option<Arc<Reconnect>> {
+    loop {
         let p = phase.borrow_and_update().clone();
         match p {
-            Phase::Reconnect(rc) => break rc,
-            Phase::Stop => return c.out,
-            Phase::First => {
-                if phase.changed().await.is_err() {
-                    return c.out;
-                }
-            }
+            Phase::Reconnect(rc) => return Some(rc),
+            Phase::Stop => return None,
+            Phase::First => phase.changed().await.ok()?,
         }
-    };
-    c.set_target(rc.s0, &rc.lost);
+    }
+}
 
-    // 3. Reconnect with ?resume=1 and resume; again if the server closes the connection.
+/// Reconnects with ?resume=1 and resumes; again whenever the server closes the connection,
+/// until told to stop or past the deadline.
+async fn resume_until_stopped(
+    c: &mut Client,
+    plan: &Plan,
+    read_buffer: usize,
+    rc: &Reconnect,
+    phase: &mut watch::Receiver<Phase>,
+    board: &Board,
+) {
     let source = rc.sources[(plan.index / rc.per_source.max(1)) % rc.sources.len()];
     let mut backoff = Duration::from_millis(100);
-    'connect: loop {
-        if Instant::now() > rc.deadline {
-            break;
-        }
+    while Instant::now() <= rc.deadline {
         let limit = match &rc.limit {
             Some(s) => s.clone().acquire_owned().await.ok(),
             None => None,
         };
         c.out.attempts += 1;
-        let mut sent_at = Instant::now();
-        let attempt = timeout(RECONNECT_TIMEOUT, async {
-            let (mut ws, _welcome) =
-                client::handshake(&rc.url, rc.addr, source, &plan.token, first.read_buffer).await?;
-            let welcomed = rc.t0.elapsed();
-            let frame = c.resume_frame(&plan.subscribe);
-            sent_at = Instant::now();
-            ws.send(Message::text(frame))
-                .await
-                .map_err(|e| format!("resume: {e}"))?;
-            Ok::<(Ws, Duration), String>((ws, welcomed))
-        })
+        let attempt = timeout(
+            RECONNECT_TIMEOUT,
+            resume_attempt(c, plan, read_buffer, rc, source),
+        )
         .await;
         drop(limit);
-        let mut ws = match attempt {
-            Ok(Ok((ws, welcomed))) => {
+        let (ws, sent_at) = match attempt {
+            Ok(Ok((ws, welcomed, sent_at))) => {
                 if c.out.welcome_us.is_none() {
                     c.out.welcome_us = Some(us(welcomed));
                     board.welcomed.fetch_add(1, Ordering::Relaxed);
                 }
-                ws
+                (ws, sent_at)
             }
             Ok(Err(e)) => {
                 c.out.last_error = Some(e);
@@ -455,57 +473,115 @@ async fn client_task(
             }
         };
         c.out.connections += 1;
-        let first_resume = c.out.connections == 1;
-        let at_resume = c.position_sum();
-        let mut got_ok = false;
-        loop {
-            tokio::select! {
-                biased;
-                changed = phase.changed() => {
-                    if changed.is_err() || matches!(*phase.borrow(), Phase::Stop) {
-                        break 'connect;
-                    }
-                }
-                m = ws.next() => match m {
-                    Some(Ok(Message::Text(t))) => {
-                        let text = t.as_str();
-                        match c.on_text(text, &board) {
-                            Kind::Event if !got_ok && first_resume => c.out.replay_events += 1,
-                            Kind::Ok if !got_ok => {
-                                got_ok = true;
-                                if c.out.ok_us.is_none() {
-                                    c.out.ok_us = Some(us(rc.t0.elapsed()));
-                                    c.out.resume_to_ok_us = Some(us(sent_at.elapsed()));
-                                    c.out.replayed = number_after(text.as_bytes(), b"\"replayed\":");
-                                    c.out.source = string_after(text, "source").map(String::from);
-                                    c.out.gap_offsets = Some(c.position_sum() - at_resume);
-                                    board.oks.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                            _ => {}
-                        }
-                        if c.out.caught_us.is_none() && c.caught_up() {
-                            c.out.caught_us = Some(us(rc.t0.elapsed()));
-                            board.caught.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    Some(Ok(Message::Close(f))) => {
-                        c.out.second_close = Some(close_code(f));
-                        finish_close(&mut ws).await;
-                        break;
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(_)) | None => {
-                        c.out.second_close = Some(1006);
-                        break;
-                    }
-                },
-            }
+        if receive_resumed(c, ws, rc, sent_at, phase, board).await == Resumed::Stopped {
+            return;
         }
         // Closed by the server: resume again from the map.
         retry_pause(&mut backoff, plan.index).await;
     }
-    c.out
+}
+
+/// One handshake and `resume`: the connection, its welcome's time after t0, and when the
+/// `resume` went out.
+async fn resume_attempt(
+    c: &Client,
+    plan: &Plan,
+    read_buffer: usize,
+    rc: &Reconnect,
+    source: IpAddr,
+) -> Result<(Ws, Duration, Instant), String> {
+    let (mut ws, _welcome) =
+        client::handshake(&rc.url, rc.addr, source, &plan.token, read_buffer).await?;
+    let welcomed = rc.t0.elapsed();
+    let frame = c.resume_frame(&plan.subscribe);
+    let sent_at = Instant::now();
+    ws.send(Message::text(frame))
+        .await
+        .map_err(|e| format!("resume: {e}"))?;
+    Ok((ws, welcomed, sent_at))
+}
+
+/// How a resumed connection ended.
+#[derive(PartialEq, Eq)]
+enum Resumed {
+    /// The run told every client to stop.
+    Stopped,
+    /// The server closed it (or it broke).
+    Closed,
+}
+
+/// The resumed connection's frames: the replay, the `ok`, then live events.
+async fn receive_resumed(
+    c: &mut Client,
+    mut ws: Ws,
+    rc: &Reconnect,
+    sent_at: Instant,
+    phase: &mut watch::Receiver<Phase>,
+    board: &Board,
+) -> Resumed {
+    let first_resume = c.out.connections == 1;
+    let at_resume = c.position_sum();
+    let mut got_ok = false;
+    loop {
+        tokio::select! {
+            biased;
+            changed = phase.changed() => {
+                if changed.is_err() || matches!(*phase.borrow(), Phase::Stop) {
+                    return Resumed::Stopped;
+                }
+            }
+            m = ws.next() => match m {
+                Some(Ok(Message::Text(t))) => {
+                    let text = t.as_str();
+                    match c.on_text(text, board) {
+                        Kind::Event if !got_ok && first_resume => c.out.replay_events += 1,
+                        Kind::Ok if !got_ok => {
+                            got_ok = true;
+                            c.on_ok(text, rc, sent_at, at_resume, board);
+                        }
+                        _ => {}
+                    }
+                    if c.out.caught_us.is_none() && c.caught_up() {
+                        c.out.caught_us = Some(us(rc.t0.elapsed()));
+                        board.caught.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Some(Ok(Message::Close(f))) => {
+                    c.out.second_close = Some(close_code(f));
+                    finish_close(&mut ws).await;
+                    return Resumed::Closed;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => {
+                    c.out.second_close = Some(1006);
+                    return Resumed::Closed;
+                }
+            },
+        }
+    }
+}
+
+impl Client {
+    /// The first `ok` of the run: its timing, `replayed` count, `source`, and the offsets
+    /// between the position resumed from and the cut.
+    fn on_ok(
+        &mut self,
+        text: &str,
+        rc: &Reconnect,
+        sent_at: Instant,
+        at_resume: i64,
+        board: &Board,
+    ) {
+        if self.out.ok_us.is_some() {
+            return;
+        }
+        self.out.ok_us = Some(us(rc.t0.elapsed()));
+        self.out.resume_to_ok_us = Some(us(sent_at.elapsed()));
+        self.out.replayed = number_after(text.as_bytes(), b"\"replayed\":");
+        self.out.source = string_after(text, "source").map(String::from);
+        self.out.gap_offsets = Some(self.position_sum() - at_resume);
+        board.oks.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Backs off 100 ms, 200 ms, ... up to 2 s, spread by the client's index.
