@@ -472,3 +472,39 @@ fn key_value(s: &str) -> Result<(String, String), String> {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Flattened groups must not give two flags one name: clap would refuse at run time.
+    #[test]
+    fn every_subcommand_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_scenario_refuses_the_flags_of_another() {
+        let idle = Cli::try_parse_from(["roomcast-load", "idle", "--rate", "100"]);
+        assert_eq!(
+            idle.unwrap_err().kind(),
+            clap::error::ErrorKind::UnknownArgument
+        );
+        let managed = Cli::try_parse_from(["roomcast-load", "resume-storm", "--brokers", "b"]);
+        assert_eq!(
+            managed.unwrap_err().kind(),
+            clap::error::ErrorKind::MissingRequiredArgument
+        );
+        let Cli {
+            command: Command::Fanout(f),
+        } = Cli::try_parse_from(["roomcast-load", "fanout", "-n", "7", "--floor-control", "x"])
+            .unwrap()
+        else {
+            panic!("not fanout");
+        };
+        assert_eq!(f.rooms.connections, 7);
+        assert_eq!(f.served.target_kind(), "floor");
+    }
+}
