@@ -19,11 +19,12 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::ClientContext;
 use serde_json::{json, Value};
 
+use crate::cli::RouteBacklogArgs;
 use crate::dist::Dist;
 use crate::procstat::{self, status_kib, ThreadCpu};
 use crate::producer;
+use crate::round;
 use crate::server::{self, Server, Spec};
-use crate::{round, Args};
 
 const CONSUMED: &str = "roomcast_records_consumed_total";
 const POLL: Duration = Duration::from_millis(100);
@@ -77,20 +78,17 @@ struct Readback {
     other_busy_s: Option<f64>,
 }
 
-pub async fn run(args: &Args, spec: Spec) -> anyhow::Result<Value> {
-    let brokers = args
-        .brokers
-        .as_deref()
-        .context("--route-backlog needs --brokers")?;
+pub async fn run(args: &RouteBacklogArgs, spec: Spec) -> anyhow::Result<Value> {
+    let brokers = args.kafka.brokers("route-backlog")?;
     if args.records == 0 {
         bail!("--records must be at least 1");
     }
-    let dist = Dist::parse(&args.dist).map_err(anyhow::Error::msg)?;
+    let dist = Dist::parse(&args.rooms.dist).map_err(anyhow::Error::msg)?;
     let plan = Plan {
         brokers: brokers.to_string(),
-        topic: args.topic.clone(),
+        topic: args.kafka.topic.clone(),
         records: args.records,
-        rooms: dist.rooms(args.connections),
+        rooms: dist.rooms(args.rooms.connections),
         dist,
         payload_bytes: args.payload_bytes,
     };
@@ -403,14 +401,14 @@ fn top_threads(threads: &[ThreadCpu]) -> Vec<Value> {
         .collect()
 }
 
-fn report(args: &Args, plan: &Plan, produced: &Produced, r: &Readback) -> Value {
+fn report(args: &RouteBacklogArgs, plan: &Plan, produced: &Produced, r: &Readback) -> Value {
     let n = plan.records as f64;
     let wall = r.polled.all_consumed_s.max(1e-9);
     let metric = |k: &str| r.metrics.as_ref().and_then(|m| m.get(k)).map(|v| *v as u64);
     json!({
         "tool": "roomcast-load",
         "mode": "route-backlog",
-        "label": args.label,
+        "label": args.output.label,
         "target": "roomcast",
         "topic": plan.topic,
         "records": plan.records,

@@ -25,11 +25,12 @@ use tokio::time::{timeout, timeout_at};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::WebSocketStream;
 
+use crate::cli::ConnectStormArgs;
 use crate::client::{self, HandshakeError, Plan};
 use crate::dist::Dist;
 use crate::procstat::{self, ProcSample};
+use crate::round;
 use crate::storm::{delta, gauge, quantiles, rss_peak_sampler};
-use crate::{round, Args};
 
 /// Time allowed, after the last client's own limit, for outcomes still on their way.
 const SETTLE: Duration = Duration::from_secs(10);
@@ -195,20 +196,24 @@ struct Snapshot {
     metrics: Option<std::collections::HashMap<String, f64>>,
 }
 
-fn snapshot(args: &Args) -> Snapshot {
+fn snapshot(args: &ConnectStormArgs) -> Snapshot {
     let pid = |p: Option<u32>| p.and_then(|p| procstat::sample(&p.to_string()));
     Snapshot {
-        server: pid(args.server_pid),
+        server: pid(args.served.server_pid),
         client: procstat::sample("self"),
-        broker: pid(args.broker_pid),
+        broker: pid(args.served.broker_pid),
         machine_busy_s: procstat::machine_busy_s(),
         listen: procstat::listen_counters(),
-        metrics: args.metrics_url.as_deref().and_then(procstat::scrape),
+        metrics: args
+            .served
+            .metrics_url
+            .as_deref()
+            .and_then(procstat::scrape),
     }
 }
 
-fn plans(args: &Args, dist: &Dist) -> anyhow::Result<Vec<Plan>> {
-    let assignment = dist.assign(args.connections, args.seed);
+fn plans(args: &ConnectStormArgs, dist: &Dist) -> anyhow::Result<Vec<Plan>> {
+    let assignment = dist.assign(args.rooms.connections, args.rooms.seed);
     assignment
         .into_iter()
         .enumerate()
@@ -216,7 +221,7 @@ fn plans(args: &Args, dist: &Dist) -> anyhow::Result<Vec<Plan>> {
             Ok(Plan {
                 index: i,
                 room,
-                token: crate::token(&args.secret, &Dist::user(i), args.token_ttl)?,
+                token: crate::token(&args.tokens.secret, &Dist::user(i), args.tokens.token_ttl)?,
                 subscribe: dist.subscribe_room(room),
                 slow: false,
             })
@@ -280,11 +285,11 @@ async fn collect(
     outcomes
 }
 
-pub async fn run(args: &Args) -> anyhow::Result<Value> {
-    let dist = Dist::parse(&args.dist).map_err(anyhow::Error::msg)?;
-    let n = args.connections;
+pub async fn run(args: &ConnectStormArgs) -> anyhow::Result<Value> {
+    let dist = Dist::parse(&args.rooms.dist).map_err(anyhow::Error::msg)?;
+    let n = args.rooms.connections;
     if n == 0 {
-        bail!("--connect-storm needs connections (-n)");
+        bail!("connect-storm needs connections (-n)");
     }
     if !args.welcome_timeout.is_finite() || args.welcome_timeout <= 0.0 {
         bail!("--welcome-timeout must be a number of seconds above 0");
@@ -293,20 +298,20 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
     if (nofile as usize) < n + 64 {
         bail!("{n} connections need more open files than the limit of {nofile}");
     }
-    let addr = crate::ws_addr(&args.url)?;
-    let per_source = args.per_source.max(1);
-    let sources =
-        client::source_addresses(args.first_source, n, per_source).map_err(anyhow::Error::msg)?;
-    let target_kind = if args.floor_control.is_some() {
+    let addr = crate::ws_addr(&args.served.url)?;
+    let per_source = args.connecting.per_source.max(1);
+    let sources = client::source_addresses(args.connecting.first_source, n, per_source)
+        .map_err(anyhow::Error::msg)?;
+    let target_kind = if args.served.floor_control.is_some() {
         "floor"
     } else {
         "roomcast"
     };
     let limit = Duration::from_secs_f64(args.welcome_timeout);
     let storm = Arc::new(Storm {
-        url: args.url.clone(),
+        url: args.served.url.clone(),
         addr,
-        read_buffer: args.read_buffer,
+        read_buffer: args.connecting.read_buffer,
         limit,
         armed: AtomicUsize::new(0),
         other_frames: AtomicU64::new(0),
@@ -328,13 +333,14 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
 
     eprintln!(
         "connect storm: {n} clients to {} ({target_kind}, {} source addresses from {}), all at once",
-        args.url,
+        args.served.url,
         sources.len(),
-        args.first_source
+        args.connecting.first_source
     );
     let before = snapshot(args);
     let peak_stop = Arc::new(AtomicBool::new(false));
     let peak = args
+        .served
         .server_pid
         .map(|pid| rss_peak_sampler(pid, peak_stop.clone()));
     let t0 = Instant::now();
@@ -378,7 +384,7 @@ async fn arm(storm: &Storm, n: usize) -> anyhow::Result<()> {
 
 /// The clients' side of the report.
 fn report(
-    args: &Args,
+    args: &ConnectStormArgs,
     dist: &Dist,
     target_kind: &str,
     outcomes: &[Option<Outcome>],
@@ -410,7 +416,7 @@ fn report(
     json!({
         "tool": "roomcast-load",
         "mode": "connect-storm",
-        "label": args.label,
+        "label": args.output.label,
         "target": target_kind,
         "dist": dist.to_string(),
         "clients": n,
@@ -425,7 +431,7 @@ fn report(
         "storm_wall_s": round(wall, 3),
         "subscribe_failures": afters.iter().filter(|a| a.subscribe_failed).count(),
         "closed_by_server_after_welcome": closes,
-        "first_source": args.first_source.to_string(),
+        "first_source": args.connecting.first_source.to_string(),
     })
 }
 

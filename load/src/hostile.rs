@@ -23,10 +23,11 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
+use crate::cli::HostileArgs;
 use crate::client::now_us;
 use crate::procstat::{self, status_kib};
+use crate::round;
 use crate::server::{Server, Spec};
-use crate::{round, Args};
 use attack::Reach;
 use observe::{Targets, Witnesses};
 use tally::Window;
@@ -123,7 +124,7 @@ impl Scale {
 /// The run's state: the server (replaced if it has to be killed), where the witnesses look
 /// for it, and what each phase left.
 struct Run<'a> {
-    args: &'a Args,
+    args: &'a HostileArgs,
     spec: Spec,
     server: Server,
     targets: watch::Sender<Targets>,
@@ -136,11 +137,8 @@ struct Run<'a> {
     memory_baseline: Value,
 }
 
-pub async fn run(args: &Args, spec: Spec) -> anyhow::Result<Value> {
-    let brokers = args
-        .brokers
-        .as_deref()
-        .context("--hostile needs --brokers")?;
+pub async fn run(args: &HostileArgs, spec: Spec) -> anyhow::Result<Value> {
+    let brokers = args.kafka.brokers("hostile")?;
     let phases = parse_phases(&args.hostile_phases)?;
     let scale = Scale::new(args.hostile_scale)?;
     let nofile = procstat::raise_nofile();
@@ -152,12 +150,12 @@ pub async fn run(args: &Args, spec: Spec) -> anyhow::Result<Value> {
     let attackers = (0..scale.filter).map(attack::filter_user).collect();
     let feed = feed::Feed::start(
         brokers,
-        &args.topic,
-        &args.producer(),
+        &args.kafka.topic,
+        &args.kafka.producer(),
         attackers,
         ATTACK_RATE,
     )?;
-    let token = crate::token(&args.secret, "bystander", args.token_ttl)?;
+    let token = crate::token(&args.tokens.secret, "bystander", args.tokens.token_ttl)?;
     let witnesses = Witnesses::start(seen, token)?;
     let started = Instant::now();
     let mut run = Run {
@@ -273,8 +271,8 @@ impl Run<'_> {
     fn reach(&self) -> Reach {
         Reach {
             public: self.server.public,
-            secret: self.args.secret.clone(),
-            ttl: self.args.token_ttl,
+            secret: self.args.tokens.secret.clone(),
+            ttl: self.args.tokens.token_ttl,
         }
     }
 
@@ -439,7 +437,7 @@ impl Run<'_> {
 }
 
 struct Finished<'a> {
-    args: &'a Args,
+    args: &'a HostileArgs,
     scale: &'a Scale,
     windows: &'a [Window],
     phases: Vec<Value>,
@@ -500,7 +498,7 @@ fn report(f: Finished<'_>) -> Value {
     json!({
         "tool": "roomcast-load",
         "mode": "hostile",
-        "label": f.args.label,
+        "label": f.args.output.label,
         "target": "roomcast",
         "scale": f.args.hostile_scale,
         "counts": f.scale,

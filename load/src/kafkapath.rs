@@ -1,4 +1,4 @@
-//! The Kafka path on its own (`--kafka-path`): the same open-loop producer as every other mode,
+//! The Kafka path on its own (`kafka-path`): the same open-loop producer as every other mode,
 //! and a consumer configured as roomcast's, in one process with no WebSocket anywhere. The age
 //! of each record when the consumer gets it, measured from its intended send time, is the part
 //! of an end-to-end latency that no fan-out server can remove on this machine: a floor for the
@@ -8,28 +8,25 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use hdrhistogram::Histogram;
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::Message;
 use serde_json::{json, Value};
 
+use crate::cli::KafkaPathArgs;
 use crate::client::{self, now_us, number_after, SLOT_US};
 use crate::dist::Dist;
 use crate::producer::{self, Counters, Schedule};
-use crate::{procstat, round, Args};
+use crate::{procstat, round};
 
 /// Runs the probe against `--brokers`/`--topic` for `--warmup` + `--duration` seconds.
-pub async fn run(args: &Args, dist: Dist) -> anyhow::Result<Value> {
-    let brokers = args
-        .brokers
-        .clone()
-        .context("--kafka-path needs --brokers")?;
-    let topic = args.topic.clone();
+pub async fn run(args: &KafkaPathArgs, dist: Dist) -> anyhow::Result<Value> {
+    let brokers = args.kafka.brokers("kafka-path")?.to_string();
+    let topic = args.kafka.topic.clone();
     let consumer = consumer(&brokers, &topic)?;
-    let rooms = dist.rooms(args.connections.max(1));
+    let rooms = dist.rooms(args.rooms.connections.max(1));
     let counters = Arc::new(Counters::new(rooms));
-    let mut sink = producer::kafka_sink(&brokers, &topic, &args.producer(), &counters)?;
+    let mut sink = producer::kafka_sink(&brokers, &topic, &args.kafka.producer(), &counters)?;
     // Let the producer and the consumer connect before the clock starts.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let start = Instant::now() + Duration::from_millis(200);
@@ -37,19 +34,19 @@ pub async fn run(args: &Args, dist: Dist) -> anyhow::Result<Value> {
     let schedule = Schedule {
         dist,
         rooms,
-        rate: args.rate,
-        total: ((args.warmup + args.duration) * args.rate) as u64,
+        rate: args.production.rate,
+        total: ((args.window.warmup + args.window.duration) * args.production.rate) as u64,
         start,
         start_us,
-        payload_bytes: args.payload_bytes,
+        payload_bytes: args.production.payload_bytes,
         stop: None,
     };
     let expected = schedule.total;
-    let warmup_us = (args.warmup * 1e6) as u64 + schedule.start_us;
+    let warmup_us = (args.window.warmup * 1e6) as u64 + schedule.start_us;
     let done = Arc::new(AtomicBool::new(false));
     let reader = {
         let done = done.clone();
-        let drain = Duration::from_secs_f64(args.drain);
+        let drain = Duration::from_secs_f64(args.production.drain);
         std::thread::spawn(move || read(&consumer, expected, warmup_us, &done, drain))
     };
     let broker0 = args
@@ -77,12 +74,12 @@ pub async fn run(args: &Args, dist: Dist) -> anyhow::Result<Value> {
     Ok(json!({
         "tool": "roomcast-load",
         "mode": "kafka-path",
-        "label": args.label,
-        "rate": args.rate,
-        "linger_ms": args.linger_ms,
-        "payload_bytes": args.payload_bytes,
-        "warmup_s": args.warmup,
-        "duration_s": args.duration,
+        "label": args.output.label,
+        "rate": args.production.rate,
+        "linger_ms": args.kafka.linger_ms,
+        "payload_bytes": args.production.payload_bytes,
+        "warmup_s": args.window.warmup,
+        "duration_s": args.window.duration,
         "records": {
             "attempted": outcome.attempted,
             "refused": outcome.refused,

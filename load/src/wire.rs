@@ -10,22 +10,15 @@
 
 use std::io;
 
-use base64::Engine;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::client::HandshakeError;
+use crate::frame::{self, masked, BINARY, CLOSE, PING, PONG, TEXT};
 
 /// The longest response head or frame this side accepts.
 const MAX_HEAD: usize = 8 * 1024;
 const MAX_FRAME: usize = 16 * 1024 * 1024;
-
-pub const TEXT: u8 = 0x1;
-const BINARY: u8 = 0x2;
-pub const CLOSE: u8 = 0x8;
-pub const PING: u8 = 0x9;
-pub const PONG: u8 = 0xA;
 
 /// What the server sent that this side cannot read.
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +62,7 @@ fn header(bytes: &[u8]) -> Result<Option<Header>, WireError> {
     if !fin || opcode == 0 {
         return Err(WireError::Fragmented(opcode));
     }
-    let Some((at, len)) = lengths(bytes) else {
+    let Some((at, len)) = frame::lengths(bytes) else {
         return Ok(None);
     };
     if len > MAX_FRAME as u64 {
@@ -86,26 +79,6 @@ fn header(bytes: &[u8]) -> Result<Option<Header>, WireError> {
 /// read the socket themselves (None until all of it is there).
 pub fn parse_frame(bytes: &[u8]) -> Result<Option<(u8, std::ops::Range<usize>)>, WireError> {
     Ok(header(bytes)?.map(|h| (h.opcode, h.payload)))
-}
-
-/// A client frame: always masked (RFC 6455, 5.3), here with a key that changes per frame.
-pub fn masked(opcode: u8, payload: &[u8], key: [u8; 4]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(payload.len() + 14);
-    out.push(0x80 | opcode);
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n <= u16::MAX as usize => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&key);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
-    out
 }
 
 /// One connection after its upgrade.
@@ -215,7 +188,7 @@ impl Conn {
     fn make_room(&mut self) {
         self.buf.copy_within(self.start..self.end, 0);
         (self.start, self.end) = (0, self.end - self.start);
-        let need = frame_len(self.unparsed()).map_or(0, |n| n.min(MAX_FRAME + 14));
+        let need = frame::frame_len(self.unparsed()).map_or(0, |n| n.min(MAX_FRAME + 14));
         // Full without a frame longer than the buffer: a long response head.
         let full = self.end == self.buf.len();
         let size = need.max(if full { 2 * self.buf.len() } else { 0 });
@@ -258,25 +231,6 @@ impl Conn {
     }
 }
 
-/// Where the payload of the frame at the start of `bytes` begins, and its length, once the
-/// length field is there.
-fn lengths(bytes: &[u8]) -> Option<(usize, u64)> {
-    Some(match *bytes.get(1)? & 0x7F {
-        126 => (
-            4,
-            u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?]) as u64,
-        ),
-        127 => (10, u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?)),
-        n => (2, n as u64),
-    })
-}
-
-/// The whole length of the frame at the start of `bytes`, once its length field is there.
-fn frame_len(bytes: &[u8]) -> Option<usize> {
-    let (at, len) = lengths(bytes)?;
-    Some(at.saturating_add(usize::try_from(len).unwrap_or(usize::MAX)))
-}
-
 /// The upgrade to a WebSocket with the token in the subprotocol, then the welcome frame;
 /// returns the connection with the welcome's text. `seed` varies the handshake key and the
 /// masking keys between connections.
@@ -288,12 +242,16 @@ pub async fn upgrade(
     seed: u32,
 ) -> Result<(Conn, String), HandshakeError> {
     let (host, path) = host_and_path(url)?;
-    let key = base64::engine::general_purpose::STANDARD.encode(seed.to_le_bytes().repeat(4));
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\
-         Sec-WebSocket-Protocol: roomcast.v1, bearer.{token}\r\n\r\n"
-    );
+    let key = frame::client_key(seed);
+    let request = frame::Upgrade {
+        path,
+        host,
+        http: "HTTP/1.1",
+        version: "13",
+        key: &key,
+        extra: &format!("Sec-WebSocket-Protocol: roomcast.v1, bearer.{token}\r\n"),
+    }
+    .request();
     tcp.write_all(request.as_bytes())
         .await
         .map_err(HandshakeError::Connect)?;
@@ -340,27 +298,10 @@ async fn read_head(conn: &mut Conn) -> Result<usize, HandshakeError> {
 
 /// 101 with the accept key that answers ours.
 fn check_response(head: &[u8], key: &str) -> Result<(), HandshakeError> {
-    let text = String::from_utf8_lossy(head);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or_else(|| HandshakeError::Protocol(format!("not an HTTP response: {text:?}")))?;
-    if status != 101 {
-        return Err(HandshakeError::Status(status));
-    }
-    let accept = derive_accept_key(key.as_bytes());
-    let answered = text.lines().any(|line| {
-        line.split_once(':').is_some_and(|(name, value)| {
-            name.eq_ignore_ascii_case("sec-websocket-accept") && value.trim() == accept
-        })
-    });
-    if !answered {
-        return Err(HandshakeError::Protocol(
-            "wrong Sec-WebSocket-Accept".into(),
-        ));
-    }
-    Ok(())
+    frame::check_response(&String::from_utf8_lossy(head), key).map_err(|e| match e {
+        frame::UpgradeRefused::Status(status) => HandshakeError::Status(status),
+        other => HandshakeError::Protocol(other.to_string()),
+    })
 }
 
 #[cfg(test)]
@@ -369,34 +310,15 @@ mod tests {
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
-    /// A server frame (unmasked).
-    fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mut f = masked(opcode, payload, [0; 4]);
-        // Drop the mask bit and the (zero) key: a zero key leaves the payload as it is.
-        f[1] &= 0x7F;
-        let at = match f[1] {
-            126 => 4,
-            127 => 10,
-            _ => 2,
-        };
-        f.drain(at..at + 4);
-        f
-    }
+    use crate::frame::unmasked as server_frame;
 
-    fn unmask(frame: &[u8]) -> (u8, Vec<u8>) {
-        assert_eq!(frame[1] & 0x80, 0x80, "client frames are masked");
-        let (len, at) = match frame[1] & 0x7F {
-            126 => (u16::from_be_bytes([frame[2], frame[3]]) as usize, 4),
-            127 => (
-                u64::from_be_bytes(frame[2..10].try_into().unwrap()) as usize,
-                10,
-            ),
-            n => (n as usize, 2),
-        };
-        let key = &frame[at..at + 4];
-        let payload = &frame[at + 4..at + 4 + len];
-        let clear = payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]);
-        (frame[0], clear.collect())
+    /// A client frame's first byte and payload, unmasked.
+    fn unmask(bytes: &[u8]) -> (u8, Vec<u8>) {
+        let h = frame::head(bytes).expect("a whole frame");
+        let key = h.mask.expect("client frames are masked");
+        let mut payload = bytes[h.payload.clone()].to_vec();
+        frame::unmask(&mut payload, key);
+        (h.first, payload)
     }
 
     async fn pair() -> (TcpStream, TcpStream) {
@@ -417,15 +339,17 @@ mod tests {
 
     #[test]
     fn frames_this_side_cannot_read_are_errors() {
-        let mut masked_text = frame(TEXT, b"x");
+        let mut masked_text = server_frame(TEXT, b"x");
         masked_text[1] |= 0x80;
         assert!(matches!(header(&masked_text), Err(WireError::Masked)));
-        let mut first_part = frame(TEXT, b"x");
+        let mut first_part = server_frame(TEXT, b"x");
         first_part[0] &= 0x7F;
         assert!(matches!(header(&first_part), Err(WireError::Fragmented(1))));
         let huge = [0x81, 127, 0, 0, 0, 0, 0x10, 0, 0, 0];
         assert!(matches!(header(&huge), Err(WireError::TooLong(_))));
-        assert!(header(&frame(TEXT, &[b'y'; 300])[..100]).unwrap().is_none());
+        assert!(header(&server_frame(TEXT, &[b'y'; 300])[..100])
+            .unwrap()
+            .is_none());
     }
 
     #[tokio::test]
@@ -435,13 +359,13 @@ mod tests {
             .iter()
             .map(|&n| (0..n).map(|i| b'a' + (i % 26) as u8).collect())
             .collect();
-        let mut stream = frame(TEXT, &texts[0]);
-        stream.extend(frame(PING, b"hi"));
-        stream.extend(frame(PONG, b""));
+        let mut stream = server_frame(TEXT, &texts[0]);
+        stream.extend(server_frame(PING, b"hi"));
+        stream.extend(server_frame(PONG, b""));
         for t in &texts[1..] {
-            stream.extend(frame(TEXT, t));
+            stream.extend(server_frame(TEXT, t));
         }
-        stream.extend(frame(CLOSE, &[0x0F, 0xA8, b'x']));
+        stream.extend(server_frame(CLOSE, &[0x0F, 0xA8, b'x']));
         let writer = tokio::spawn(async move {
             for chunk in stream.chunks(7) {
                 server.write_all(chunk).await.unwrap();
@@ -471,7 +395,10 @@ mod tests {
     #[tokio::test]
     async fn a_stream_that_ends_without_a_close_frame_is_1006() {
         let (client, mut server) = pair().await;
-        server.write_all(&frame(TEXT, b"last")).await.unwrap();
+        server
+            .write_all(&server_frame(TEXT, b"last"))
+            .await
+            .unwrap();
         drop(server);
         let mut conn = Conn::new(client, 64, 1);
         assert_eq!(conn.next().await.unwrap(), Frame::Text(b"last"));
@@ -500,7 +427,7 @@ mod tests {
                 .lines()
                 .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
                 .unwrap();
-            let accept = accept.map_or_else(|| derive_accept_key(key.as_bytes()), String::from);
+            let accept = accept.map_or_else(|| frame::accept_key(key.as_bytes()), String::from);
             let mut answer =
                 format!("HTTP/1.1 {status}\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").into_bytes();
             answer.extend(after);
@@ -513,8 +440,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_upgrade_checks_the_answer_and_keeps_what_came_with_it() {
-        let mut after = frame(TEXT, br#"{"type":"welcome","conn":"c1"}"#);
-        after.extend(frame(TEXT, br#"{"type":"event"}"#));
+        let mut after = server_frame(TEXT, br#"{"type":"welcome","conn":"c1"}"#);
+        after.extend(server_frame(TEXT, br#"{"type":"event"}"#));
         let addr = fake_server("101 Switching Protocols", None, after).await;
         let url = format!("ws://{addr}/ws?x=1");
         let tcp = TcpStream::connect(addr).await.unwrap();

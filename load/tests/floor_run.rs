@@ -58,7 +58,7 @@ fn load(target: &[&str], conns: &str, dist: &str) -> serde_json::Value {
         unique()
     ));
     let status = Command::new(env!("CARGO_BIN_EXE_roomcast-load"))
-        .args(["--secret", "floor-run-secret-0123456789"])
+        .args(["fanout", "--secret", "floor-run-secret-0123456789"])
         .args(target)
         .args([
             "-n", conns, "--dist", dist, "--rate", "200", "--warmup", "1",
@@ -118,7 +118,7 @@ fn the_floor_fed_by_kafka_delivers_every_record_once() {
     );
     let topic = format!("floor-kafka-{}", unique());
     let created = Command::new(env!("CARGO_BIN_EXE_roomcast-load"))
-        .args(["--create-topic", "--brokers", &brokers, "--topic", &topic])
+        .args(["create-topic", "--brokers", &brokers, "--topic", &topic])
         .status()
         .unwrap();
     assert!(created.success());

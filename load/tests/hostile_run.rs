@@ -66,7 +66,7 @@ fn every_phase_runs_and_the_bystander_is_watched_throughout() {
     let topic = format!("hostile-{}", unique());
     let load = env!("CARGO_BIN_EXE_roomcast-load");
     let created = Command::new(load)
-        .args(["--create-topic", "--brokers", &brokers, "--topic", &topic])
+        .args(["create-topic", "--brokers", &brokers, "--topic", &topic])
         .stdout(Stdio::null())
         .status()
         .unwrap();
@@ -76,7 +76,7 @@ fn every_phase_runs_and_the_bystander_is_watched_throughout() {
     let out = dir.join("report.jsonl");
     let status = Command::new(load)
         .args([
-            "--hostile",
+            "hostile",
             "--secret",
             SECRET,
             "--brokers",

@@ -1,9 +1,12 @@
 //! The one raw WebSocket client of these tests, for what client libraries never send or never
 //! show: frames built byte by byte (masked or not, of any length), the server's frames parsed
-//! as they arrive, and how and when the connection ends.
+//! as they arrive, and how and when the connection ends. The bytes themselves come from the
+//! load tool's framing module (`roomcast_load::frame`), the one the load client and the floor
+//! use.
 
 use std::time::Duration;
 
+use roomcast_load::frame::{self, encode};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -12,11 +15,7 @@ use tokio::time::{timeout, Instant};
 
 use crate::support::{Server, WAIT};
 
-pub const FIN: u8 = 0x80;
-pub const TEXT: u8 = 0x1;
-pub const CLOSE: u8 = 0x8;
-pub const PING: u8 = 0x9;
-pub const PONG: u8 = 0xA;
+pub use roomcast_load::frame::{CLOSE, FIN, PING, PONG, TEXT};
 
 /// The key of RFC 6455's example, and the accept value that answers it.
 pub const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
@@ -43,17 +42,15 @@ impl<'a> Upgrade<'a> {
     }
 
     pub fn request(&self, addr: &str) -> String {
-        let Upgrade {
-            http,
-            version,
-            key,
-            token,
-        } = self;
-        format!(
-            "GET /ws {http}\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-             Sec-WebSocket-Version: {version}\r\nSec-WebSocket-Key: {key}\r\n\
-             Authorization: Bearer {token}\r\n\r\n"
-        )
+        frame::Upgrade {
+            path: "/ws",
+            host: addr,
+            http: self.http,
+            version: self.version,
+            key: self.key,
+            extra: &format!("Authorization: Bearer {}\r\n", self.token),
+        }
+        .request()
     }
 }
 
@@ -67,30 +64,6 @@ pub fn unmasked(first: u8, payload: &[u8]) -> Vec<u8> {
     encode(first, payload, None)
 }
 
-fn encode(first: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
-    let bit = if mask.is_some() { 0x80 } else { 0 };
-    let mut out = vec![first];
-    match payload.len() {
-        n if n < 126 => out.push(bit | n as u8),
-        n if n <= u16::MAX as usize => {
-            out.push(bit | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(bit | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    match mask {
-        Some(mask) => {
-            out.extend_from_slice(&mask);
-            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
-        }
-        None => out.extend_from_slice(payload),
-    }
-    out
-}
-
 /// A close frame's payload.
 pub fn close_payload(code: u16, reason: &[u8]) -> Vec<u8> {
     let mut payload = code.to_be_bytes().to_vec();
@@ -101,19 +74,9 @@ pub fn close_payload(code: u16, reason: &[u8]) -> Vec<u8> {
 /// The server frame at the start of `buf`: its first byte, its payload and the bytes it
 /// takes; None while it is incomplete. Server frames are never masked.
 pub fn parse(buf: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
-    let (&first, &second) = (buf.first()?, buf.get(1)?);
-    assert_eq!(second & 0x80, 0, "a masked server frame");
-    let (len, at) = match second {
-        126 => (
-            u16::from_be_bytes(buf.get(2..4)?.try_into().unwrap()) as u64,
-            4,
-        ),
-        127 => (u64::from_be_bytes(buf.get(2..10)?.try_into().unwrap()), 10),
-        n => (n as u64, 2),
-    };
-    let end = at + usize::try_from(len).expect("a length this machine can hold");
-    let payload = buf.get(at..end)?.to_vec();
-    Some((first, payload, end))
+    let head = frame::head(buf)?;
+    assert_eq!(head.mask, None, "a masked server frame");
+    Some((head.first, buf[head.payload.clone()].to_vec(), head.end()))
 }
 
 /// An upgraded connection spoken to byte by byte.

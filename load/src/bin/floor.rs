@@ -25,6 +25,7 @@ use anyhow::{bail, Context};
 use base64::Engine;
 use bytes::{Buf, Bytes, BytesMut};
 use clap::Parser;
+use roomcast_load::frame;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -286,9 +287,6 @@ fn event_frame(
     text_frame(&json)
 }
 
-#[path = "../tail.rs"]
-mod tail;
-
 /// The floor fed by Kafka: one thread polls the topic and publishes each record.
 mod kafka {
     use std::time::Duration;
@@ -299,7 +297,7 @@ mod kafka {
     use super::Hub;
 
     pub fn consumer(brokers: &str, topic: &str) -> anyhow::Result<BaseConsumer> {
-        super::tail::from_end(brokers, topic, "roomcast-floor")
+        roomcast_load::tail::from_end(brokers, topic, "roomcast-floor")
     }
 
     pub fn run(consumer: &BaseConsumer, hub: &Hub, topic: &str, event: &str) {
@@ -329,80 +327,23 @@ mod kafka {
 }
 
 /// A server-to-client (unmasked) frame.
-fn frame(opcode: u8, payload: &[u8]) -> Bytes {
-    let mut out = Vec::with_capacity(payload.len() + 10);
-    out.push(0x80 | opcode);
-    match payload.len() {
-        n if n < 126 => out.push(n as u8),
-        n if n < 65536 => {
-            out.push(126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(payload);
-    Bytes::from(out)
+fn server_frame(opcode: u8, payload: &[u8]) -> Bytes {
+    Bytes::from(frame::unmasked(opcode, payload))
 }
 
 fn text_frame(payload: &[u8]) -> Bytes {
-    frame(0x1, payload)
+    server_frame(frame::TEXT, payload)
 }
 
 /// One complete client frame (opcode, unmasked payload) from the front of `buf`, if there.
 fn next_frame(buf: &mut BytesMut) -> Option<(u8, Vec<u8>)> {
-    if buf.len() < 2 {
-        return None;
+    let head = frame::head(buf)?;
+    let mut payload = buf[head.payload.clone()].to_vec();
+    if let Some(key) = head.mask {
+        frame::unmask(&mut payload, key);
     }
-    let opcode = buf[0] & 0x0f;
-    let masked = buf[1] & 0x80 != 0;
-    let (len, mut pos) = match buf[1] & 0x7f {
-        126 => {
-            if buf.len() < 4 {
-                return None;
-            }
-            (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4)
-        }
-        127 => {
-            if buf.len() < 10 {
-                return None;
-            }
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&buf[2..10]);
-            (u64::from_be_bytes(b) as usize, 10)
-        }
-        n => (n as usize, 2),
-    };
-    let mask = if masked {
-        if buf.len() < pos + 4 {
-            return None;
-        }
-        let m = [buf[pos], buf[pos + 1], buf[pos + 2], buf[pos + 3]];
-        pos += 4;
-        Some(m)
-    } else {
-        None
-    };
-    if buf.len() < pos + len {
-        return None;
-    }
-    let mut payload = buf[pos..pos + len].to_vec();
-    if let Some(m) = mask {
-        for (i, b) in payload.iter_mut().enumerate() {
-            *b ^= m[i % 4];
-        }
-    }
-    buf.advance(pos + len);
-    Some((opcode, payload))
-}
-
-fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
-    head.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-    })
+    buf.advance(head.end());
+    Some((head.opcode(), payload))
 }
 
 /// The `sub` of a bearer token offered as a subprotocol; the signature is not checked.
@@ -433,8 +374,8 @@ async fn session(hub: Arc<Hub>, stream: TcpStream) -> std::io::Result<()> {
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
     buf.advance(head_end);
-    let key = header(&head, "sec-websocket-key");
-    let user = header(&head, "sec-websocket-protocol").and_then(subject);
+    let key = frame::header_value(&head, "sec-websocket-key");
+    let user = frame::header_value(&head, "sec-websocket-protocol").and_then(subject);
     let (Some(key), Some(user)) = (key, user) else {
         wr.write_all(
             b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
@@ -442,7 +383,7 @@ async fn session(hub: Arc<Hub>, stream: TcpStream) -> std::io::Result<()> {
         .await?;
         return Ok(());
     };
-    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let accept = frame::accept_key(key.as_bytes());
     let response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: roomcast.v1\r\n\r\n"
@@ -478,7 +419,7 @@ async fn read_loop(
     loop {
         while let Some((opcode, payload)) = next_frame(buf) {
             match opcode {
-                0x1 => {
+                frame::TEXT => {
                     let Ok(v) = serde_json::from_slice::<serde_json::Value>(&payload) else {
                         continue;
                     };
@@ -505,12 +446,12 @@ async fn read_loop(
                     });
                     let _ = tx.try_send(text_frame(ok.to_string().as_bytes()));
                 }
-                0x8 => {
-                    let _ = tx.try_send(frame(0x8, &1000u16.to_be_bytes()));
+                frame::CLOSE => {
+                    let _ = tx.try_send(server_frame(frame::CLOSE, &1000u16.to_be_bytes()));
                     return Ok(());
                 }
-                0x9 => {
-                    let _ = tx.try_send(frame(0xA, &payload));
+                frame::PING => {
+                    let _ = tx.try_send(server_frame(frame::PONG, &payload));
                 }
                 _ => {}
             }

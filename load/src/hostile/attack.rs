@@ -16,6 +16,7 @@ use tokio::time::timeout;
 
 use super::feed::Switches;
 use crate::client;
+use crate::frame;
 use crate::wire::{self, Frame};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -637,9 +638,9 @@ impl Flooded {
 fn ping_batch() -> Vec<u8> {
     let mut batch = Vec::new();
     for k in 0..32u8 {
-        batch.extend(wire::masked(wire::PING, b"p", [k, 1, 2, 3]));
-        batch.extend(wire::masked(
-            wire::TEXT,
+        batch.extend(frame::masked(frame::PING, b"p", [k, 1, 2, 3]));
+        batch.extend(frame::masked(
+            frame::TEXT,
             br#"{"type":"ping","id":1}"#,
             [k, 4, 5, 6],
         ));
@@ -696,13 +697,13 @@ fn count_frames(buf: &[u8], f: &mut Flooded) -> usize {
     while let Ok(Some((opcode, payload))) = wire::parse_frame(&buf[at..]) {
         let p = &buf[at + payload.start..at + payload.end];
         match opcode {
-            wire::PONG => f.ws_pongs += 1,
-            wire::TEXT if p.starts_with(b"{\"type\":\"pong\"") => f.json_pongs += 1,
-            wire::TEXT if memchr::memmem::find(p, b"\"rate_limited\"").is_some() => {
+            frame::PONG => f.ws_pongs += 1,
+            frame::TEXT if p.starts_with(b"{\"type\":\"pong\"") => f.json_pongs += 1,
+            frame::TEXT if memchr::memmem::find(p, b"\"rate_limited\"").is_some() => {
                 f.rate_limited += 1
             }
-            wire::TEXT if p.starts_with(b"{\"type\":\"error\"") => f.other_errors += 1,
-            wire::CLOSE => {
+            frame::TEXT if p.starts_with(b"{\"type\":\"error\"") => f.other_errors += 1,
+            frame::CLOSE => {
                 f.close = Some(if p.len() >= 2 {
                     u16::from_be_bytes([p[0], p[1]])
                 } else {
@@ -807,23 +808,19 @@ mod tests {
 
     #[test]
     fn frames_are_counted_by_kind_and_a_close_ends_the_count() {
-        let server = |opcode: u8, p: &[u8]| {
-            let mut f = vec![0x80 | opcode, p.len() as u8];
-            f.extend_from_slice(p);
-            f
-        };
-        let mut buf = server(wire::PONG, b"p");
-        buf.extend(server(wire::TEXT, br#"{"type":"pong","id":1}"#));
+        let server = frame::unmasked;
+        let mut buf = server(frame::PONG, b"p");
+        buf.extend(server(frame::TEXT, br#"{"type":"pong","id":1}"#));
         buf.extend(server(
-            wire::TEXT,
+            frame::TEXT,
             br#"{"type":"error","code":"rate_limited","message":"x"}"#,
         ));
         buf.extend(server(
-            wire::TEXT,
+            frame::TEXT,
             br#"{"type":"error","code":"bad_request","message":"x"}"#,
         ));
-        buf.extend(server(wire::CLOSE, &[0x0F, 0xBD]));
-        buf.extend(server(wire::PONG, b"p"));
+        buf.extend(server(frame::CLOSE, &[0x0F, 0xBD]));
+        buf.extend(server(frame::PONG, b"p"));
         let whole = buf.len();
         buf.extend([0x8A, 5, b'x']);
         let mut f = Flooded::default();
