@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 /// What a configuration problem is, always naming the key it concerns.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -239,7 +239,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: "0.0.0.0:8080".into(),
             admin_listen: "0.0.0.0:9090".into(),
-            name: std::env::var("HOSTNAME").unwrap_or_else(|_| "roomcast".into()),
+            name: host_name(),
             allowed_origins: Vec::new(),
             max_connections: 100_000,
             drain_seconds: 5.0,
@@ -761,6 +761,24 @@ impl Config {
             }
         }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// This replica's default name: `$HOSTNAME` (a pod's name in Kubernetes), else the host's
+/// name, which a shell does not always export.
+fn host_name() -> String {
+    if let Ok(name) = std::env::var("HOSTNAME") {
+        if !name.is_empty() {
+            return name;
+        }
+    }
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; the name is NUL-terminated within it.
+    let done = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(0);
+    match std::str::from_utf8(&buf[..len]) {
+        Ok(name) if done && !name.is_empty() => name.to_string(),
+        _ => "roomcast".into(),
     }
 }
 

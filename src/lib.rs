@@ -60,7 +60,7 @@ pub enum Error {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Kafka(#[from] ConsumerError),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,

@@ -104,6 +104,10 @@ struct TokenArgs {
     /// Room patterns the token grants, comma-separated (e.g. 'feature:**,task:*').
     #[arg(long, value_delimiter = ',')]
     rooms: Vec<String>,
+    /// Permissions the token carries, comma-separated; `auth.perms` maps them to rooms.
+    #[arg(long, value_delimiter = ',')]
+    perms: Vec<String>,
+    /// The tenant (`tenant` claim): the token's rooms are that tenant's.
     #[arg(long)]
     tenant: Option<String>,
     /// Seconds until the token expires.
@@ -145,6 +149,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 exp: now_secs() + t.ttl,
                 tenant: t.tenant,
                 rooms: t.rooms,
+                perms: t.perms,
                 ..Claims::default()
             };
             println!("{}", sign_hs256(secret, &claims));
@@ -193,8 +198,11 @@ fn report_ignored_env(names: &[String]) {
 }
 
 fn init_logging(filter: EnvFilter, format: LogFormat) {
+    use std::io::IsTerminal;
+    // Colours only for a person at a terminal: a file or a log collector gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),

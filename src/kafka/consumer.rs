@@ -41,7 +41,7 @@ const MAX_POSITION_SLICES: u64 = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
-    #[error("cannot create Kafka consumer: {0}")]
+    #[error("cannot create Kafka consumer")]
     Create(#[from] rdkafka::error::KafkaError),
 }
 

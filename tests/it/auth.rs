@@ -231,3 +231,38 @@ async fn the_token_command_mints_a_token_the_server_accepts() {
     assert_eq!(c.welcome["user"], "minted");
     c.join(&["task:1", "feature:users:entity:user"]).await;
 }
+
+/// `roomcast token --perms` carries permissions, which the server's `auth.perms` turns into
+/// rooms; a room no permission maps to stays refused.
+#[tokio::test]
+async fn the_token_command_carries_permissions() {
+    let topic = unique("mintperms");
+    create_topic(&topic, 1).await;
+    let server = Server::start(&task_route(&topic), "").await;
+    let out = std::process::Command::new(binary())
+        .args([
+            "token",
+            "--sub",
+            "perms",
+            "--perms",
+            "users:read",
+            "--ttl",
+            "60",
+        ])
+        .env("ROOMCAST_JWT_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let minted = String::from_utf8(out.stdout).unwrap();
+    let mut c = server.connect(minted.trim()).await;
+    c.join(&["feature:users"]).await;
+    let (errors, _) = c
+        .subscribe(serde_json::json!({ "rooms": ["feature:billing"] }))
+        .await;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0]["code"], "forbidden");
+}

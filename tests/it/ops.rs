@@ -312,11 +312,18 @@ async fn the_demo_honours_listen_settings_and_prints_a_token_that_connects() {
         .arg("demo")
         .env("ROOMCAST_LISTEN", "127.0.0.1:0")
         .env("ROOMCAST_ADMIN_LISTEN", "127.0.0.1:0")
-        .env("ROOMCAST_LOG", "warn")
+        .env("ROOMCAST_LOG", "info")
+        .env("ROOMCAST_LOG_FORMAT", "text")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("roomcast demo starts");
+    let stderr = demo.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut text);
+        text
+    });
     let stdout = demo.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -343,9 +350,31 @@ async fn the_demo_honours_listen_settings_and_prints_a_token_that_connects() {
     assert_eq!(client.welcome["user"], "42");
     // The demo publishes a task of user 42 within a few records.
     let event = client.frame_within(Duration::from_secs(20)).await;
-    let _ = demo.kill();
-    let _ = demo.wait();
+    // A clean stop, as an operator's Ctrl-C: no error on the way out.
+    unsafe { libc::kill(demo.id() as i32, libc::SIGINT) };
+    let status = demo.wait().unwrap();
+    let log = log.join().unwrap();
     assert_eq!(event.expect("a demo event")["type"], "event");
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(log.contains(" INFO "), "{log}");
+    // Written to a pipe, the log carries no terminal colour codes.
+    assert!(!log.contains('\x1b'), "{log}");
+    assert!(!log.contains("ERROR"), "{log}");
+}
+
+/// An error's cause is printed once, after what failed.
+#[test]
+fn an_error_names_its_cause_once() {
+    let out = Command::new(binary())
+        .args(["check-config", "--config", "/nonexistent/roomcast.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "roomcast: cannot read config file /nonexistent/roomcast.toml: \
+         No such file or directory (os error 2)\n"
+    );
 }
 
 /// The sample configuration the README points to is valid as shipped.
@@ -365,6 +394,25 @@ fn the_example_configuration_passes_check_config() {
     let effective = String::from_utf8(out.stdout).unwrap();
     assert!(
         effective.contains("topic = \"task-updates\""),
+        "{effective}"
+    );
+}
+
+/// Without `$HOSTNAME` (a shell that does not export it), the replica is named after the host,
+/// not a name every such replica would share.
+#[test]
+fn the_server_name_defaults_to_the_host_name() {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let out = Command::new(binary())
+        .arg("check-config")
+        .env_remove("HOSTNAME")
+        .env_remove("ROOMCAST_SERVER_NAME")
+        .env("ROOMCAST_JWT_SECRET", "a-secret-of-16-bytes-or-more")
+        .output()
+        .unwrap();
+    let effective = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        effective.contains(&format!("name = \"{}\"", host.trim())),
         "{effective}"
     );
 }
