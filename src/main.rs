@@ -150,7 +150,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 tenant: t.tenant,
                 rooms: t.rooms,
                 perms: t.perms,
-                ..Claims::default()
             };
             println!("{}", sign_hs256(secret, &claims));
             Ok(())
