@@ -63,10 +63,11 @@ async fn main() {
         .unwrap_or_else(|| "127.0.0.1:0".into());
     let setup = Setup::build(config(&listen)).expect("the harness's configuration");
     let metrics = Arc::new(Metrics::new());
-    let mut hub = Hub::new(setup, metrics.clone(), Arc::new(PartitionTable::default()));
+    let parts = roomcast::hub_parts(&setup, metrics.clone(), Arc::new(PartitionTable::default()));
+    let mut hub = Hub::new(setup, parts);
     hub.echo = true;
     let hub = Arc::new(hub);
-    let config = hub.config.clone();
+    let config = hub.config().clone();
 
     let listener = tokio::net::TcpListener::bind(&config.server.listen)
         .await
@@ -78,7 +79,7 @@ async fn main() {
         &config.server,
         public_router(hub.clone(), None),
         metrics,
-        hub.proxies.clone(),
+        hub.proxies().clone(),
     );
     // Never told to stop: the harness serves until it is killed.
     let (_stop, stop) = tokio::sync::watch::channel(false);

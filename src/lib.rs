@@ -39,12 +39,14 @@ use tokio::net::{TcpListener, TcpSocket};
 use tracing::{error, info, warn};
 
 use crate::config::ConfigError;
-use crate::kafka::consumer::{ConsumerError, KafkaConsumer};
+use crate::kafka::consumer::{ConsumerError, KafkaConsumer, Shared};
+use crate::kafka::replay::KafkaReplay;
 use crate::metrics::Metrics;
 use crate::position::PartitionTable;
+use crate::resume::ReplayBuffer;
 use crate::setup::Setup;
 use crate::shutdown::Stages;
-use crate::ws::Hub;
+use crate::ws::{Hub, HubParts};
 
 /// Milliseconds since the Unix epoch, as Kafka timestamps count them.
 pub fn unix_millis() -> i64 {
@@ -102,6 +104,32 @@ fn bind(addr: SocketAddr, send_buffer: u32) -> Result<(TcpListener, SocketAddr),
     Ok((listener, local))
 }
 
+/// The state the hub shares or reads back with, for `setup`: the replay buffer, the reader
+/// of Kafka for resumes, and the runtime a large room's fan-out spreads over (the current
+/// one, if any). `serve` builds the service on it; the conformance harness and in-process
+/// tests build a hub alone on it.
+pub fn hub_parts(
+    setup: &Setup,
+    metrics: Arc<Metrics>,
+    partitions: Arc<PartitionTable>,
+) -> HubParts {
+    let r = &setup.config.resume;
+    let history = KafkaReplay::new(
+        setup.kafka.replay.clone(),
+        setup.routes.clone(),
+        r.kafka_concurrency,
+        Duration::from_secs(r.max_age_seconds),
+        r.max_replay_records,
+    );
+    HubParts {
+        metrics,
+        partitions,
+        replay: Arc::new(ReplayBuffer::new(setup.replay)),
+        history,
+        runtime: tokio::runtime::Handle::try_current().ok(),
+    }
+}
+
 /// Runs the service built by `setup` until `stop` resolves, then drains and returns.
 pub async fn serve(
     setup: Setup,
@@ -113,9 +141,18 @@ pub async fn serve(
     let metrics = Arc::new(Metrics::new());
     let topics: Vec<&str> = config.routes.iter().map(|r| r.topic.as_str()).collect();
     metrics.prime(&topics);
-    let partitions = Arc::new(PartitionTable::default());
-    let hub = Arc::new(Hub::new(setup, metrics, partitions));
-    let consumer = KafkaConsumer::new(&kafka, hub.clone())?;
+    let parts = hub_parts(&setup, metrics, Arc::new(PartitionTable::default()));
+    let (partitions, replay) = (parts.partitions.clone(), parts.replay.clone());
+    let routes = setup.routes.clone();
+    let hub = Arc::new(Hub::new(setup, parts));
+    let shared = Shared {
+        delivery: hub.clone(),
+        routes,
+        partitions,
+        replay,
+        metrics: hub.metrics.clone(),
+    };
+    let consumer = KafkaConsumer::new(&kafka, &config, shared)?;
 
     let (public, public_addr) = bind(listen, config.websocket.send_buffer_bytes)?;
     let (admin, admin_addr) = bind(admin_listen, 0)?;

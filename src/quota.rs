@@ -45,6 +45,7 @@ impl<K: Hash + Eq + Clone> Quota<K> {
     }
 
     /// Keys with at least one connection.
+    #[cfg(test)]
     pub fn keys(&self) -> usize {
         self.counts.len()
     }

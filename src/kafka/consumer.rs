@@ -20,13 +20,14 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::config::Config;
+use crate::frame::Frame;
 use crate::kafka::KafkaSettings;
 use crate::metrics::Metrics;
 use crate::position::{PartitionTable, PositionMap};
-use crate::resume::Entry;
-use crate::route::{Record, Route};
+use crate::resume::{Entry, ReplayBuffer};
+use crate::route::{Record, Route, Routed};
 use crate::ws::protocol;
-use crate::ws::{Hub, PendingFanout};
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -95,12 +96,44 @@ impl RateLimitedLog {
     }
 }
 
-pub struct KafkaConsumer {
+/// Where the consumer hands records (the live connections: `ws::Hub`), and what it holds
+/// while it does. The consumer knows nothing else of the connections.
+pub trait Delivery: Send + Sync + 'static {
+    /// One record's fan-out, of which a large room's parts may still be to do.
+    type Pending: Pending;
+    /// Held while one record is handed out and its position advanced, so that a session's
+    /// snapshot of positions and its joins fall between two records.
+    fn hold_cut(&self) -> impl Sized + '_;
+    /// Hands one routed record's frame to every connection in its rooms, never waiting on one.
+    fn deliver(&self, routed: &Routed<'_>, frame: &Frame) -> Self::Pending;
+    /// Sends one slice of the connections their `positions` watermark, if positions moved.
+    fn broadcast_positions(&self, slice: u64, slices: u64, last: &mut PositionMap);
+    /// Whether the consumer may write quiet connections' frames itself.
+    fn set_direct_writes(&self, on: bool);
+}
+
+/// What is left of a record's fan-out once the cut is let go.
+pub trait Pending {
+    /// Does or waits for the rest, before the next record.
+    fn finish(self);
+}
+
+/// What the consumer shares with the rest of the service, made by the composition root.
+pub struct Shared<D> {
+    pub delivery: Arc<D>,
+    pub routes: Arc<HashMap<String, Route>>,
+    pub partitions: Arc<PartitionTable>,
+    pub replay: Arc<ReplayBuffer>,
+    pub metrics: Arc<Metrics>,
+}
+
+pub struct KafkaConsumer<D: Delivery> {
     consumer: Arc<BaseConsumer<Context>>,
     routes: Arc<HashMap<String, Route>>,
     /// `records_consumed` per routed topic, looked up once rather than per record.
     consumed: HashMap<String, prometheus::IntCounter>,
-    hub: Arc<Hub>,
+    delivery: Arc<D>,
+    replay: Arc<ReplayBuffer>,
     partitions: Arc<PartitionTable>,
     metrics: Arc<Metrics>,
     refresh: Duration,
@@ -118,32 +151,34 @@ pub struct KafkaConsumer {
 #[cfg(debug_assertions)]
 pub const PANIC_ON_TOPIC: &str = "ROOMCAST_TEST_PANIC_ON_TOPIC";
 
-impl KafkaConsumer {
-    pub fn new(kafka: &KafkaSettings, hub: Arc<Hub>) -> Result<KafkaConsumer, ConsumerError> {
+impl<D: Delivery> KafkaConsumer<D> {
+    pub fn new(
+        kafka: &KafkaSettings,
+        config: &Config,
+        shared: Shared<D>,
+    ) -> Result<KafkaConsumer<D>, ConsumerError> {
         let group = &kafka.group;
-        let config = hub.config.clone();
         let context = Context {
-            partitions: hub.partitions.clone(),
+            partitions: shared.partitions.clone(),
         };
         let consumer: BaseConsumer<Context> = kafka.consumer.create_with_context(context)?;
-        let routes = hub.routes.clone();
-        let consumed = routes
+        let consumed = shared
+            .routes
             .keys()
             .map(|t| {
-                (
-                    t.clone(),
-                    hub.metrics.records_consumed.with_label_values(&[t]),
-                )
+                let counter = shared.metrics.records_consumed.with_label_values(&[t]);
+                (t.clone(), counter)
             })
             .collect();
         info!(group = %group, "kafka consumer created");
         Ok(KafkaConsumer {
             consumer: Arc::new(consumer),
-            routes,
+            routes: shared.routes,
             consumed,
-            partitions: hub.partitions.clone(),
-            metrics: hub.metrics.clone(),
-            hub,
+            delivery: shared.delivery,
+            replay: shared.replay,
+            partitions: shared.partitions,
+            metrics: shared.metrics,
             refresh: Duration::from_secs(config.kafka.metadata_refresh_seconds),
             positions_every: Duration::from_secs_f64(config.resume.positions_interval_seconds),
             warm_window: Duration::from_secs(config.resume.buffer_max_age_seconds),
@@ -165,7 +200,7 @@ impl KafkaConsumer {
             while let Ok(new) = found.try_recv() {
                 self.assign(new);
             }
-            if watermarks.send_due(now, &self.hub) {
+            if watermarks.send_due(now, &*self.delivery) {
                 self.store_offsets();
             }
             let wait = watermarks.next.saturating_duration_since(now).min(POLL_MAX);
@@ -177,7 +212,7 @@ impl KafkaConsumer {
                 Some(Ok(m)) => {
                     self.process(&m, now);
                     if let Some(busy) = load.record(now, Instant::now()) {
-                        self.hub.set_direct_writes(!busy);
+                        self.delivery.set_direct_writes(!busy);
                     }
                 }
                 Some(Err(e)) => {
@@ -248,7 +283,7 @@ impl KafkaConsumer {
             for p in &new {
                 self.partitions
                     .assign(&p.topic, p.partition, p.start, p.head);
-                self.hub.replay.reset(&p.topic, p.partition, p.start);
+                self.replay.reset(&p.topic, p.partition, p.start);
                 info!(topic = %p.topic, partition = p.partition, start = p.start, "partition assigned");
             }
             self.metrics
@@ -270,7 +305,7 @@ impl KafkaConsumer {
         }
         let mut delivered = None;
         {
-            let _cut = self.hub.hold_cut();
+            let _cut = self.delivery.hold_cut();
             // Advanced first (one lock instead of two); nobody sees it before the cut is
             // released but readiness and stats, for which a record early is no harm.
             let Some(state) = self.partitions.advance(topic, partition, offset) else {
@@ -288,7 +323,7 @@ impl KafkaConsumer {
                     expected = state.next_offset,
                     "offset reset"
                 );
-                self.hub.replay.reset(topic, partition, offset);
+                self.replay.reset(topic, partition, offset);
                 self.partitions.rebase(topic, partition, offset);
                 live = true;
             }
@@ -296,7 +331,7 @@ impl KafkaConsumer {
                 .routes
                 .get(topic)
                 .and_then(|route| self.route(route, &record, live, read_at, &mut delivered));
-            self.hub.replay.push(topic, partition, offset, entry);
+            self.replay.push(topic, partition, offset, entry);
         }
         if let Some(delivered) = delivered {
             delivered.finish();
@@ -332,7 +367,7 @@ impl KafkaConsumer {
         record: &Record<'_>,
         live: bool,
         read_at: Instant,
-        delivered: &mut Option<PendingFanout>,
+        delivered: &mut Option<D::Pending>,
     ) -> Option<Entry> {
         let routed = match route.apply(record) {
             Ok(r) => r,
@@ -349,7 +384,7 @@ impl KafkaConsumer {
             }
         };
         if live {
-            *delivered = Some(self.hub.deliver(&routed, &frame));
+            *delivered = Some(self.delivery.deliver(&routed, &frame));
         }
         Some(Entry::new(routed, frame, read_at))
     }
@@ -455,12 +490,12 @@ impl Watermarks {
     }
 
     /// Sends the due slice its watermark; true when a whole round has just ended.
-    fn send_due(&mut self, now: Instant, hub: &Hub) -> bool {
+    fn send_due(&mut self, now: Instant, delivery: &impl Delivery) -> bool {
         if now < self.next {
             return false;
         }
         let last = &mut self.last[self.slice as usize];
-        hub.broadcast_positions(self.slice, self.slices, last);
+        delivery.broadcast_positions(self.slice, self.slices, last);
         self.slice = (self.slice + 1) % self.slices;
         self.next = Instant::now() + self.tick;
         self.slice == 0

@@ -12,7 +12,6 @@ pub mod throttle;
 pub mod wire;
 pub mod writer;
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,6 +23,7 @@ use tokio::sync::{Mutex, MutexGuard, Semaphore};
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::frame::Frame;
+use crate::kafka::consumer::{Delivery, Pending};
 use crate::kafka::replay::KafkaReplay;
 use crate::metrics::Metrics;
 use crate::position::{PartitionTable, PositionMap};
@@ -32,7 +32,7 @@ use crate::quota::Quota;
 use crate::registry::{ConnId, Registry};
 use crate::resume::lag::LogEnds;
 use crate::resume::ReplayBuffer;
-use crate::route::{Priority, Route, Routed};
+use crate::route::{Priority, Routed};
 use crate::setup::Setup;
 use fanout::{Fanout, Spread, Tally};
 use outbox::{Handover, Peer};
@@ -48,28 +48,38 @@ const DIRECT_WRITES: usize = 64;
 #[derive(Default)]
 pub struct PendingFanout(Option<Arc<Spread>>);
 
-impl PendingFanout {
+impl Pending for PendingFanout {
     /// Does or waits for what is left of the fan-out.
-    pub fn finish(self) {
+    fn finish(self) {
         if let Some(spread) = self.0 {
             spread.finish();
         }
     }
 }
 
-/// Everything a session needs and the consumer delivers into.
-pub struct Hub {
-    pub config: Arc<Config>,
-    pub auth: Authenticator,
+/// What the hub shares with the consumer, or reads back from Kafka with, made by the
+/// composition root.
+pub struct HubParts {
     pub metrics: Arc<Metrics>,
     pub partitions: Arc<PartitionTable>,
-    pub routes: Arc<HashMap<String, Route>>,
-    pub registry: Registry<Peer>,
-    pub sessions: DashMap<ConnId, Peer>,
-    pub replay: ReplayBuffer,
-    pub kafka_replay: KafkaReplay,
+    pub replay: Arc<ReplayBuffer>,
+    pub history: KafkaReplay,
+    /// Where a large room's fan-out is spread; none: the consumer does it all.
+    pub runtime: Option<tokio::runtime::Handle>,
+}
+
+/// Everything a session needs and the consumer delivers into.
+pub struct Hub {
+    pub(crate) config: Arc<Config>,
+    pub(crate) auth: Authenticator,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) partitions: Arc<PartitionTable>,
+    pub(crate) registry: Registry<Peer>,
+    pub(crate) sessions: DashMap<ConnId, Peer>,
+    pub(crate) replay: Arc<ReplayBuffer>,
+    pub(crate) kafka_replay: KafkaReplay,
     /// Where the logs end, as the broker last told a resume (see `lag.rs`).
-    pub log_ends: LogEnds,
+    pub(crate) log_ends: LogEnds,
     /// Held by the consumer while it hands one record out and advances its position, and by
     /// whoever joins rooms and takes a position snapshot that must match them: so a snapshot
     /// and a join always fall between two records, never in the middle of one. An async
@@ -77,12 +87,12 @@ pub struct Hub {
     /// so liveness, signals and every other connection go on meanwhile.
     cut: Mutex<()>,
     /// Bounds open connections; a session holds one permit for its whole life.
-    pub limit: Arc<Semaphore>,
+    pub(crate) limit: Arc<Semaphore>,
     /// Open connections per (tenant, user) and per client address.
-    pub users: Arc<Quota<u64>>,
-    pub addresses: Arc<Quota<IpAddr>>,
+    pub(crate) users: Arc<Quota<u64>>,
+    pub(crate) addresses: Arc<Quota<IpAddr>>,
     /// Whose `X-Forwarded-For` names the client address.
-    pub proxies: TrustedProxies,
+    pub(crate) proxies: TrustedProxies,
     draining: AtomicBool,
     /// Whether the consumer may write quiet connections' frames itself (see `deliver`).
     direct_writes: AtomicBool,
@@ -97,55 +107,55 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// The hub of a built [`Setup`]: it takes the setup's routes, authenticator, proxies and
-    /// Kafka replay settings as they are.
-    pub fn new(setup: Setup, metrics: Arc<Metrics>, partitions: Arc<PartitionTable>) -> Hub {
+    /// The hub of a built [`Setup`] (its routes, authenticator and proxies as they are) and of
+    /// the state it shares, made by the composition root (`crate::hub_parts`).
+    pub fn new(setup: Setup, parts: HubParts) -> Hub {
         let Setup {
             config,
-            routes,
             auth,
             proxies,
-            kafka,
-            replay,
             ..
         } = setup;
-        let limit = Arc::new(Semaphore::new(config.server.max_connections));
-        let r = &config.resume;
-        let kafka_replay = KafkaReplay::new(
-            kafka.replay,
-            routes.clone(),
-            r.kafka_concurrency,
-            Duration::from_secs(r.max_age_seconds),
-            r.max_replay_records,
-        );
-        let replay = ReplayBuffer::new(replay);
+        let HubParts {
+            metrics,
+            partitions,
+            replay,
+            history,
+            runtime,
+        } = parts;
         Hub {
             users: Quota::new(config.server.max_connections_per_user),
             addresses: Quota::new(config.server.max_connections_per_address),
+            limit: Arc::new(Semaphore::new(config.server.max_connections)),
             config,
             auth,
             metrics,
             partitions,
-            routes,
             registry: Registry::new(),
             sessions: DashMap::new(),
             replay,
-            kafka_replay,
+            kafka_replay: history,
             log_ends: LogEnds::default(),
             cut: Mutex::new(()),
-            limit,
             proxies,
             draining: AtomicBool::new(false),
             direct_writes: AtomicBool::new(true),
             next_id: AtomicU64::new(1),
-            fanout: tokio::runtime::Handle::try_current()
-                .ok()
-                .map(|runtime| Fanout {
-                    helpers: runtime.metrics().num_workers(),
-                    runtime,
-                }),
+            fanout: runtime.map(|runtime| Fanout {
+                helpers: runtime.metrics().num_workers(),
+                runtime,
+            }),
             echo: false,
         }
+    }
+
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
+    /// Whose `X-Forwarded-For` the edge believes, as the hub's own limits do.
+    pub fn proxies(&self) -> &TrustedProxies {
+        &self.proxies
     }
 
     /// Turns the consumer's own writes on or off. The consumer turns them off while it is
@@ -265,5 +275,25 @@ impl Hub {
         tokio::time::timeout(timeout, self.limit.acquire_many(all))
             .await
             .is_ok()
+    }
+}
+
+impl Delivery for Hub {
+    type Pending = PendingFanout;
+
+    fn hold_cut(&self) -> impl Sized + '_ {
+        Hub::hold_cut(self)
+    }
+
+    fn deliver(&self, routed: &Routed<'_>, frame: &Frame) -> PendingFanout {
+        Hub::deliver(self, routed, frame)
+    }
+
+    fn broadcast_positions(&self, slice: u64, slices: u64, last: &mut PositionMap) {
+        Hub::broadcast_positions(self, slice, slices, last)
+    }
+
+    fn set_direct_writes(&self, on: bool) {
+        Hub::set_direct_writes(self, on)
     }
 }

@@ -39,7 +39,8 @@ fn hub() -> Arc<Hub> {
     let setup = Setup::build(config).unwrap();
     let metrics = Arc::new(Metrics::new());
     let partitions = Arc::new(PartitionTable::default());
-    Arc::new(Hub::new(setup, metrics, partitions))
+    let parts = crate::hub_parts(&setup, metrics, partitions);
+    Arc::new(Hub::new(setup, parts))
 }
 
 /// A loopback pair with small buffers on both ends: the server's end for the writer and

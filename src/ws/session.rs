@@ -772,7 +772,8 @@ mod tests {
         let setup = Setup::build(config).unwrap();
         let partitions = Arc::new(PartitionTable::default());
         let metrics = Arc::new(Metrics::new());
-        Arc::new(Hub::new(setup, metrics, partitions))
+        let parts = crate::hub_parts(&setup, metrics, partitions);
+        Arc::new(Hub::new(setup, parts))
     }
 
     fn identity(hub: &Hub, user: &str) -> Identity {

@@ -532,7 +532,8 @@ mod tests {
         let setup = crate::setup::Setup::build(config).unwrap();
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let partitions = Arc::new(crate::position::PartitionTable::default());
-        Arc::new(Hub::new(setup, metrics, partitions))
+        let parts = crate::hub_parts(&setup, metrics, partitions);
+        Arc::new(Hub::new(setup, parts))
     }
 
     /// Every connection's writer task holds its whole future for the connection's life: the
