@@ -9,6 +9,8 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::ws::protocol::{ErrorCode, Source};
+
 pub struct Metrics {
     registry: Registry,
     pub connections: IntGauge,
@@ -202,7 +204,8 @@ impl Metrics {
     }
 
     /// Creates the series whose labels are known in advance, so dashboards and alerts see a
-    /// zero rather than no data until the first increment.
+    /// zero rather than no data until the first increment. Labels that name an error code or
+    /// a resume's source are the wire's words, taken from the protocol, so they cannot differ.
     pub fn prime(&self, topics: &[&str]) {
         let sets: [(&IntCounterVec, &[&str]); 7] = [
             (
@@ -238,18 +241,34 @@ impl Metrics {
                 &self.subscriptions,
                 &[
                     "ok",
-                    "forbidden",
-                    "invalid_room",
-                    "too_many_rooms",
-                    "invalid_token",
+                    ErrorCode::Forbidden.as_str(),
+                    ErrorCode::InvalidRoom.as_str(),
+                    ErrorCode::TooManyRooms.as_str(),
+                    ErrorCode::InvalidToken.as_str(),
                 ],
             ),
             (
                 &self.client_frames_rejected,
-                &["bad_frame", "protocol", "filter_too_large", "rate_limited"],
+                &[
+                    "bad_frame",
+                    "protocol",
+                    "filter_too_large",
+                    ErrorCode::RateLimited.as_str(),
+                ],
             ),
-            (&self.resumes, &["nothing", "memory", "kafka", "resync"]),
-            (&self.replayed_records, &["memory", "kafka"]),
+            (
+                &self.resumes,
+                &[
+                    Source::Nothing.as_str(),
+                    Source::Memory.as_str(),
+                    Source::Kafka.as_str(),
+                    Source::Resync.as_str(),
+                ],
+            ),
+            (
+                &self.replayed_records,
+                &[Source::Memory.as_str(), Source::Kafka.as_str()],
+            ),
             (&self.resume_waits, &["caught_up", "behind"]),
         ];
         for (vec, labels) in sets {

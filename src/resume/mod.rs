@@ -9,10 +9,9 @@ pub mod lag;
 
 use std::future::Future;
 
-use serde_json::Value;
-
 use crate::frame::Frame;
 use crate::position::{parse_partition_key, PositionMap};
+use crate::ws::protocol::{RequestId, Source};
 pub use buffer::{Entry, Limits, Lookup, ReplayBuffer, Selection};
 
 /// Reading a partition back from the log itself, for the part of a gap the buffer no longer
@@ -45,7 +44,7 @@ pub enum HistoryError {
 pub struct ResumePlan {
     /// The request's id; None for an implicit resume (a client that opted in but sent
     /// something else first), which gets no `ok`.
-    pub id: Option<Option<Value>>,
+    pub id: Option<RequestId>,
     /// What the client has: everything up to these offsets.
     pub after: PositionMap,
     /// The cut taken when the rooms were joined: live delivery covers what comes after it.
@@ -57,29 +56,11 @@ pub struct ResumePlan {
     pub user: String,
 }
 
-/// Where a resume was served from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    /// Nothing was missing.
-    Nothing,
-    Memory,
-    Kafka,
-}
-
-impl Source {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Nothing => "nothing",
-            Source::Memory => "memory",
-            Source::Kafka => "kafka",
-        }
-    }
-}
-
 #[derive(Debug)]
 pub enum Replayed {
     Frames {
         frames: Vec<Frame>,
+        /// Nothing, memory or Kafka; never resync.
         source: Source,
     },
     /// The gap cannot be replayed; the reason is for the client.

@@ -1,14 +1,18 @@
-//! Wire protocol v1: the only place that knows the JSON of frames.
+//! Wire protocol v1: the only place that knows the JSON of frames and the words in them.
 //!
 //! Server frames are encoded once into a [`Frame`] (shared, immutable bytes); every recipient
 //! gets a cheap clone. An event frame splices the record's value in as is: it was checked to be
-//! JSON when routed, so no recipient ever pays for re-serialization.
+//! JSON when routed, so no recipient ever pays for re-serialization. Every other server frame
+//! is a [`ServerFrame`], serialized field by field in the order its variant declares, so the
+//! frames' field order is this file's and no map's. Error codes ([`ErrorCode`]), resume
+//! sources ([`Source`]) and request ids ([`RequestId`]) are typed here: other modules name
+//! them, never spell them.
 
 use std::collections::BTreeMap;
 
 use crate::route::Routed;
-use serde::{Deserialize, Deserializer};
-use serde_json::{json, Value};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{Number, Value};
 
 pub const PROTOCOL_VERSION: u32 = 1;
 pub const SUBPROTOCOL: &str = "roomcast.v1";
@@ -37,8 +41,8 @@ pub mod close {
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum ClientFrame {
     Subscribe {
-        #[serde(default, deserialize_with = "request_id")]
-        id: Option<Value>,
+        #[serde(default)]
+        id: RequestId,
         #[serde(default)]
         rooms: Vec<String>,
         /// Seed compatibility: `features: ["users"]` means room `feature:users`.
@@ -50,8 +54,8 @@ pub enum ClientFrame {
         token: Option<String>,
     },
     Unsubscribe {
-        #[serde(default, deserialize_with = "request_id")]
-        id: Option<Value>,
+        #[serde(default)]
+        id: RequestId,
         #[serde(default)]
         rooms: Vec<String>,
         #[serde(default)]
@@ -59,8 +63,8 @@ pub enum ClientFrame {
     },
     /// Subscribe to `rooms` as of `positions`: replay what was missed, then go live.
     Resume {
-        #[serde(default, deserialize_with = "request_id")]
-        id: Option<Value>,
+        #[serde(default)]
+        id: RequestId,
         positions: BTreeMap<String, i64>,
         #[serde(default)]
         rooms: Vec<String>,
@@ -72,12 +76,12 @@ pub enum ClientFrame {
         token: Option<String>,
     },
     Ping {
-        #[serde(default, deserialize_with = "request_id")]
-        id: Option<Value>,
+        #[serde(default)]
+        id: RequestId,
     },
     Refresh {
-        #[serde(default, deserialize_with = "request_id")]
-        id: Option<Value>,
+        #[serde(default)]
+        id: RequestId,
         token: String,
     },
 }
@@ -98,36 +102,64 @@ impl ClientFrame {
 #[error("invalid frame: {reason}")]
 pub struct BadFrame {
     /// The request's id, if the frame is a JSON object with a valid one.
-    pub id: Option<Value>,
+    pub id: RequestId,
     pub reason: String,
 }
 
 const INVALID_ID: &str = "id must be a number or a string";
 
-/// A request's `id`: a number or a string; null is no id. Anything else could not be told
-/// apart from a field the client did not mean as its id, so it is refused.
-fn request_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
-    let id = Option::<Value>::deserialize(d)?;
-    match id {
-        Some(ref v) if !valid_id(v) => Err(serde::de::Error::custom(INVALID_ID)),
-        id => Ok(id),
+/// A request's `id`, sent back as it came: a number or a string. `null` or no `id` at all is
+/// no id, answered with `"id":null`. An `id` of any other type could not be told apart from a
+/// field the client did not mean as its id: the frame is refused, and answered without one.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum RequestId {
+    #[default]
+    None,
+    Number(Number),
+    Text(String),
+}
+
+impl RequestId {
+    /// The id a JSON value makes; None (the error) for one that cannot be an id.
+    fn from_value(v: Value) -> Option<RequestId> {
+        match v {
+            Value::Null => Some(RequestId::None),
+            Value::Number(n) => Some(RequestId::Number(n)),
+            Value::String(s) => Some(RequestId::Text(s)),
+            _ => None,
+        }
     }
 }
 
-fn valid_id(v: &Value) -> bool {
-    v.is_number() || v.is_string()
+impl<'de> Deserialize<'de> for RequestId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<RequestId, D::Error> {
+        RequestId::from_value(Value::deserialize(d)?)
+            .ok_or_else(|| serde::de::Error::custom(INVALID_ID))
+    }
+}
+
+impl Serialize for RequestId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            RequestId::None => s.serialize_unit(),
+            RequestId::Number(n) => n.serialize(s),
+            RequestId::Text(t) => s.serialize_str(t),
+        }
+    }
 }
 
 /// The `id` of a JSON object, whatever else is wrong with it; other fields are skipped, not
 /// built.
-fn recover_id(text: &str) -> Option<Value> {
+fn recover_id(text: &str) -> RequestId {
     #[derive(Deserialize)]
     struct IdOnly {
         #[serde(default)]
-        id: Option<Value>,
+        id: Value,
     }
-    let id = serde_json::from_str::<IdOnly>(text).ok()?.id?;
-    valid_id(&id).then_some(id)
+    serde_json::from_str::<IdOnly>(text)
+        .ok()
+        .and_then(|only| RequestId::from_value(only.id))
+        .unwrap_or_default()
 }
 
 /// Rooms named by `rooms` plus the seed-style `features`.
@@ -264,6 +296,78 @@ fn push_escaped(out: &mut Text, s: &str) {
     }
 }
 
+/// The codes of `error` frames (docs/PROTOCOL.md's table of them, checked by a test below).
+/// One list makes the variants, their words and [`ErrorCode::ALL`], so they cannot differ.
+macro_rules! error_codes {
+    ($($(#[$doc:meta])* $variant:ident = $word:literal,)*) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum ErrorCode {
+            $($(#[$doc])* $variant,)*
+        }
+
+        impl ErrorCode {
+            pub const ALL: &[ErrorCode] = &[$(ErrorCode::$variant,)*];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$variant => $word,)*
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    /// The token does not grant this room.
+    Forbidden = "forbidden",
+    /// A room name that is not one (see [`valid_room_name`]).
+    InvalidRoom = "invalid_room",
+    /// The connection's room limit reached.
+    TooManyRooms = "too_many_rooms",
+    /// A subscription or refresh token refused.
+    InvalidToken = "invalid_token",
+    /// Messages over the client's budget are being dropped.
+    RateLimited = "rate_limited",
+    /// A resume this replica cannot serve yet: it has not read as far as the client.
+    Lagging = "lagging",
+    /// A frame refused whole.
+    BadRequest = "bad_request",
+}
+
+impl Serialize for ErrorCode {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// Where a resume was served from, as its `ok` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Nothing was missing.
+    Nothing,
+    Memory,
+    Kafka,
+    /// The gap could not be replayed: the client was told to refetch its state.
+    Resync,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Nothing => "nothing",
+            Source::Memory => "memory",
+            Source::Kafka => "kafka",
+            Source::Resync => "resync",
+        }
+    }
+}
+
+impl Serialize for Source {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 pub struct Welcome<'a> {
     pub connection: u64,
     pub user: &'a str,
@@ -276,64 +380,107 @@ pub struct Welcome<'a> {
     pub server: &'a str,
 }
 
-pub fn welcome(w: &Welcome<'_>) -> Frame {
-    let mut v = json!({
-        "type": "welcome",
-        "connection": w.connection.to_string(),
-        "user": w.user,
-        "tenant": w.tenant,
-        "rooms": w.rooms,
-        "heartbeat": w.heartbeat_seconds,
-    });
-    if let Some(positions) = w.positions {
-        v["positions"] = json!(positions);
-    }
-    v["server"] = json!(w.server);
-    v["protocol"] = json!(PROTOCOL_VERSION);
-    to_frame(v)
+/// Every server frame but the event, field by field in wire order. Optional fields are left
+/// out when absent, except `tenant` and `id`, which are sent as null.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum ServerFrame<'a> {
+    Welcome {
+        connection: String,
+        user: &'a str,
+        tenant: Option<&'a str>,
+        rooms: &'a [String],
+        heartbeat: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        positions: Option<&'a BTreeMap<String, i64>>,
+        server: &'a str,
+        protocol: u32,
+    },
+    Ok {
+        id: &'a RequestId,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rooms: Option<&'a [String]>,
+    },
+    #[serde(rename = "ok")]
+    Resumed {
+        id: &'a RequestId,
+        rooms: &'a [String],
+        replayed: usize,
+        source: Source,
+    },
+    Positions {
+        positions: &'a BTreeMap<String, i64>,
+    },
+    Resync {
+        reason: &'a str,
+    },
+    Error {
+        id: &'a RequestId,
+        code: ErrorCode,
+        message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        room: Option<&'a str>,
+    },
+    Pong {
+        id: &'a RequestId,
+    },
 }
 
-pub fn ok(id: &Option<Value>, rooms: Option<&[String]>) -> Frame {
-    let mut v = json!({"type": "ok", "id": id});
-    if let Some(rooms) = rooms {
-        v["rooms"] = json!(rooms);
-    }
-    to_frame(v)
+pub fn welcome(w: &Welcome<'_>) -> Frame {
+    to_frame(&ServerFrame::Welcome {
+        connection: w.connection.to_string(),
+        user: w.user,
+        tenant: w.tenant,
+        rooms: w.rooms,
+        heartbeat: w.heartbeat_seconds,
+        positions: w.positions,
+        server: w.server,
+        protocol: PROTOCOL_VERSION,
+    })
+}
+
+pub fn ok(id: &RequestId, rooms: Option<&[String]>) -> Frame {
+    to_frame(&ServerFrame::Ok { id, rooms })
 }
 
 /// The answer to a resume, after the replayed events.
-pub fn resumed(id: &Option<Value>, rooms: &[String], replayed: usize, source: &str) -> Frame {
-    to_frame(json!({
-        "type": "ok", "id": id, "rooms": rooms, "replayed": replayed, "source": source,
-    }))
+pub fn resumed(id: &RequestId, rooms: &[String], replayed: usize, source: Source) -> Frame {
+    to_frame(&ServerFrame::Resumed {
+        id,
+        rooms,
+        replayed,
+        source,
+    })
 }
 
 /// A watermark: everything up to these positions has been delivered or does not concern
 /// the connection. It travels through the connection's queue, behind what it covers.
 pub fn positions(positions: &BTreeMap<String, i64>) -> Frame {
-    to_frame(json!({"type": "positions", "positions": positions}))
+    to_frame(&ServerFrame::Positions { positions })
 }
 
 /// The gap cannot be replayed: the client must refetch its state.
 pub fn resync(reason: &str) -> Frame {
-    to_frame(json!({"type": "resync", "reason": reason}))
+    to_frame(&ServerFrame::Resync { reason })
 }
 
-pub fn error(id: &Option<Value>, code: &str, room: Option<&str>, message: &str) -> Frame {
-    let mut v = json!({"type": "error", "id": id, "code": code, "message": message});
-    if let Some(room) = room {
-        v["room"] = json!(room);
-    }
-    to_frame(v)
+/// An error: about one `room` of a request, or the request's final answer.
+pub fn error(id: &RequestId, code: ErrorCode, room: Option<&str>, message: &str) -> Frame {
+    to_frame(&ServerFrame::Error {
+        id,
+        code,
+        message,
+        room,
+    })
 }
 
-pub fn pong(id: &Option<Value>) -> Frame {
-    to_frame(json!({"type": "pong", "id": id}))
+pub fn pong(id: &RequestId) -> Frame {
+    to_frame(&ServerFrame::Pong { id })
 }
 
-fn to_frame(v: Value) -> Frame {
+fn to_frame(frame: &ServerFrame<'_>) -> Frame {
     let mut buf = Frame::buffer(128);
-    serde_json::to_writer(&mut buf, &v).expect("a Value always serializes");
+    serde_json::to_writer(&mut buf, frame).expect("a server frame always serializes");
     Frame::from_buffer(buf)
 }
 
@@ -341,6 +488,11 @@ fn to_frame(v: Value) -> Frame {
 mod tests {
     use super::*;
     use crate::route::{Position, Priority};
+    use serde_json::json;
+
+    fn id(v: Value) -> RequestId {
+        RequestId::from_value(v).expect("a valid id")
+    }
 
     #[test]
     fn event_frame_splices_the_payload() {
@@ -401,6 +553,79 @@ mod tests {
         );
     }
 
+    /// The frames' fields go out in the order the protocol documents them, whatever
+    /// serde_json's maps would do: the builders write no map.
+    #[test]
+    fn server_frames_keep_their_field_order() {
+        let rooms = ["user:u".to_string(), "task:7".to_string()];
+        let cut = BTreeMap::from([("t:1".to_string(), 9), ("a:0".to_string(), -1)]);
+        let frames = [
+            (
+                ok(&id(json!(7)), Some(&rooms[1..])),
+                r#"{"type":"ok","id":7,"rooms":["task:7"]}"#,
+            ),
+            (ok(&RequestId::None, None), r#"{"type":"ok","id":null}"#),
+            (
+                resumed(&id(json!("r-1")), &rooms, 3, Source::Kafka),
+                r#"{"type":"ok","id":"r-1","rooms":["user:u","task:7"],"replayed":3,"source":"kafka"}"#,
+            ),
+            (
+                positions(&cut),
+                r#"{"type":"positions","positions":{"a:0":-1,"t:1":9}}"#,
+            ),
+            (
+                resync("t:0: too old"),
+                r#"{"type":"resync","reason":"t:0: too old"}"#,
+            ),
+            (
+                error(&id(json!(1e3)), ErrorCode::Forbidden, Some("task:9"), "no"),
+                r#"{"type":"error","id":1000.0,"code":"forbidden","message":"no","room":"task:9"}"#,
+            ),
+            (
+                error(&RequestId::None, ErrorCode::RateLimited, None, "slow down"),
+                r#"{"type":"error","id":null,"code":"rate_limited","message":"slow down"}"#,
+            ),
+            (pong(&id(json!(-2))), r#"{"type":"pong","id":-2}"#),
+        ];
+        for (frame, text) in frames {
+            assert_eq!(frame.as_str(), text);
+        }
+        let welcome = welcome(&Welcome {
+            connection: 7,
+            user: "u",
+            tenant: Some("acme"),
+            rooms: &rooms[..1],
+            heartbeat_seconds: 25,
+            positions: Some(&cut),
+            server: "r0",
+        });
+        assert_eq!(
+            welcome.as_str(),
+            r#"{"type":"welcome","connection":"7","user":"u","tenant":"acme","rooms":["user:u"],"heartbeat":25,"positions":{"a:0":-1,"t:1":9},"server":"r0","protocol":1}"#
+        );
+    }
+
+    /// PROTOCOL.md's table of error codes lists exactly the codes the server sends.
+    #[test]
+    fn the_error_table_lists_every_error_code() {
+        let doc = include_str!("../../docs/PROTOCOL.md");
+        let table = doc
+            .lines()
+            .skip_while(|l| !l.starts_with("| code | with `room` |"))
+            .skip(2)
+            .take_while(|l| l.starts_with('|'));
+        let mut documented: Vec<&str> = table
+            .map(|row| {
+                let cell = row.split('|').nth(1).expect("a first cell").trim();
+                cell.trim_matches('`')
+            })
+            .collect();
+        let mut sent: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        documented.sort_unstable();
+        sent.sort_unstable();
+        assert_eq!(documented, sent);
+    }
+
     #[test]
     fn json_strings_are_escaped() {
         for s in [
@@ -426,7 +651,7 @@ mod tests {
         assert_eq!(
             f,
             ClientFrame::Subscribe {
-                id: Some(json!(7)),
+                id: id(json!(7)),
                 rooms: vec!["task:9".into()],
                 features: vec![],
                 events: Some(vec!["users.*".into()]),
@@ -482,9 +707,9 @@ mod tests {
                 "invalid type: string \"x\", expected i64",
             ),
         ];
-        for (text, id, reason) in cases {
+        for (text, expected, reason) in cases {
             let e = refused(text);
-            assert_eq!(e.id, Some(id), "{text}");
+            assert_eq!(e.id, id(expected), "{text}");
             assert!(e.reason.starts_with(reason), "{text}: {}", e.reason);
         }
         assert_eq!(
@@ -509,7 +734,11 @@ mod tests {
             "{",
             "",
         ] {
-            assert_eq!(ClientFrame::parse(text).unwrap_err().id, None, "{text}");
+            assert_eq!(
+                ClientFrame::parse(text).unwrap_err().id,
+                RequestId::None,
+                "{text}"
+            );
         }
         assert_eq!(
             ClientFrame::parse(r#"{"type":"ping","id":true}"#)
@@ -518,10 +747,10 @@ mod tests {
             "id must be a number or a string"
         );
         for (text, id) in [
-            (r#"{"type":"ping","id":null}"#, None),
-            (r#"{"type":"ping"}"#, None),
-            (r#"{"type":"ping","id":"p"}"#, Some(json!("p"))),
-            (r#"{"type":"ping","id":1e3}"#, Some(json!(1e3))),
+            (r#"{"type":"ping","id":null}"#, RequestId::None),
+            (r#"{"type":"ping"}"#, RequestId::None),
+            (r#"{"type":"ping","id":"p"}"#, id(json!("p"))),
+            (r#"{"type":"ping","id":1e3}"#, id(json!(1e3))),
         ] {
             assert_eq!(
                 ClientFrame::parse(text),

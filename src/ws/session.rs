@@ -11,13 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio::time::{sleep_until, timeout, Instant};
 use tracing::{debug, debug_span, Instrument};
 
 use super::outbox::{Handover, Limits, Peer};
-use super::protocol::{self, close, ClientFrame, Welcome};
+use super::protocol::{self, close, ClientFrame, ErrorCode, RequestId, Welcome};
 use super::throttle::{Budget, Throttle, Verdict};
 use super::wire::{Decoder, Incoming, WireError};
 use super::{writer, Hub};
@@ -326,14 +325,16 @@ impl Session {
                     "over {} messages a second: messages are dropped until the rate falls",
                     ws.client_messages_per_second
                 );
+                let code = ErrorCode::RateLimited;
                 self.peer
-                    .reply(protocol::error(&None, "rate_limited", None, &message));
+                    .reply(protocol::error(&RequestId::None, code, None, &message));
             }
             Verdict::Close => {
                 self.peer.close(close::TOO_MANY, "message rate limit", true);
             }
         }
-        self.reject("rate_limited");
+        // Counted under the error's own word.
+        self.reject(ErrorCode::RateLimited.as_str());
         verdict
     }
 
@@ -365,7 +366,9 @@ impl Session {
                 }
                 Err(refused) => self.bad_frame(&refused.id, &refused.to_string()),
             },
-            Incoming::Binary(_) => self.bad_frame(&None, "binary frames are not supported"),
+            Incoming::Binary(_) => {
+                self.bad_frame(&RequestId::None, "binary frames are not supported")
+            }
             Incoming::Close(_) => {
                 self.peer.close(close::NORMAL, "", true);
                 false
@@ -378,12 +381,12 @@ impl Session {
         }
     }
 
-    fn bad_frame(&mut self, id: &Option<Value>, message: &str) -> bool {
+    fn bad_frame(&mut self, id: &RequestId, message: &str) -> bool {
         self.refuse_frame("bad_frame", id, message)
     }
 
     /// A refused `events` filter; one over a limit is counted apart.
-    fn bad_filter(&mut self, id: &Option<Value>, e: &PatternError) {
+    fn bad_filter(&mut self, id: &RequestId, e: &PatternError) {
         let reason = if e.is_limit() {
             "filter_too_large"
         } else {
@@ -393,11 +396,11 @@ impl Session {
     }
 
     /// Answers `bad_request`, counted under `reason`; false when the connection must close.
-    fn refuse_frame(&mut self, reason: &str, id: &Option<Value>, message: &str) -> bool {
+    fn refuse_frame(&mut self, reason: &str, id: &RequestId, message: &str) -> bool {
         self.reject(reason);
         self.bad_frames += 1;
         self.peer
-            .reply(protocol::error(id, "bad_request", None, message));
+            .reply(protocol::error(id, ErrorCode::BadRequest, None, message));
         if self.bad_frames > self.hub.config.websocket.max_bad_frames {
             self.peer
                 .close(close::POLICY, "too many malformed frames", true);
@@ -435,7 +438,7 @@ impl Session {
                 .start_resume(None, welcome_positions, Vec::new(), None)
                 .await
             {
-                return self.refuse_behind(&None, &behind);
+                return self.refuse_behind(&RequestId::None, &behind);
             }
         }
         match frame {
@@ -470,7 +473,7 @@ impl Session {
 
     async fn subscribe(
         &mut self,
-        id: &Option<Value>,
+        id: &RequestId,
         rooms: Vec<String>,
         events: Option<Vec<String>>,
         token: Option<String>,
@@ -522,7 +525,7 @@ impl Session {
     /// before in the same message. None (after a final error) if the token is refused.
     fn admit_all(
         &self,
-        id: &Option<Value>,
+        id: &RequestId,
         rooms: Vec<String>,
         token: Option<String>,
         mut held: HashSet<String>,
@@ -531,10 +534,10 @@ impl Session {
             None => Vec::new(),
             Some(Ok(g)) => g,
             Some(Err(e)) => {
-                self.count_subscriptions("invalid_token", rooms.len());
+                let code = ErrorCode::InvalidToken;
+                self.count_subscriptions(code.as_str(), rooms.len());
                 let message = format!("subscription token refused: {e}");
-                self.peer
-                    .reply(protocol::error(id, "invalid_token", None, &message));
+                self.peer.reply(protocol::error(id, code, None, &message));
                 return None;
             }
         };
@@ -543,7 +546,8 @@ impl Session {
         for room in rooms {
             let within = |()| {
                 if held.len() >= max && !held.contains(&room) {
-                    return Err(("too_many_rooms", "room limit for this connection reached"));
+                    let message = "room limit for this connection reached";
+                    return Err((ErrorCode::TooManyRooms, message));
                 }
                 Ok(())
             };
@@ -553,7 +557,7 @@ impl Session {
                     admitted.push(room);
                 }
                 Err((code, message)) => {
-                    self.count_subscriptions(code, 1);
+                    self.count_subscriptions(code.as_str(), 1);
                     self.peer
                         .reply(protocol::error(id, code, Some(&room), message));
                 }
@@ -566,7 +570,7 @@ impl Session {
     /// A resume request: the user's own rooms plus `rooms`, as of `after`.
     async fn resume(
         &mut self,
-        id: &Option<Value>,
+        id: &RequestId,
         after: PositionMap,
         rooms: Vec<String>,
         events: Option<Vec<String>>,
@@ -601,12 +605,12 @@ impl Session {
 
     /// This replica is behind the client's map: the client keeps its map and resumes later
     /// or elsewhere. Closed, so that it does: waiting on here would hold it to this replica.
-    fn refuse_behind(&self, id: &Option<Value>, behind: &Behind) {
+    fn refuse_behind(&self, id: &RequestId, behind: &Behind) {
         let (conn, user) = (self.id, &self.identity.user);
         tracing::info!(%behind, conn, %user, "resume refused: replica behind the client");
         self.peer.reply(protocol::error(
             id,
-            "lagging",
+            ErrorCode::Lagging,
             None,
             &format!("{behind}: resume again later or on another replica"),
         ));
@@ -625,7 +629,7 @@ impl Session {
     /// the replay, and only past the map.
     async fn start_resume(
         &mut self,
-        id: Option<Option<Value>>,
+        id: Option<RequestId>,
         after: PositionMap,
         extra: Vec<String>,
         filter: Option<Arc<EventFilter>>,
@@ -678,12 +682,12 @@ impl Session {
         Ok(())
     }
 
-    fn admit(&self, room: &str, grants: &[Pattern]) -> Result<(), (&'static str, &'static str)> {
+    fn admit(&self, room: &str, grants: &[Pattern]) -> Result<(), (ErrorCode, &'static str)> {
         if !protocol::valid_room_name(room) {
-            return Err(("invalid_room", protocol::INVALID_ROOM_MESSAGE));
+            return Err((ErrorCode::InvalidRoom, protocol::INVALID_ROOM_MESSAGE));
         }
         if !self.identity.may_join(room) && !grants.iter().any(|g| g.matches(room)) {
-            return Err(("forbidden", "not allowed to join this room"));
+            return Err((ErrorCode::Forbidden, "not allowed to join this room"));
         }
         Ok(())
     }
@@ -696,7 +700,7 @@ impl Session {
         self.rooms.insert(room.to_string(), filter);
     }
 
-    async fn unsubscribe(&mut self, id: &Option<Value>, rooms: Vec<String>) {
+    async fn unsubscribe(&mut self, id: &RequestId, rooms: Vec<String>) {
         let tenant = self.identity.tenant.as_deref();
         let mut left = Vec::new();
         for room in rooms {
@@ -709,7 +713,7 @@ impl Session {
     }
 
     /// A fresh token for the same user and tenant extends the connection's life.
-    fn refresh(&mut self, id: &Option<Value>, token: &str) {
+    fn refresh(&mut self, id: &RequestId, token: &str) {
         match self.hub.auth.authenticate(token) {
             Ok(fresh)
                 if fresh.user == self.identity.user && fresh.tenant == self.identity.tenant =>
@@ -720,14 +724,14 @@ impl Session {
             }
             Ok(_) => self.peer.reply(protocol::error(
                 id,
-                "invalid_token",
+                ErrorCode::InvalidToken,
                 None,
                 "token is for another user or tenant",
             )),
             Err(e) => {
                 let message = format!("token refused: {e}");
-                self.peer
-                    .reply(protocol::error(id, "invalid_token", None, &message));
+                let code = ErrorCode::InvalidToken;
+                self.peer.reply(protocol::error(id, code, None, &message));
             }
         }
     }
@@ -754,7 +758,7 @@ mod tests {
     use std::net::{TcpListener, TcpStream as StdStream};
     use std::sync::mpsc;
 
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     use super::*;
     use crate::auth::{sign_hs256, Claims};

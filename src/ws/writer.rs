@@ -24,7 +24,7 @@ use tokio::time::{timeout_at, Instant};
 use tracing::debug;
 
 use super::outbox::{Inbox, Outgoing, Peer};
-use super::protocol;
+use super::protocol::{self, Source};
 use super::{wire, Hub};
 use crate::frame::Frame;
 use crate::registry::ConnId;
@@ -218,18 +218,19 @@ impl Writer {
         let (mut frames, count, source) = match outcome {
             Replayed::Frames { frames, source } => {
                 let count = frames.len();
-                (frames, count, source.as_str())
+                (frames, count, source)
             }
             Replayed::Resync(reason) => {
                 let (conn, user) = (plan.conn, &plan.user);
                 tracing::info!(%reason, conn, %user, "resume answered with resync");
-                (vec![protocol::resync(&reason)], 0, "resync")
+                (vec![protocol::resync(&reason)], 0, Source::Resync)
             }
         };
         let m = &hub.metrics;
-        m.resumes.with_label_values(&[source]).inc();
+        // The metric's labels are the wire's words.
+        m.resumes.with_label_values(&[source.as_str()]).inc();
         m.replayed_records
-            .with_label_values(&[source])
+            .with_label_values(&[source.as_str()])
             .inc_by(count as u64);
         frames.push(protocol::positions(&plan.cut));
         if let Some(id) = &plan.id {
