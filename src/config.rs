@@ -451,18 +451,26 @@ impl Config {
         vars: impl Iterator<Item = (String, String)>,
     ) -> Result<Vec<String>, ConfigError> {
         let mut unknown = Vec::new();
+        let mut set_by: BTreeMap<&str, String> = BTreeMap::new();
         for (name, value) in vars {
             let Some(key) = name.strip_prefix("ROOMCAST_") else {
                 continue;
             };
+            if is_service_link(key) || key.starts_with("TEST_") {
+                continue;
+            }
             let key = ALIASES
                 .iter()
                 .find(|(alias, _)| *alias == key)
                 .map_or(key, |(_, full)| *full);
-            if self.set_from_env(&name, key, &value)? {
-                continue;
+            // A short name and its full one both set: which wins would depend on the order
+            // of the environment.
+            if let Some(first) = ALIASES.iter().find(|(_, full)| *full == key).map(|a| a.1) {
+                if let Some(other) = set_by.insert(first, name.clone()) {
+                    return Err(ConfigError::invalid(&name, format!("also set as {other}")));
+                }
             }
-            if is_service_link(key) || key.starts_with("TEST_") {
+            if self.set_from_env(&name, key, &value)? {
                 continue;
             }
             if let Some(full) = self.section_of(key) {
@@ -828,11 +836,29 @@ const ALIASES: [(&str, &str); 14] = [
     ("LOG", "LOG_LEVEL"),
 ];
 
-/// Kubernetes injects `<SERVICE>_PORT...` and `<SERVICE>_SERVICE_...` variables for every
-/// Service in the namespace; a Service called `roomcast-kafka` must not become librdkafka
-/// properties named `port` or `service.host`.
+/// Kubernetes injects `<SERVICE>_SERVICE_HOST`, `<SERVICE>_SERVICE_PORT[_<NAME>]`,
+/// `<SERVICE>_PORT` and `<SERVICE>_PORT_<N>_<PROTO>[_ADDR|_PORT|_PROTO]` for every Service in
+/// the namespace (unless `enableServiceLinks: false`): those of a Service called `roomcast`,
+/// `roomcast-auth` or `roomcast-kafka-bootstrap` must neither set nor refuse anything.
+/// `name` is what follows `ROOMCAST_`.
 fn is_service_link(name: &str) -> bool {
-    name == "PORT" || name.starts_with("PORT_") || name.starts_with("SERVICE_")
+    let parts: Vec<&str> = name.split('_').collect();
+    parts.iter().enumerate().any(|(i, part)| {
+        let rest = &parts[i + 1..];
+        match *part {
+            "SERVICE" => matches!(rest, ["HOST"]) || rest.first() == Some(&"PORT"),
+            "PORT" => match rest {
+                [] => true,
+                [n, proto, tail @ ..] => {
+                    n.bytes().all(|b| b.is_ascii_digit())
+                        && matches!(*proto, "TCP" | "UDP" | "SCTP")
+                        && matches!(tail, [] | ["ADDR"] | ["PORT"] | ["PROTO"])
+                }
+                _ => false,
+            },
+            _ => false,
+        }
+    })
 }
 
 fn is_secret_property(key: &str) -> bool {
@@ -1020,6 +1046,46 @@ mod tests {
         .unwrap();
         assert_eq!(ignored, ["ROOMCAST_COLOUR"]);
         assert!(c.kafka.properties.is_empty(), "{:?}", c.kafka.properties);
+    }
+
+    /// Services named `roomcast-auth`, `roomcast-server`, `roomcast-kafka-bootstrap`, ...
+    /// bring variables that look like settings; none of them may set or refuse anything.
+    #[test]
+    fn kubernetes_service_links_of_any_service_are_left_alone() {
+        let mut c = hs_config();
+        let before = c.redacted_toml();
+        let links = [
+            "ROOMCAST_AUTH_SERVICE_HOST",
+            "ROOMCAST_AUTH_SERVICE_PORT",
+            "ROOMCAST_AUTH_SERVICE_PORT_HTTP",
+            "ROOMCAST_SERVER_PORT",
+            "ROOMCAST_LOG_PORT_80_TCP",
+            "ROOMCAST_WEBSOCKET_PORT_8080_TCP_ADDR",
+            "ROOMCAST_RESUME_PORT_53_UDP_PROTO",
+            "ROOMCAST_KAFKA_BOOTSTRAP_PORT",
+            "ROOMCAST_KAFKA_BOOTSTRAP_PORT_9092_TCP_PORT",
+            "ROOMCAST_KAFKA_UI_SERVICE_HOST",
+            "ROOMCAST_ADMIN_SERVICE_PORT",
+        ];
+        let vars: Vec<(&str, &str)> = links.iter().map(|l| (*l, "tcp://10.0.0.5:9092")).collect();
+        assert_eq!(env(&mut c, &vars).unwrap(), Vec::<String>::new());
+        assert_eq!(c.redacted_toml(), before);
+        // A setting that merely mentions a port is still a setting.
+        let err = env(&mut hs_config(), &[("ROOMCAST_SERVER_PORTS", "1")]).unwrap_err();
+        assert!(err.contains("unknown field `ports`"), "{err}");
+    }
+
+    #[test]
+    fn a_setting_given_by_its_short_and_its_full_name_is_refused() {
+        let err = env(
+            &mut hs_config(),
+            &[
+                ("ROOMCAST_JWT_SECRET", "one-secret-0123456789"),
+                ("ROOMCAST_AUTH_SECRET", "two-secret-0123456789"),
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(err, "ROOMCAST_AUTH_SECRET: also set as ROOMCAST_JWT_SECRET");
     }
 
     /// The README's table names each key's variable: every one of them sets its key.
