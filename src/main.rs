@@ -23,8 +23,10 @@ struct Cli {
     command: Command,
 }
 
+/// The options every command that runs or checks the service takes but the brokers: the
+/// demo's alone, since it runs its own Kafka (its listeners default to 127.0.0.1:8080, :9090).
 #[derive(clap::Args, Clone)]
-struct Common {
+struct Local {
     /// TOML configuration file.
     #[arg(long, short)]
     config: Option<PathBuf>,
@@ -34,6 +36,12 @@ struct Common {
     /// Admin listener address (overrides server.admin_listen and ROOMCAST_ADMIN_LISTEN).
     #[arg(long)]
     admin_listen: Option<String>,
+}
+
+#[derive(clap::Args, Clone)]
+struct Common {
+    #[command(flatten)]
+    local: Local,
     /// Kafka bootstrap servers (overrides kafka.brokers and ROOMCAST_KAFKA_BROKERS).
     #[arg(long)]
     brokers: Option<String>,
@@ -43,41 +51,15 @@ impl Common {
     /// The configuration these options name, checked and built the one way every command
     /// shares.
     fn setup(&self) -> anyhow::Result<Setup> {
-        let config = Config::assemble(self.config.as_deref(), &self.overrides())?;
+        let config = Config::assemble(self.local.config.as_deref(), &self.overrides())?;
         Ok(Setup::build(config)?)
     }
 
     fn overrides(&self) -> Overrides {
         Overrides {
-            listen: self.listen.clone(),
-            admin_listen: self.admin_listen.clone(),
+            listen: self.local.listen.clone(),
+            admin_listen: self.local.admin_listen.clone(),
             brokers: self.brokers.clone(),
-        }
-    }
-}
-
-/// The demo's options: those of `serve` but the brokers, as it runs its own Kafka. Its
-/// listeners default to 127.0.0.1:8080 and :9090.
-#[derive(clap::Args, Clone)]
-struct DemoArgs {
-    /// TOML configuration file.
-    #[arg(long, short)]
-    config: Option<PathBuf>,
-    /// Public listener address (overrides server.listen and ROOMCAST_LISTEN).
-    #[arg(long)]
-    listen: Option<String>,
-    /// Admin listener address (overrides server.admin_listen and ROOMCAST_ADMIN_LISTEN).
-    #[arg(long)]
-    admin_listen: Option<String>,
-}
-
-impl From<DemoArgs> for Common {
-    fn from(d: DemoArgs) -> Common {
-        Common {
-            config: d.config,
-            listen: d.listen,
-            admin_listen: d.admin_listen,
-            brokers: None,
         }
     }
 }
@@ -87,7 +69,7 @@ enum Command {
     /// Run the service.
     Serve(Common),
     /// Run the service on an embedded Kafka with a demo producer and page.
-    Demo(DemoArgs),
+    Demo(Local),
     /// Validate a configuration and print the effective one, secrets hidden.
     CheckConfig(Common),
     /// Print a connection token signed with the configured HMAC secret (for trying it out).
@@ -164,8 +146,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut base = Config::default();
             base.server.listen = "127.0.0.1:8080".into();
             base.server.admin_listen = "127.0.0.1:9090".into();
-            let c = Common::from(d);
-            let config = Config::assemble_over(base, c.config.as_deref(), &c.overrides())?;
+            let c = Common {
+                local: d,
+                brokers: None,
+            };
+            let config = Config::assemble_over(base, c.local.config.as_deref(), &c.overrides())?;
             init_logging(log_filter(&config.log)?, config.log.format);
             report_ignored_env(&config.ignored_env);
             block_on(roomcast::demo::run(config, roomcast::shutdown::signal()))

@@ -414,6 +414,11 @@ impl Drop for Inbox {
 mod tests {
     use super::*;
 
+    /// A frame handed over as one recipient of a record is: written if the connection is quiet.
+    fn give(peer: &Peer, frame: &Frame, priority: Priority) -> Delivery {
+        peer.hand_over(frame, priority, Handover::WriteIfQuiet)
+    }
+
     fn limits() -> Limits {
         Limits {
             frames: 4,
@@ -426,35 +431,14 @@ mod tests {
     fn full_queue_closes_with_4008_and_sheds_low_first() {
         let (peer, mut inbox) = Peer::new(limits(), None);
         let f = Frame::from("0123456789");
-        assert_eq!(
-            peer.hand_over(&f, Priority::Low, Handover::WriteIfQuiet),
-            Delivery::Accepted
-        );
-        assert_eq!(
-            peer.hand_over(&f, Priority::Normal, Handover::WriteIfQuiet),
-            Delivery::Accepted
-        );
-        assert_eq!(
-            peer.hand_over(&f, Priority::Low, Handover::WriteIfQuiet),
-            Delivery::Shed
-        );
-        assert_eq!(
-            peer.hand_over(&f, Priority::Normal, Handover::WriteIfQuiet),
-            Delivery::Accepted
-        );
-        assert_eq!(
-            peer.hand_over(&f, Priority::Normal, Handover::WriteIfQuiet),
-            Delivery::Accepted
-        );
-        assert_eq!(
-            peer.hand_over(&f, Priority::Normal, Handover::WriteIfQuiet),
-            Delivery::Overflow
-        );
+        assert_eq!(give(&peer, &f, Priority::Low), Delivery::Accepted);
+        assert_eq!(give(&peer, &f, Priority::Normal), Delivery::Accepted);
+        assert_eq!(give(&peer, &f, Priority::Low), Delivery::Shed);
+        assert_eq!(give(&peer, &f, Priority::Normal), Delivery::Accepted);
+        assert_eq!(give(&peer, &f, Priority::Normal), Delivery::Accepted);
+        assert_eq!(give(&peer, &f, Priority::Normal), Delivery::Overflow);
         assert_eq!(peer.close_request().unwrap().code, close::SLOW_CONSUMER);
-        assert_eq!(
-            peer.hand_over(&f, Priority::Normal, Handover::WriteIfQuiet),
-            Delivery::Closed
-        );
+        assert_eq!(give(&peer, &f, Priority::Normal), Delivery::Closed);
         let batch = inbox.take_queued();
         assert_eq!(batch.len(), 4);
         assert!(matches!(batch.pop_front().unwrap(), Outgoing::Frame(got) if got == f));
@@ -464,14 +448,8 @@ mod tests {
     fn byte_limit_applies() {
         let (peer, _inbox) = Peer::new(limits(), None);
         let big = Frame::from("x".repeat(60));
-        assert_eq!(
-            peer.hand_over(&big, Priority::Normal, Handover::WriteIfQuiet),
-            Delivery::Accepted
-        );
-        assert_eq!(
-            peer.hand_over(&big, Priority::Normal, Handover::WriteIfQuiet),
-            Delivery::Overflow
-        );
+        assert_eq!(give(&peer, &big, Priority::Normal), Delivery::Accepted);
+        assert_eq!(give(&peer, &big, Priority::Normal), Delivery::Overflow);
     }
 
     #[tokio::test]
@@ -483,15 +461,15 @@ mod tests {
             (n, inbox)
         });
         tokio::task::yield_now().await;
-        peer.hand_over(&Frame::from("a"), Priority::Normal, Handover::WriteIfQuiet);
-        peer.hand_over(&Frame::from("b"), Priority::Normal, Handover::WriteIfQuiet);
+        give(&peer, &Frame::from("a"), Priority::Normal);
+        give(&peer, &Frame::from("b"), Priority::Normal);
         tokio::task::yield_now().await;
         peer.close(close::GOING_AWAY, "drain", true);
         let (n, inbox) = writer.await.unwrap();
         assert!(n >= 1);
         drop(inbox);
         assert_eq!(
-            peer.hand_over(&Frame::from("c"), Priority::Normal, Handover::WriteIfQuiet),
+            give(&peer, &Frame::from("c"), Priority::Normal),
             Delivery::Closed
         );
     }
@@ -531,10 +509,7 @@ mod tests {
         };
         let (peer, mut inbox) = Peer::new(big, Some(server));
         let a = Frame::from("a");
-        assert_eq!(
-            peer.hand_over(&a, Priority::Normal, Handover::WriteIfQuiet),
-            Delivery::Accepted
-        );
+        assert_eq!(give(&peer, &a, Priority::Normal), Delivery::Accepted);
         // No writer runs here: the frame is on the wire already, and nothing is queued.
         assert_eq!(read_exactly(&mut client, a.len()).await, a.wire().to_vec());
         assert!(inbox.take_queued().is_empty());
@@ -546,10 +521,7 @@ mod tests {
             peer.hand_over(&b, Priority::Normal, Handover::Queue),
             Delivery::Accepted
         );
-        assert_eq!(
-            peer.hand_over(&c, Priority::Normal, Handover::WriteIfQuiet),
-            Delivery::Accepted
-        );
+        assert_eq!(give(&peer, &c, Priority::Normal), Delivery::Accepted);
         let queued: Vec<String> = inbox
             .take_queued()
             .iter()
@@ -560,10 +532,7 @@ mod tests {
             .collect();
         assert_eq!(queued, ["b", "c"]);
         // The writer holds them: a frame delivered now must wait for them too.
-        assert_eq!(
-            peer.hand_over(&a, Priority::Normal, Handover::WriteIfQuiet),
-            Delivery::Accepted
-        );
+        assert_eq!(give(&peer, &a, Priority::Normal), Delivery::Accepted);
         inbox.written();
         assert_eq!(inbox.take_queued().len(), 1);
     }
@@ -584,10 +553,7 @@ mod tests {
         let mut delivered = 0;
         while inbox.take_queued().is_empty() {
             inbox.written();
-            assert_eq!(
-                peer.hand_over(&frame, Priority::Normal, Handover::WriteIfQuiet),
-                Delivery::Accepted
-            );
+            assert_eq!(give(&peer, &frame, Priority::Normal), Delivery::Accepted);
             delivered += 1;
             assert!(delivered < 10_000, "the socket never filled");
         }

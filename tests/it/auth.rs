@@ -208,8 +208,8 @@ async fn the_token_command_mints_a_token_the_server_accepts() {
     let topic = unique("mint");
     create_topic(&topic, 1).await;
     let server = Server::start(&task_route(&topic), "").await;
-    let out = std::process::Command::new(binary())
-        .args([
+    let minted = run_ok(
+        &[
             "token",
             "--sub",
             "minted",
@@ -217,16 +217,9 @@ async fn the_token_command_mints_a_token_the_server_accepts() {
             "task:*,feature:**",
             "--ttl",
             "60",
-        ])
-        .env("ROOMCAST_JWT_SECRET", SECRET)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        &[("ROOMCAST_JWT_SECRET", SECRET)],
     );
-    let minted = String::from_utf8(out.stdout).unwrap();
     let mut c = server.connect(minted.trim()).await;
     assert_eq!(c.welcome["user"], "minted");
     c.join(&["task:1", "feature:users:entity:user"]).await;
@@ -239,8 +232,8 @@ async fn the_token_command_carries_permissions() {
     let topic = unique("mintperms");
     create_topic(&topic, 1).await;
     let server = Server::start(&task_route(&topic), "").await;
-    let out = std::process::Command::new(binary())
-        .args([
+    let minted = run_ok(
+        &[
             "token",
             "--sub",
             "perms",
@@ -248,16 +241,9 @@ async fn the_token_command_carries_permissions() {
             "users:read",
             "--ttl",
             "60",
-        ])
-        .env("ROOMCAST_JWT_SECRET", SECRET)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        &[("ROOMCAST_JWT_SECRET", SECRET)],
     );
-    let minted = String::from_utf8(out.stdout).unwrap();
     let mut c = server.connect(minted.trim()).await;
     c.join(&["feature:users"]).await;
     let (errors, _) = c

@@ -381,17 +381,7 @@ fn an_error_names_its_cause_once() {
 #[test]
 fn the_example_configuration_passes_check_config() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/roomcast.example.toml");
-    let out = Command::new(binary())
-        .args(["check-config", "--config", example])
-        .env_remove("ROOMCAST_LOG")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let effective = String::from_utf8(out.stdout).unwrap();
+    let effective = run_ok(&["check-config", "--config", example], &[]);
     assert!(
         effective.contains("topic = \"task-updates\""),
         "{effective}"

@@ -758,3 +758,19 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Runs the binary with `args` (a command that prints, such as `token` or `check-config`)
+/// and returns its standard output, failing the test with its standard error if it fails.
+pub fn run_ok(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = Command::new(binary())
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("roomcast runs");
+    assert!(
+        out.status.success(),
+        "roomcast {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
+}
