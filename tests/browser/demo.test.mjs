@@ -38,6 +38,8 @@ function startServer({ mode = 'demo', listen = '127.0.0.1:0', extra = [] } = {})
       ROOMCAST_LOG: 'info',
       ROOMCAST_JWT_SECRET: SECRET,
       ROOMCAST_DRAIN_SECONDS: '1',
+      // Named, so the page's status line is known whatever the host is called.
+      ROOMCAST_SERVER_NAME: 'roomcast-demo',
     },
     stdio: ['ignore', 'ignore', 'pipe'],
   });
@@ -157,7 +159,7 @@ describe('demo page in Chromium', { timeout: 180_000 }, () => {
     const { page, problems, sockets } = await newPage();
     await page.goto(base);
     await waitStatus(page, CONNECTED_42);
-    assert.match(await page.locator('#status').textContent(), /on server roomcast/);
+    assert.match(await page.locator('#status').textContent(), /on server roomcast-demo/);
 
     await page.waitForFunction(
       () => [...document.querySelectorAll('.event')].some((e) => {
