@@ -163,6 +163,7 @@ pub async fn publish(local: &Local, cadence: Cadence, mut send: impl FnMut(Batch
 mod tests {
     use std::sync::Arc;
 
+    use super::super::record::{Origin, Writer};
     use super::*;
 
     const CADENCE: Cadence = Cadence {
@@ -292,6 +293,13 @@ mod tests {
             storm.counts[&Key::member(Some("acme"), "tenant:acme", "u9")],
             1
         );
+        // Three records at the default bound of 256 KiB.
+        let origin = Origin {
+            replica: "roomcast-0".into(),
+            incarnation: "1".into(),
+        };
+        let records = Writer::new(origin, Duration::from_secs(10), 256 * 1024).records(storm);
+        assert_eq!(records.len(), 3);
     }
 
     #[tokio::test(start_paused = true)]
