@@ -75,45 +75,23 @@ impl Table {
     /// record's): its lease runs from the timestamp, not from the reading.
     pub fn apply(&mut self, record: Record, now: Instant, age: Duration) -> Applied {
         let lease_until = now + record.lease.saturating_sub(age);
+        let Record {
+            origin, seq, body, ..
+        } = record;
         let mut transitions = Vec::new();
-        let outcome = match record.body {
+        let outcome = match body {
             Body::Changes(changes) => {
-                let (name, seq) = (&record.origin.replica, record.seq);
-                let incarnation = &record.origin.incarnation;
-                self.changes(
-                    name,
-                    incarnation,
-                    seq,
-                    changes,
-                    lease_until,
-                    &mut transitions,
-                )
+                self.changes(&origin, seq, changes, lease_until, &mut transitions)
             }
             Body::Snapshot {
                 part,
                 parts,
                 counts,
-            } => {
-                let Some(whole) = self.gather(&record.origin, record.seq, part, parts, counts)
-                else {
-                    let outcome = if self.gathering.contains_key(&record.origin.replica) {
-                        Outcome::Gathered
-                    } else {
-                        Outcome::OutOfSequence
-                    };
-                    return Applied {
-                        outcome,
-                        transitions: Vec::new(),
-                    };
-                };
-                self.snapshot(
-                    record.origin,
-                    record.seq,
-                    whole,
-                    lease_until,
-                    &mut transitions,
-                )
-            }
+            } => match self.gather(&origin, seq, part, parts, counts) {
+                Some(whole) => self.snapshot(origin, seq, whole, lease_until, &mut transitions),
+                None if self.gathering.contains_key(&origin.replica) => Outcome::Gathered,
+                None => Outcome::OutOfSequence,
+            },
         };
         if !self.ready {
             transitions.clear();
@@ -126,8 +104,7 @@ impl Table {
 
     fn changes(
         &mut self,
-        name: &str,
-        incarnation: &str,
+        origin: &Origin,
         seq: u64,
         changes: Counts,
         lease_until: Instant,
@@ -135,8 +112,8 @@ impl Table {
     ) -> Outcome {
         let Some(replica) = self
             .replicas
-            .get_mut(name)
-            .filter(|r| r.incarnation == incarnation)
+            .get_mut(&origin.replica)
+            .filter(|r| r.incarnation == origin.incarnation)
         else {
             return Outcome::Unknown;
         };
