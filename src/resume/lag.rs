@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Mutex;
@@ -37,12 +38,18 @@ pub trait Log {
 /// The broker's answers about where partitions' logs end, with when each question was asked,
 /// shared by every resume. An answer asked after a resume began holds for it: the client's
 /// map was delivered by another replica before that, so a log that holds the map held it
-/// then. One question at a time: every resume of a failover storm that began before a
-/// question was asked takes its answer, instead of asking again.
+/// then. One question at a time per partition: every resume of a failover storm that began
+/// before a question was asked takes its answer, instead of asking again; questions about
+/// different partitions do not wait for each other.
 #[derive(Debug, Default)]
 pub struct LogEnds {
-    asked: Mutex<HashMap<(String, i32), (i64, Instant)>>,
+    /// Held only to find a partition's entry, never across an await.
+    partitions: std::sync::Mutex<HashMap<(String, i32), Arc<Asked>>>,
 }
+
+/// A partition's last answer (the high watermark and when it was asked), locked while a
+/// question about it is out.
+type Asked = Mutex<Option<(i64, Instant)>>;
 
 impl LogEnds {
     async fn high_watermark(
@@ -52,16 +59,20 @@ impl LogEnds {
         partition: i32,
         since: Instant,
     ) -> Result<i64, HistoryError> {
-        let mut asked = self.asked.lock().await;
-        let key = (topic.to_string(), partition);
-        if let Some(&(high, at)) = asked.get(&key) {
+        let entry = {
+            let mut partitions = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
+            let key = (topic.to_string(), partition);
+            partitions.entry(key).or_default().clone()
+        };
+        let mut asked = entry.lock().await;
+        if let Some((high, at)) = *asked {
             if at >= since {
                 return Ok(high);
             }
         }
         let at = Instant::now();
         let high = log.high_watermark(topic, partition).await?;
-        asked.insert(key, (high, at));
+        *asked = Some((high, at));
         Ok(high)
     }
 }
@@ -386,6 +397,32 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(10);
         let got = resume(&table, &Broker::down(), &map(60), deadline).await;
         assert_eq!(got, Ok(Level::CaughtUp));
+    }
+
+    /// Questions about two partitions go to the broker at once: a slow answer about one does
+    /// not hold a resume that needs the other.
+    #[tokio::test(start_paused = true)]
+    async fn questions_about_different_partitions_do_not_wait_for_each_other() {
+        let broker = Arc::new(Broker {
+            delay: Duration::from_secs(4),
+            ..Broker::at(100)
+        });
+        let ends = Arc::new(LogEnds::default());
+        let started = Instant::now();
+        let asks: Vec<_> = (0..2)
+            .map(|partition| {
+                let (broker, ends) = (broker.clone(), ends.clone());
+                tokio::spawn(async move {
+                    let since = Instant::now();
+                    ends.high_watermark(&*broker, "t", partition, since).await
+                })
+            })
+            .collect();
+        for ask in asks {
+            assert_eq!(ask.await.unwrap().unwrap(), 100);
+        }
+        assert_eq!(broker.asked(), 2);
+        assert_eq!(started.elapsed(), Duration::from_secs(4));
     }
 
     #[tokio::test(start_paused = true)]
