@@ -34,6 +34,9 @@ const EXPIRY_CHECK: Duration = Duration::from_millis(500);
 /// How long the goodbye may take to reach the broker at shutdown.
 const GOODBYE_FLUSH: Duration = Duration::from_secs(3);
 
+/// How long the start waits for the broker to make the topic.
+const CREATE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Waiting for a topic made by an operator, or for the broker.
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -46,6 +49,8 @@ pub struct PresenceTasks {
 
 impl PresenceTasks {
     /// Makes the topic if missing and asked to, then starts the publisher and the reader.
+    /// A topic that cannot be made is logged, not fatal: without presence a replica starts
+    /// with its broker down, and with it too; the reader waits for the topic.
     pub async fn start(
         kafka: &KafkaConfig,
         config: &PresenceConfig,
@@ -53,7 +58,9 @@ impl PresenceTasks {
         metrics: Arc<Metrics>,
     ) -> Result<PresenceTasks, KafkaError> {
         if config.create_topic {
-            create_topic(kafka, &config.topic).await?;
+            if let Err(e) = create_topic(kafka, &config.topic).await {
+                warn!(topic = %config.topic, error = %e, "cannot create the presence topic");
+            }
         }
         let producer: ThreadedProducer<DefaultProducerContext> = producer_config(kafka).create()?;
         let consumer: StreamConsumer = reader_config(kafka, &presence.origin.replica).create()?;
@@ -96,15 +103,13 @@ async fn create_topic(kafka: &KafkaConfig, topic: &str) -> Result<(), KafkaError
         .set("cleanup.policy", "compact")
         .set("min.compaction.lag.ms", "120000")
         .set("segment.ms", "600000");
-    let results = admin.create_topics([&new], &AdminOptions::new()).await?;
+    let options = AdminOptions::new().request_timeout(Some(CREATE_TIMEOUT));
+    let results = admin.create_topics([&new], &options).await?;
     for result in results {
         match result {
             Ok(name) => info!(topic = %name, "presence topic created"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((name, code)) => {
-                warn!(topic = %name, error = %code, "cannot create the presence topic");
-                return Err(KafkaError::AdminOp(code));
-            }
+            Err((_, code)) => return Err(KafkaError::AdminOp(code)),
         }
     }
     Ok(())
