@@ -250,4 +250,13 @@ mod tests {
         assert!(page.contains(r#"const EMBEDDED = "a.b.c";"#));
         assert!(page.contains(r#"const SERVER = "roomcast";"#));
     }
+
+    #[test]
+    fn the_presence_query_is_percent_decoded_and_an_empty_tenant_is_kept() {
+        let q = PresenceQuery::parse(Some("tenant=&room=task%3A9+a&x=1"));
+        assert_eq!(q.tenant.as_deref(), Some(""));
+        assert_eq!(q.room.as_deref(), Some("task:9 a"));
+        let q = PresenceQuery::parse(None);
+        assert_eq!((q.tenant, q.room), (None, None));
+    }
 }
