@@ -43,6 +43,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub resume: ResumeConfig,
     pub records: RecordsConfig,
+    pub presence: PresenceConfig,
     pub log: LogConfig,
     /// Routes, one per topic. Empty means the two default routes.
     #[serde(rename = "route", skip_serializing_if = "Vec::is_empty")]
@@ -197,6 +198,28 @@ pub struct RecordsConfig {
     pub max_depth: usize,
 }
 
+/// Presence across replicas through a Kafka topic (docs/PRESENCE.md). Off, nothing of it
+/// runs: no topic, no producer, no reader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceConfig {
+    pub enabled: bool,
+    /// One partition, compacted, read from its beginning by every replica.
+    pub topic: String,
+    /// Whether a replica creates the topic at start when it is missing.
+    pub create_topic: bool,
+    /// How long this replica's changes are gathered into one batch.
+    pub interval_seconds: f64,
+    /// The longest time without a record: an empty one then renews the lease.
+    pub renew_seconds: f64,
+    /// How often the replica's whole state is published, for readers that start later.
+    pub snapshot_seconds: f64,
+    /// How long a replica's entries stand without a record from it (its lease).
+    pub expiry_seconds: f64,
+    /// Largest presence record; a larger batch is split.
+    pub max_record_bytes: usize,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
@@ -319,6 +342,21 @@ impl Default for RecordsConfig {
             max_bytes: 1024 * 1024,
             max_rooms: 1000,
             max_depth: 64,
+        }
+    }
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig {
+            enabled: false,
+            topic: "roomcast-presence".into(),
+            create_topic: true,
+            interval_seconds: 0.2,
+            renew_seconds: 2.0,
+            snapshot_seconds: 30.0,
+            expiry_seconds: 10.0,
+            max_record_bytes: 256 * 1024,
         }
     }
 }
@@ -577,6 +615,7 @@ impl Config {
         self.validate_resume()?;
         self.validate_records()?;
         self.validate_kafka()?;
+        self.validate_presence()?;
         for (i, a) in self.routes.iter().enumerate() {
             if self.routes[..i].iter().any(|b| b.topic == a.topic) {
                 return Err(ConfigError::invalid(
@@ -757,6 +796,59 @@ impl Config {
         Ok(())
     }
 
+    /// Checked even when presence is off, so that turning it on never meets a bad value.
+    fn validate_presence(&self) -> Result<(), ConfigError> {
+        let p = &self.presence;
+        if p.topic.trim().is_empty() {
+            return Err(ConfigError::invalid("presence.topic", "must not be empty"));
+        }
+        if self.routes.iter().any(|r| r.topic == p.topic) {
+            return Err(ConfigError::invalid(
+                "presence.topic",
+                format!("{:?} is also a route's topic", p.topic),
+            ));
+        }
+        let within = |key: &str, value: f64, low: f64, high: f64| {
+            if value >= low && value <= high {
+                Ok(())
+            } else {
+                Err(ConfigError::invalid(
+                    key,
+                    format!("must be between {low} and {high}"),
+                ))
+            }
+        };
+        within("presence.interval_seconds", p.interval_seconds, 0.01, 60.0)?;
+        within("presence.renew_seconds", p.renew_seconds, 0.1, 3600.0)?;
+        within(
+            "presence.snapshot_seconds",
+            p.snapshot_seconds,
+            1.0,
+            86_400.0,
+        )?;
+        within("presence.expiry_seconds", p.expiry_seconds, 1.0, 86_400.0)?;
+        if p.renew_seconds < p.interval_seconds {
+            return Err(ConfigError::invalid(
+                "presence.renew_seconds",
+                "must be at least presence.interval_seconds",
+            ));
+        }
+        // A lease renewed only just before it runs out would expire on any delay.
+        if p.expiry_seconds < 2.0 * p.renew_seconds {
+            return Err(ConfigError::invalid(
+                "presence.expiry_seconds",
+                "must be at least twice presence.renew_seconds",
+            ));
+        }
+        if !(MIN_PRESENCE_RECORD_BYTES..=16 * 1024 * 1024).contains(&p.max_record_bytes) {
+            return Err(ConfigError::invalid(
+                "presence.max_record_bytes",
+                format!("must be between {MIN_PRESENCE_RECORD_BYTES} and 16777216"),
+            ));
+        }
+        Ok(())
+    }
+
     /// The effective configuration as TOML, with every secret replaced.
     pub fn redacted_toml(&self) -> String {
         let mut shown = self.clone();
@@ -791,15 +883,19 @@ fn host_name() -> String {
 }
 
 /// The sections a `ROOMCAST_<SECTION>_<KEY>` variable may set.
-const ENV_SECTIONS: [&str; 7] = [
+const ENV_SECTIONS: [&str; 8] = [
     "server",
     "websocket",
     "kafka",
     "auth",
     "resume",
     "records",
+    "presence",
     "log",
 ];
+
+/// The least `presence.max_record_bytes`: one count of the longest room and user always fits.
+const MIN_PRESENCE_RECORD_BYTES: usize = 64 * 1024;
 
 /// The keys of `[kafka]` that are roomcast's own; any other name is librdkafka's.
 const KAFKA_KEYS: [&str; 3] = ["brokers", "group_prefix", "metadata_refresh_seconds"];
@@ -1307,5 +1403,57 @@ mod tests {
         for word in ["crate::", "super::", "roomcast::"] {
             assert!(!code.contains(word), "config.rs uses {word}");
         }
+    }
+
+    #[test]
+    fn presence_is_off_by_default_and_set_from_the_environment() {
+        let mut c = hs_config();
+        assert!(!c.presence.enabled);
+        env(
+            &mut c,
+            &[
+                ("ROOMCAST_PRESENCE_ENABLED", "true"),
+                ("ROOMCAST_PRESENCE_TOPIC", "p1"),
+                ("ROOMCAST_PRESENCE_EXPIRY_SECONDS", "5"),
+            ],
+        )
+        .unwrap();
+        assert!(c.presence.enabled);
+        assert_eq!(c.presence.topic, "p1");
+        assert_eq!(c.presence.expiry_seconds, 5.0);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn presence_refusals_name_their_key() {
+        let refused = |change: fn(&mut PresenceConfig)| {
+            let mut c = hs_config();
+            change(&mut c.presence);
+            c.validate().unwrap_err().to_string()
+        };
+        assert_eq!(
+            refused(|p| p.topic = " ".into()),
+            "presence.topic: must not be empty"
+        );
+        assert_eq!(
+            refused(|p| p.topic = "entity-updates".into()),
+            "presence.topic: \"entity-updates\" is also a route's topic"
+        );
+        assert_eq!(
+            refused(|p| p.interval_seconds = 0.0),
+            "presence.interval_seconds: must be between 0.01 and 60"
+        );
+        assert_eq!(
+            refused(|p| p.renew_seconds = 0.1),
+            "presence.renew_seconds: must be at least presence.interval_seconds"
+        );
+        assert_eq!(
+            refused(|p| p.expiry_seconds = 3.0),
+            "presence.expiry_seconds: must be at least twice presence.renew_seconds"
+        );
+        assert_eq!(
+            refused(|p| p.max_record_bytes = 1000),
+            "presence.max_record_bytes: must be between 65536 and 16777216"
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! The two listeners. Public: `/ws`, the demo page at `/` and the SDK bundle it imports at
 //! `/roomcast.js`. Admin (never on the ingress):
-//! `/metrics`, `/healthz`, `/readyz`, `/stats`.
+//! `/metrics`, `/healthz`, `/readyz`, `/stats`, `/presence`.
 //!
 //! `/healthz` answers as long as the process serves HTTP: it never depends on Kafka, or a Kafka
 //! outage would restart every pod. `/readyz` is true only when partitions are assigned and
@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -80,6 +80,7 @@ pub fn admin_router(state: AdminState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/stats", get(stats))
+        .route("/presence", get(presence))
         .with_state(state)
 }
 
@@ -169,6 +170,62 @@ async fn stats(State(s): State<AdminState>) -> Json<Stats> {
     })
 }
 
+/// `/presence`'s narrowing: a tenant (empty: the tokens without one), and a room of it.
+#[derive(Default)]
+struct PresenceQuery {
+    tenant: Option<String>,
+    room: Option<String>,
+}
+
+impl PresenceQuery {
+    fn parse(query: Option<&str>) -> PresenceQuery {
+        let mut q = PresenceQuery::default();
+        for pair in query.unwrap_or_default().split('&') {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = percent_encoding::percent_decode_str(&value.replace('+', " "))
+                .decode_utf8_lossy()
+                .into_owned();
+            match name {
+                "tenant" => q.tenant = Some(value),
+                "room" => q.room = Some(value),
+                _ => {}
+            }
+        }
+        q
+    }
+}
+
+/// The cluster-wide presence table as this replica holds it; `ready: false` until it has
+/// read the topic up to where it stood at start.
+async fn presence(State(s): State<AdminState>, RawQuery(query): RawQuery) -> Response {
+    let q = PresenceQuery::parse(query.as_deref());
+    let Some(presence) = &s.hub.presence else {
+        return (StatusCode::NOT_FOUND, "presence is disabled\n").into_response();
+    };
+    let mut view = presence.view();
+    let ready = view.ready;
+    let Some(tenant) = q.tenant else {
+        return Json(view).into_response();
+    };
+    let mut tenant_view = view.tenants.remove(&tenant).unwrap_or_default();
+    match q.room {
+        Some(room) => {
+            let users = tenant_view.rooms.remove(&room).unwrap_or_default();
+            Json(
+                serde_json::json!({"ready": ready, "tenant": tenant, "room": room, "users": users}),
+            )
+            .into_response()
+        }
+        None => Json(serde_json::json!({
+            "ready": ready,
+            "tenant": tenant,
+            "users": tenant_view.users,
+            "rooms": tenant_view.rooms,
+        }))
+        .into_response(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,5 +249,14 @@ mod tests {
         let page = demo_page("roomcast", Some("a.b.c"));
         assert!(page.contains(r#"const EMBEDDED = "a.b.c";"#));
         assert!(page.contains(r#"const SERVER = "roomcast";"#));
+    }
+
+    #[test]
+    fn the_presence_query_is_percent_decoded_and_an_empty_tenant_is_kept() {
+        let q = PresenceQuery::parse(Some("tenant=&room=task%3A9+a&x=1"));
+        assert_eq!(q.tenant.as_deref(), Some(""));
+        assert_eq!(q.room.as_deref(), Some("task:9 a"));
+        let q = PresenceQuery::parse(None);
+        assert_eq!((q.tenant, q.room), (None, None));
     }
 }

@@ -19,8 +19,6 @@ mod memory;
 pub mod metrics;
 mod pattern;
 pub mod position;
-// Built and tested alone; the server, the consumer and the sessions take it up next.
-#[allow(dead_code)]
 mod presence;
 mod proxy;
 mod quota;
@@ -43,9 +41,12 @@ use tracing::{error, info, warn};
 
 use crate::config::ConfigError;
 use crate::kafka::consumer::{ConsumerError, KafkaConsumer, Shared};
+use crate::kafka::presence::PresenceTasks;
 use crate::kafka::replay::KafkaReplay;
 use crate::metrics::Metrics;
 use crate::position::PartitionTable;
+use crate::presence::live::Presence;
+use crate::presence::record::Origin;
 use crate::resume::ReplayBuffer;
 use crate::setup::Setup;
 use crate::shutdown::Stages;
@@ -70,6 +71,8 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("presence: {0}")]
+    Presence(#[from] rdkafka::error::KafkaError),
     #[error("demo: {0}")]
     Demo(String),
     /// The consumer thread ended while the service was running: nothing would flow any more,
@@ -130,7 +133,23 @@ pub fn hub_parts(
         replay: Arc::new(ReplayBuffer::new(setup.replay)),
         history,
         runtime: tokio::runtime::Handle::try_current().ok(),
+        presence: presence(&setup.config),
     }
+}
+
+/// This replica's presence, with an incarnation of its own start, when presence is on.
+fn presence(config: &config::Config) -> Option<Arc<Presence>> {
+    use std::hash::{BuildHasher, RandomState};
+    if !config.presence.enabled {
+        return None;
+    }
+    // The start's millisecond and a random part: two starts within one millisecond (a
+    // restart loop) still differ.
+    let random = RandomState::new().hash_one(std::process::id()) & 0xffff;
+    Some(Arc::new(Presence::new(Origin {
+        replica: config.server.name.clone(),
+        incarnation: format!("{:x}-{random:04x}", unix_millis()),
+    })))
 }
 
 /// Runs the service built by `setup` until `stop` resolves, then drains and returns.
@@ -156,6 +175,18 @@ pub async fn serve(
         metrics: hub.metrics.clone(),
     };
     let consumer = KafkaConsumer::new(&kafka, &config, shared)?;
+    let presence = match &hub.presence {
+        Some(p) => Some(
+            PresenceTasks::start(
+                &config.kafka,
+                &config.presence,
+                p.clone(),
+                hub.metrics.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
 
     let (public, public_addr) = bind(listen, config.websocket.send_buffer_bytes)?;
     let (admin, admin_addr) = bind(admin_listen, 0)?;
@@ -203,6 +234,11 @@ pub async fn serve(
     }
     let window = Duration::from_secs_f64(config.server.drain_seconds);
     stages.drain(&hub, window).await;
+    // After the drain, whose closes went out as changes: the goodbye then removes whatever
+    // is left at once, rather than when the lease runs out.
+    if let Some(tasks) = presence {
+        tasks.stop().await;
+    }
     // The consumer commits within its own 5 s bound; past a little more it is stuck inside a
     // record, and the process exits without it rather than outlive its grace period.
     if failure.is_none()

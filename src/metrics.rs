@@ -36,6 +36,11 @@ pub struct Metrics {
     pub partition_lag: IntGaugeVec,
     pub assigned_partitions: IntGauge,
     pub ready: IntGauge,
+    pub presence_users_online: IntGauge,
+    pub presence_replicas: IntGauge,
+    pub presence_records_published: IntCounter,
+    pub presence_records_consumed: IntCounterVec,
+    pub presence_expired_replicas: IntCounter,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -198,6 +203,32 @@ impl Metrics {
                 &r,
                 "roomcast_ready",
                 "1 when the replica is ready to serve (caught up, not draining).",
+            ),
+            presence_users_online: gauge(
+                &r,
+                "roomcast_presence_users_online",
+                "Users online on any replica, summed over the tenants (0 with presence off).",
+            ),
+            presence_replicas: gauge(
+                &r,
+                "roomcast_presence_replicas",
+                "Replicas in this replica's presence table.",
+            ),
+            presence_records_published: counter(
+                &r,
+                "roomcast_presence_records_published_total",
+                "Presence records this replica published.",
+            ),
+            presence_records_consumed: counter_vec(
+                &r,
+                "roomcast_presence_records_consumed_total",
+                "Presence records read, by what became of them.",
+                &["outcome"],
+            ),
+            presence_expired_replicas: counter(
+                &r,
+                "roomcast_presence_expired_replicas_total",
+                "Replicas dropped from the presence table because their lease ran out.",
             ),
             registry: r,
         }

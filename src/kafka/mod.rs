@@ -6,6 +6,7 @@
 //! which makes each replica's position and lag visible to standard Kafka tooling.
 
 pub mod consumer;
+pub mod presence;
 pub mod replay;
 
 use std::ffi::CStr;

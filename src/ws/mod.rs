@@ -27,6 +27,7 @@ use crate::kafka::consumer::{Delivery, Pending};
 use crate::kafka::replay::KafkaReplay;
 use crate::metrics::Metrics;
 use crate::position::{PartitionTable, PositionMap};
+use crate::presence::live::Presence;
 use crate::proxy::TrustedProxies;
 use crate::quota::Quota;
 use crate::registry::{ConnId, Registry};
@@ -66,6 +67,8 @@ pub struct HubParts {
     pub history: KafkaReplay,
     /// Where a large room's fan-out is spread; none: the consumer does it all.
     pub runtime: Option<tokio::runtime::Handle>,
+    /// Presence, when `presence.enabled`: the sessions report to its `Local`.
+    pub(crate) presence: Option<Arc<Presence>>,
 }
 
 /// Everything a session needs and the consumer delivers into.
@@ -104,6 +107,7 @@ pub struct Hub {
     /// writer under the Autobahn|Testsuite; no configuration of the service sets it.
     #[doc(hidden)]
     pub echo: bool,
+    pub(crate) presence: Option<Arc<Presence>>,
 }
 
 impl Hub {
@@ -122,6 +126,7 @@ impl Hub {
             replay,
             history,
             runtime,
+            presence,
         } = parts;
         Hub {
             users: Quota::new(config.server.max_connections_per_user),
@@ -145,6 +150,7 @@ impl Hub {
                 helpers: runtime.metrics().num_workers(),
                 runtime,
             }),
+            presence,
             echo: false,
         }
     }

@@ -215,6 +215,13 @@ impl Session {
     async fn forget(&self) {
         self.hub.registry.leave_all(self.id);
         self.hub.sessions.remove(&self.id);
+        if let Some(presence) = &self.hub.presence {
+            let (tenant, user) = (self.identity.tenant.as_deref(), &self.identity.user);
+            for room in self.rooms.keys() {
+                presence.local.left(tenant, room, user);
+            }
+            presence.local.disconnected(tenant, user);
+        }
     }
 
     /// The welcome goes first in the queue, and the writer pings only behind it. Its
@@ -250,6 +257,11 @@ impl Session {
             self.peer.set_live();
         }
         hub.sessions.insert(self.id, self.peer.clone());
+        if let Some(presence) = &hub.presence {
+            presence
+                .local
+                .connected(self.identity.tenant.as_deref(), &self.identity.user);
+        }
     }
 
     async fn read_loop(&mut self, mut reader: Reader) {
@@ -697,7 +709,10 @@ impl Session {
         self.hub
             .registry
             .join(self.id, tenant, room, &self.peer, filter.clone());
-        self.rooms.insert(room.to_string(), filter);
+        let fresh = self.rooms.insert(room.to_string(), filter).is_none();
+        if let (true, Some(presence)) = (fresh, &self.hub.presence) {
+            presence.local.joined(tenant, room, &self.identity.user);
+        }
     }
 
     async fn unsubscribe(&mut self, id: &RequestId, rooms: Vec<String>) {
@@ -706,6 +721,9 @@ impl Session {
         for room in rooms {
             if self.rooms.remove(&room).is_some() {
                 self.hub.registry.leave(self.id, tenant, &room);
+                if let Some(presence) = &self.hub.presence {
+                    presence.local.left(tenant, &room, &self.identity.user);
+                }
                 left.push(room);
             }
         }

@@ -11,6 +11,7 @@ mod hostile_records;
 mod hostile_session;
 mod lagging;
 mod ops;
+mod presence;
 mod protocol;
 mod raw;
 mod resume;
