@@ -18,7 +18,7 @@ use crate::Error;
 /// The demo user: sees its own tasks and every feature room.
 pub const DEMO_USER: &str = "42";
 
-/// Runs the demo until `stop` resolves. The mock cluster lives as long as this future.
+/// Runs the demo until `stop` resolves. The mock cluster lives as long as the process.
 pub async fn run(mut config: Config, stop: impl Future<Output = ()>) -> Result<(), Error> {
     let mock = MockCluster::new(1).map_err(|e| Error::Demo(format!("mock cluster: {e}")))?;
     config.routes = default_routes();
@@ -54,9 +54,13 @@ pub async fn run(mut config: Config, stop: impl Future<Output = ()>) -> Result<(
         .map_err(|e| Error::Demo(format!("producer: {e}")))?;
     let publishing = tokio::spawn(publish(producer));
     let served = crate::serve(setup, Some(token), stop).await;
-    // Drop the producer before the mock cluster it talks to.
     publishing.abort();
     let _ = publishing.await;
+    // Not destroyed here: clients of the cluster may still be closing (the consumer's
+    // partition discovery, the rdkafka threads of a producer just dropped), and a cluster
+    // destroyed under them has librdkafka report every broker down, as an error, on a clean
+    // stop. The process ends right after the demo, and the cluster with it.
+    std::mem::forget(mock);
     served
 }
 
