@@ -349,6 +349,12 @@ class AllFeatures(unittest.TestCase):
             "max_replay_records": resume["maxReplayRecords"],
             "positions_interval_seconds": resume["positionsIntervalSeconds"],
         })
+        self.assertEqual(cfg["presence"], {
+            "enabled": True,
+            "topic": "rt-presence",
+            "create_topic": True,
+            "expiry_seconds": 12.0,
+        })
         self.assertEqual(cfg["kafka"]["ssl.certificate.location"], "/etc/roomcast/kafka-client/client.crt")
         self.assertEqual(cfg["kafka"]["ssl.key.location"], "/etc/roomcast/kafka-client/client.key")
         mounts = {m["name"]: m["mountPath"] for m in container(self.docs)["volumeMounts"]}
