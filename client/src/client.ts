@@ -29,6 +29,28 @@ export interface EventInfo {
 
 export type Handler<P> = (payload: P, info: EventInfo) => void;
 
+/** A change of presence, in a room subscribed with `presence: true`. */
+export interface PresenceEvent {
+  /** `join`, `leave`: the user's first connection in `room` (on any server) opened, its last
+   * closed. `online`, `offline`: the same for the user's connections anywhere, sent to the
+   * server's status room (by default the tenant's room). */
+  type: 'join' | 'leave' | 'online' | 'offline';
+  user: string;
+  /** The room joined or left (not for `online` and `offline`). */
+  room?: string;
+  /** When the server saw the change, in milliseconds. */
+  ts?: number;
+}
+
+/** Who is in a room now. */
+export interface Presence {
+  /** Every user in the room on any server, with their connections in it. */
+  users: Record<string, number>;
+  /** False while the answering server is still reading the cluster's presence: `users` may
+   * lack some, ask again in a moment. */
+  ready: boolean;
+}
+
 /** Event names to payload types, for `connect<Events>()`. */
 export type EventMap = Record<string, unknown>;
 
@@ -111,6 +133,7 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
   private readonly requests_ = new Requests();
   private readonly handlers_ = new Set<[Matcher, Handler<any>]>();
   private readonly listeners_ = new Set<(status: Status, error: RoomcastError | null) => void>();
+  private readonly presenceListeners_ = new Set<(event: PresenceEvent) => void>();
   private ws_?: SocketLike;
   private pacer_?: Pacer;
   /** Frames sent on the current connection, for telling the requests before a pong. */
@@ -174,22 +197,38 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
     return () => void this.handlers_.delete(entry);
   }
 
+  /** Calls `listener` with each presence event of the rooms subscribed with `presence: true`;
+   * returns its unsubscribe. They are live only: none is replayed after a reconnect. */
+  onPresence(listener: (event: PresenceEvent) => void): () => void {
+    this.presenceListeners_.add(listener);
+    return () => void this.presenceListeners_.delete(listener);
+  }
+
   /** Joins `rooms`; resolves when every room is joined, rejects with the refusals otherwise.
    * The rooms are joined again after every reconnect. */
-  subscribe(rooms: string[], { events, token, getToken }: SubscribeOptions = {}): Promise<{ rooms: string[] }> {
+  subscribe(rooms: string[], { events, token, getToken, presence }: SubscribeOptions = {}): Promise<{ rooms: string[] }> {
     const at = this.rooms_.mark_();
     // getToken rides along unsent (JSON leaves functions out), for a resume that needs it.
-    const frame = { type: 'subscribe', rooms, events, token, getToken };
-    return this.request_(frame, (joined) => {
-      this.rooms_.join_(joined, frame, at);
-      return joined;
+    const frame = { type: 'subscribe', rooms, events, token, presence, getToken };
+    return this.request_(frame, (answer) => {
+      const rooms: string[] = answer.rooms ?? [];
+      this.rooms_.join_(rooms, frame, at);
+      return { rooms };
     });
   }
 
   /** Leaves `rooms`; resolves with the rooms left. */
   unsubscribe(rooms: string[]): Promise<{ rooms: string[] }> {
     const held = this.rooms_.leave_(rooms);
-    return this.request_({ type: 'unsubscribe', rooms }, (left) => [...new Set([...left, ...held])]);
+    return this.request_({ type: 'unsubscribe', rooms }, (answer) => ({
+      rooms: [...new Set([...(answer.rooms ?? []), ...held])],
+    }));
+  }
+
+  /** Who is in `room` now, on every server; authorized as a subscribe to it is (`token`: a
+   * subscription token granting it). */
+  presence(room: string, { token }: { token?: string } = {}): Promise<Presence> {
+    return this.request_({ type: 'presence', room, token }, ({ users, ready }) => ({ users, ready }));
   }
 
   /** The current position map, `{"topic:partition": offset}`. */
@@ -202,10 +241,8 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
     this.stop_(null);
   }
 
-  private request_(
-    frame: Record<string, unknown>,
-    settle: (rooms: string[]) => string[],
-  ): Promise<{ rooms: string[] }> {
+  /** An application's request; `settle` makes the result of its `ok`. */
+  private request_<T>(frame: Record<string, unknown>, settle: (answer: ServerFrame) => T): Promise<T> {
     return new Promise((resolve, reject) => {
       if (this.status === 'closed') return reject(new RoomcastError('closed', 'the client is closed'));
       const ms = this.options_.requestTimeoutMs ?? 30_000;
@@ -218,9 +255,9 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
         (answer, refusals) => {
           clearTimeout(timer);
           if (answer.type !== 'ok') return reject(refused(answer, refusals));
-          const rooms = settle(answer.rooms ?? []);
-          if (refusals.length) reject(refused(refusals[0], refusals, rooms));
-          else resolve({ rooms });
+          const result = settle(answer);
+          if (refusals.length) reject(refused(refusals[0], refusals, (result as { rooms?: string[] }).rooms));
+          else resolve(result);
         },
         true,
       );
@@ -410,9 +447,9 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
 
   /** Subscribes again to rooms held before; drops those the server now refuses. */
   private resubscribe_(group: Group, renewed = false): void {
-    const { rooms, events, token, getToken } = group;
+    const { rooms, events, token, getToken, presence } = group;
     const ws = this.ws_;
-    this.internal_({ type: 'subscribe', rooms, events, token }, async (answer, refusals) => {
+    this.internal_({ type: 'subscribe', rooms, events, token, presence }, async (answer, refusals) => {
       // Its subscription token refused: once, with a new one from the subscription's getToken.
       if (answer.code === 'invalid_token' && getToken && !renewed) {
         try {
@@ -439,7 +476,7 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
     return this.requests_
       .frames_()
       .filter((f) => f.type === 'subscribe')
-      .map((f) => ({ rooms: f.rooms, events: f.events, token: f.token, getToken: f.getToken }) as Group);
+      .map((f) => ({ rooms: f.rooms, events: f.events, token: f.token, getToken: f.getToken, presence: f.presence }) as Group);
   }
 
   private opened_(): void {
@@ -449,6 +486,13 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
   }
 
   private event_(frame: ServerFrame): void {
+    // A presence event has no position: it is never replayed, so there is nothing to dedupe
+    // and nothing to move in the map. `presence.join` is a `join`.
+    if (!frame.pos) {
+      const change = { ...frame.payload, type: frame.event.slice(9), ts: frame.ts };
+      for (const listener of [...this.presenceListeners_]) call(listener, change);
+      return;
+    }
     if (!this.store_.advance_(frame.pos)) return;
     const info: EventInfo = { event: frame.event, pos: frame.pos, ts: frame.ts, rooms: frame.rooms };
     for (const [matches, handler] of this.handlers_) if (matches(frame.event)) call(handler, frame.payload, info);

@@ -14,17 +14,21 @@ export interface SubscribeOptions {
   token?: string;
   /** Gives a new subscription token when the server refuses `token` on a reconnect. */
   getToken?: () => string | Promise<string>;
+  /** Join and leave events of these rooms (and online and offline, in the server's status
+   * room) to `onPresence`. */
+  presence?: boolean;
 }
 
-/** Rooms sharing one filter and one token: one `subscribe` frame. */
+/** Rooms sharing one filter, one token and one presence: one `subscribe` frame. */
 export interface Group extends SubscribeOptions {
   rooms: string[];
 }
 
 export interface Plan {
-  /** The resume frame's `rooms`, `events` and `token`. */
+  /** The resume frame's `rooms`, `events`, `token` and `presence`. */
   resume: Group;
-  /** Groups joined by the resume with a wider filter than theirs: narrowed right after it. */
+  /** Groups joined by the resume with a wider filter than theirs, or without the presence
+   * they asked for: subscribed again right after it. */
   narrow: Group[];
   /** Groups of another subscription token than the resume's: joined after it, without a
    * replay of the gap. */
@@ -36,7 +40,7 @@ export interface Plan {
 /** Most patterns in one `events` filter (the server's limit). */
 const MAX_FILTER_PATTERNS = 16;
 
-const key = (o: SubscribeOptions) => JSON.stringify([o.events, o.token]);
+const key = (o: SubscribeOptions) => JSON.stringify([o.events, o.token, !!o.presence]);
 
 export class Subscriptions {
   private readonly rooms_ = new Map<string, SubscribeOptions>();
@@ -62,9 +66,9 @@ export class Subscriptions {
   }
 
   /** Holds `rooms`, joined by a subscribe made at `at`, unless they were left since. */
-  join_(rooms: string[], { events, token, getToken }: SubscribeOptions, at: number): void {
+  join_(rooms: string[], { events, token, getToken, presence }: SubscribeOptions, at: number): void {
     for (const room of rooms) {
-      if (!((this.left_.get(room) ?? -1) > at)) this.rooms_.set(room, { events, token, getToken });
+      if (!((this.left_.get(room) ?? -1) > at)) this.rooms_.set(room, { events, token, getToken, presence });
     }
     this.save_();
   }
@@ -95,9 +99,11 @@ export class Subscriptions {
   }
 
   /**
-   * A resume takes one filter and one token. It carries every room of the first token seen
-   * (and the rooms that need none), under the union of their filters; rooms of other tokens
-   * can only be subscribed after it. `pending` are subscriptions asked for but not yet
+   * A resume takes one filter, one token and one presence. It carries every room of the
+   * first token seen (and the rooms that need none), under the union of their filters, with
+   * presence only if every one of them asked for it (the groups that did are subscribed again
+   * with it right after: presence events are not replayed, a few missed at a reconnect are
+   * missed anyway); rooms of other tokens can only be subscribed after it. `pending` are subscriptions asked for but not yet
    * answered: they join the resume so that their rooms get the replay too. Tokens in
    * `denied` were refused on this connection: their groups are left out.
    */
@@ -113,10 +119,11 @@ export class Subscriptions {
       rooms: [...new Set(resumed.flatMap((g) => g.rooms))],
       events,
       token: resumed.some((g) => g.token) ? token : undefined,
+      presence: (resumed.length > 0 && resumed.every((g) => g.presence)) || undefined,
     };
     return {
       resume,
-      narrow: held.filter((g) => fits(g) && key(g) !== key({ events, token: g.token })),
+      narrow: held.filter((g) => fits(g) && key(g) !== key({ ...resume, token: g.token })),
       unreplayed: held.filter((g) => !fits(g)),
       getToken: resumed.find((g) => g.getToken && g.token === token)?.getToken,
     };
