@@ -93,7 +93,7 @@ impl Identity {
     pub fn own_rooms(&self) -> Vec<String> {
         let mut rooms = vec![format!("user:{}", self.user)];
         if let Some(t) = &self.tenant {
-            rooms.push(format!("tenant:{t}"));
+            rooms.push(tenant_room(t));
         }
         rooms
     }
@@ -101,6 +101,11 @@ impl Identity {
     pub fn may_join(&self, room: &str) -> bool {
         self.own_rooms().iter().any(|r| r == room) || self.grants.iter().any(|p| p.matches(room))
     }
+}
+
+/// The room every connection of `tenant` is in from its welcome on.
+pub fn tenant_room(tenant: &str) -> String {
+    format!("tenant:{tenant}")
 }
 
 pub struct Authenticator {

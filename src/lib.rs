@@ -73,6 +73,8 @@ pub enum Error {
     },
     #[error("presence: {0}")]
     Presence(#[from] rdkafka::error::KafkaError),
+    #[error("presence: cannot start its teller thread")]
+    PresenceTeller(#[source] std::io::Error),
     #[error("demo: {0}")]
     Demo(String),
     /// The consumer thread ended while the service was running: nothing would flow any more,
@@ -176,16 +178,16 @@ pub async fn serve(
     };
     let consumer = KafkaConsumer::new(&kafka, &config, shared)?;
     let presence = match &hub.presence {
-        Some(p) => Some(
+        Some(p) => Some({
+            p.start_teller(hub.clone()).map_err(Error::PresenceTeller)?;
             PresenceTasks::start(
                 &config.kafka,
                 &config.presence,
                 p.clone(),
                 hub.metrics.clone(),
-                hub.clone(),
             )
-            .await?,
-        ),
+            .await?
+        }),
         None => None,
     };
 

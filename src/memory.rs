@@ -43,6 +43,8 @@ pub async fn run(hub: Arc<Hub>, unupgraded: Arc<AtomicU64>, mut stop: watch::Rec
             _ = stop.wait_for(|v| *v) => return,
         }
         let shrunk = hub.registry.shrink()
+            | hub.listeners.shrink()
+            | hub.presence.as_ref().is_some_and(|p| p.local.shrink())
             | shrink_map(&hub.sessions)
             | hub.users.shrink()
             | hub.addresses.shrink();

@@ -167,13 +167,15 @@ impl<P: Clone> Registry<P> {
         fresh
     }
 
-    /// Removes `conn` from a room; an emptied room is dropped. True if it was a member.
+    /// Removes `conn` from a room; an emptied room is dropped. True if it was a member. A
+    /// connection that is not touches no room: its shard's lock may be held by a long walk.
     pub fn leave(&self, conn: ConnId, tenant: Option<&str>, room: &str) -> bool {
         let key = room_key(tenant, room);
-        if let Some(mut rooms) = self.joined.get_mut(&conn) {
-            rooms.remove(&key);
-        }
-        self.remove_member(&key, conn)
+        let was = match self.joined.get_mut(&conn) {
+            Some(mut rooms) => rooms.remove(&key),
+            None => false,
+        };
+        was && self.remove_member(&key, conn)
     }
 
     /// Removes `conn` from every room it is in.

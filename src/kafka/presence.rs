@@ -22,7 +22,7 @@ use tracing::{info, warn};
 
 use crate::config::{KafkaConfig, PresenceConfig};
 use crate::metrics::Metrics;
-use crate::presence::live::{Audience, Presence};
+use crate::presence::live::Presence;
 use crate::presence::local::{self, Cadence};
 use crate::presence::record::{self, Record, RecordError, Writer};
 use crate::presence::table::Outcome;
@@ -60,7 +60,6 @@ impl PresenceTasks {
         config: &PresenceConfig,
         presence: Arc<Presence>,
         metrics: Arc<Metrics>,
-        audience: Arc<dyn Audience>,
     ) -> Result<PresenceTasks, KafkaError> {
         if config.create_topic {
             if let Err(e) = create_topic(kafka, &config.topic).await {
@@ -87,7 +86,6 @@ impl PresenceTasks {
             config.clone(),
             presence.clone(),
             metrics.clone(),
-            audience.clone(),
             stopped.clone(),
         ));
         let reader = tokio::spawn(read(
@@ -95,7 +93,6 @@ impl PresenceTasks {
             config.topic.clone(),
             presence,
             metrics,
-            audience,
             stopped,
         ));
         Ok(PresenceTasks {
@@ -155,7 +152,6 @@ async fn publish(
     config: PresenceConfig,
     presence: Arc<Presence>,
     metrics: Arc<Metrics>,
-    audience: Arc<dyn Audience>,
     stopped: watch::Receiver<bool>,
 ) {
     let cadence = Cadence {
@@ -175,7 +171,7 @@ async fn publish(
     let batches = local::publish(&presence.local, cadence, |batch| {
         for record in writer.records(&batch) {
             send(&record);
-            presence.apply_own(record, &*audience);
+            presence.apply_own(record);
         }
     });
     tokio::select! {
@@ -193,7 +189,6 @@ async fn read(
     topic: String,
     presence: Arc<Presence>,
     metrics: Arc<Metrics>,
-    audience: Arc<dyn Audience>,
     stopped: watch::Receiver<bool>,
 ) {
     let end = tokio::select! {
@@ -217,7 +212,7 @@ async fn read(
                 Ok(m) => {
                     let value = m.payload().unwrap_or_default();
                     let read = Read { value, timestamp: m.timestamp().to_millis() };
-                    consume(&presence, &metrics, &*audience, read);
+                    consume(&presence, &metrics, read);
                     next.store(m.offset() + 1, Ordering::Relaxed);
                     if !presence.is_ready() && m.offset() + 1 >= end {
                         presence.caught_up();
@@ -226,7 +221,7 @@ async fn read(
                 Err(e) => warn!(error = %e, "presence topic: read failed"),
             },
             _ = ticks.tick() => {
-                let expired = presence.expire(&*audience);
+                let expired = presence.expire();
                 metrics.presence_expired_replicas.inc_by(expired as u64);
                 metrics.presence_users_online.set(presence.users_online() as i64);
                 metrics.presence_replicas.set(presence.replicas() as i64);
@@ -288,14 +283,14 @@ struct Read<'a> {
     timestamp: Option<i64>,
 }
 
-fn consume(presence: &Presence, metrics: &Metrics, audience: &dyn Audience, read: Read<'_>) {
+fn consume(presence: &Presence, metrics: &Metrics, read: Read<'_>) {
     let outcome = match record::decode(read.value) {
         Ok(record) => {
             let age = read
                 .timestamp
                 .map_or(0, |ts| (crate::unix_millis() - ts).max(0));
             let age = Duration::from_millis(age as u64);
-            match presence.apply_read(record, age, audience) {
+            match presence.apply_read(record, age) {
                 Some(outcome) => outcome_label(outcome),
                 None => "own",
             }

@@ -3,11 +3,17 @@
 //! topic change and the admin listener reads.
 //!
 //! Knows no Kafka: the topic's side (`kafka/presence.rs`) hands records in and takes
-//! batches out. The table's lock is held for one record or one query, never across an await.
+//! batches out. The table's lock is held for one record or one query, never across an await,
+//! and never while anything is sent: a change's transitions, and a query's answer, go in
+//! order into one queue, which a thread of its own (the teller) empties into the `Audience`.
+//! A storm's events therefore hold up neither the table nor a runtime worker, and an answer
+//! is never older than an event sent before it.
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+
+use tokio::sync::mpsc;
 
 use serde::Serialize;
 use tokio::time::Instant;
@@ -22,14 +28,20 @@ pub trait Audience: Send + Sync {
     fn tell(&self, transitions: &[Transition]);
 }
 
+/// What the teller does next, queued under the table's lock so that the order is the table's.
+enum Told {
+    Transitions(Vec<Transition>),
+    /// A query's answer, sent in its place among the events.
+    Answer(Box<dyn FnOnce() + Send>),
+}
+
 pub struct Presence {
     pub origin: Origin,
     pub local: Local,
     table: Mutex<Table>,
-    /// Held from a change of the table until its transitions are told, taken before the
-    /// table's lock is let go: a query never waits for a storm's events to be sent, and two
-    /// changes' events never cross.
-    telling: Mutex<()>,
+    queue: mpsc::UnboundedSender<Told>,
+    /// The queue's other end, until the teller takes it.
+    pending: Mutex<mpsc::UnboundedReceiver<Told>>,
 }
 
 /// The answer to a client's query of a room.
@@ -57,18 +69,60 @@ pub struct TenantView {
 
 impl Presence {
     pub fn new(origin: Origin) -> Presence {
+        let (queue, pending) = mpsc::unbounded_channel();
         Presence {
             origin,
             local: Local::default(),
             table: Mutex::new(Table::default()),
-            telling: Mutex::new(()),
+            queue,
+            pending: Mutex::new(pending),
         }
+    }
+
+    /// Starts the teller: a thread that tells `audience` of every change, in order, for as
+    /// long as the process runs. A thread, not a task: telling a storm to thousands of
+    /// listeners takes as long as it takes, and must not hold a runtime worker meanwhile.
+    pub fn start_teller(self: &Arc<Self>, audience: Arc<dyn Audience>) -> std::io::Result<()> {
+        let presence = self.clone();
+        std::thread::Builder::new()
+            .name("presence-teller".into())
+            .spawn(move || loop {
+                let told = presence.pending().blocking_recv();
+                match told {
+                    Some(told) => presence.tell_one(told, &*audience),
+                    None => return,
+                }
+            })
+            .map(drop)
+    }
+
+    /// Tells `audience` of everything queued so far; how many were told. For tests, where no
+    /// teller runs.
+    #[cfg(test)]
+    pub fn tell_pending(&self, audience: &dyn Audience) -> usize {
+        let mut told = 0;
+        while let Ok(next) = self.pending().try_recv() {
+            self.tell_one(next, audience);
+            told += 1;
+        }
+        told
+    }
+
+    fn tell_one(&self, told: Told, audience: &dyn Audience) {
+        match told {
+            Told::Transitions(transitions) => audience.tell(&transitions),
+            Told::Answer(answer) => answer(),
+        }
+    }
+
+    fn pending(&self) -> MutexGuard<'_, mpsc::UnboundedReceiver<Told>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A record of this replica's, applied as it is published: its own connections show
     /// without a round trip through Kafka.
-    pub fn apply_own(&self, record: Record, audience: &dyn Audience) {
-        self.change(audience, |table| {
+    pub fn apply_own(&self, record: Record) {
+        self.change(|table| {
             table
                 .apply(record, Instant::now(), Duration::ZERO)
                 .transitions
@@ -77,17 +131,12 @@ impl Presence {
 
     /// A record read from the topic, `age` after its timestamp. This incarnation's own
     /// records were applied when published.
-    pub fn apply_read(
-        &self,
-        record: Record,
-        age: Duration,
-        audience: &dyn Audience,
-    ) -> Option<Outcome> {
+    pub fn apply_read(&self, record: Record, age: Duration) -> Option<Outcome> {
         if record.origin == self.origin {
             return None;
         }
         let mut outcome = Outcome::Covered;
-        self.change(audience, |table| {
+        self.change(|table| {
             let Applied {
                 outcome: o,
                 transitions,
@@ -99,9 +148,9 @@ impl Presence {
     }
 
     /// Drops the replicas whose lease ran out; returns how many there were.
-    pub fn expire(&self, audience: &dyn Audience) -> usize {
+    pub fn expire(&self) -> usize {
         let mut expired = 0;
-        self.change(audience, |table| {
+        self.change(|table| {
             let before = table.replicas();
             let transitions = table.expire(Instant::now());
             expired = before - table.replicas();
@@ -111,6 +160,7 @@ impl Presence {
     }
 
     /// The users in `room` of `tenant` on any replica, and whether the table is whole yet.
+    #[cfg(test)]
     pub fn room(&self, tenant: Option<&str>, room: &str) -> RoomView {
         let table = self.table();
         RoomView {
@@ -119,16 +169,33 @@ impl Presence {
         }
     }
 
-    fn change(&self, audience: &dyn Audience, apply: impl FnOnce(&mut Table) -> Vec<Transition>) {
+    /// A client's query: `answer` is called with the room as the table holds it now, by the
+    /// teller, after every event of an earlier change and before any of a later one.
+    pub fn query(
+        &self,
+        tenant: Option<&str>,
+        room: &str,
+        answer: impl FnOnce(RoomView) + Send + 'static,
+    ) {
+        let table = self.table();
+        let view = RoomView {
+            users: table.room(tenant, room),
+            ready: table.is_ready(),
+        };
+        let _ = self
+            .queue
+            .send(Told::Answer(Box::new(move || answer(view))));
+    }
+
+    fn change(&self, apply: impl FnOnce(&mut Table) -> Vec<Transition>) {
         let mut table = self.table();
         let mut transitions = apply(&mut table);
         if transitions.is_empty() {
             return;
         }
         in_order(&mut transitions);
-        let _telling = self.telling.lock().unwrap_or_else(|e| e.into_inner());
-        drop(table);
-        audience.tell(&transitions);
+        // Under the table's lock: the queue's order is the table's.
+        let _ = self.queue.send(Told::Transitions(transitions));
     }
 
     pub fn caught_up(&self) {
@@ -216,14 +283,11 @@ mod tests {
         let mut writer = Writer::new(a.origin.clone(), Duration::from_secs(10), 0);
         let records = writer.records(&a.local.drain(Kind::Snapshot));
         for record in records {
-            a.apply_own(record.clone(), &Heard::default());
+            a.apply_own(record.clone());
             let heard = Heard::default();
-            assert_eq!(a.apply_read(record.clone(), Duration::ZERO, &heard), None);
-            assert_eq!(
-                b.apply_read(record, Duration::ZERO, &heard),
-                Some(Outcome::Applied)
-            );
-            assert_eq!(heard.0.lock().unwrap().len(), 0, "history is told nothing");
+            assert_eq!(a.apply_read(record.clone(), Duration::ZERO), None);
+            assert_eq!(b.apply_read(record, Duration::ZERO), Some(Outcome::Applied));
+            assert_eq!(b.tell_pending(&heard), 0, "history is told nothing");
         }
         b.caught_up();
         let view = b.view();
@@ -266,7 +330,7 @@ mod tests {
         let heard = Heard::default();
         let mut publish = |kind| {
             for record in writer.records(&a.local.drain(kind)) {
-                b.apply_read(record, Duration::ZERO, &heard);
+                b.apply_read(record, Duration::ZERO);
             }
         };
         a.local.connected(Some("acme"), "42");
@@ -276,6 +340,7 @@ mod tests {
         publish(Kind::Changes);
         a.local.disconnected(Some("acme"), "42");
         publish(Kind::Changes);
+        assert_eq!(b.tell_pending(&heard), 3);
         let user = Key::user(Some("acme"), "42");
         let member = Key::member(Some("acme"), "task:9", "42");
         assert_eq!(
@@ -298,12 +363,13 @@ mod tests {
         a.local.connected(None, "7");
         let heard = Heard::default();
         for record in writer.records(&a.local.drain(Kind::Snapshot)) {
-            b.apply_read(record, Duration::ZERO, &heard);
+            b.apply_read(record, Duration::ZERO);
         }
-        assert_eq!(b.expire(&heard), 0);
+        assert_eq!(b.expire(), 0);
         tokio::time::pause();
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert_eq!(b.expire(&heard), 1);
+        assert_eq!(b.expire(), 1);
+        b.tell_pending(&heard);
         let user = Key::user(None, "7");
         assert_eq!(
             *heard.0.lock().unwrap(),
@@ -322,14 +388,15 @@ mod tests {
         a.local.joined(Some("acme"), "task:9", "42");
         a.local.joined(Some("acme"), "task:1", "42");
         for record in writer.records(&a.local.drain(Kind::Snapshot)) {
-            b.apply_read(record, Duration::ZERO, &heard);
+            b.apply_read(record, Duration::ZERO);
         }
         a.local.left(Some("acme"), "task:9", "42");
         a.local.left(Some("acme"), "task:1", "42");
         a.local.disconnected(Some("acme"), "42");
         for record in writer.records(&a.local.drain(Kind::Changes)) {
-            b.apply_read(record, Duration::ZERO, &heard);
+            b.apply_read(record, Duration::ZERO);
         }
+        b.tell_pending(&heard);
         let user = Key::user(Some("acme"), "42");
         let room = |r| Key::member(Some("acme"), r, "42");
         assert_eq!(
@@ -343,6 +410,57 @@ mod tests {
                 Transition::Went(user),
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn an_answer_takes_its_place_among_the_events() {
+        let a = Presence::new(origin("a"));
+        let b = Presence::new(origin("b"));
+        b.caught_up();
+        let mut writer = Writer::new(a.origin.clone(), Duration::from_secs(10), 0);
+        let log = Arc::new(Mutex::new(Vec::new()));
+        a.local.connected(None, "1");
+        a.local.joined(None, "r", "1");
+        // Before any snapshot, changes wait; a snapshot first.
+        for record in writer.records(&a.local.drain(Kind::Snapshot)) {
+            b.apply_read(record, Duration::ZERO);
+        }
+        let answered = log.clone();
+        b.query(None, "r", move |view| {
+            answered
+                .lock()
+                .unwrap()
+                .push(format!("answer {:?}", view.users));
+        });
+        a.local.left(None, "r", "1");
+        for record in writer.records(&a.local.drain(Kind::Changes)) {
+            b.apply_read(record, Duration::ZERO);
+        }
+        let told = Told(log.clone());
+        assert_eq!(b.tell_pending(&told), 3);
+        assert_eq!(
+            *log.lock().unwrap(),
+            vec![
+                "came None".to_string(),
+                "came Some(\"r\")".to_string(),
+                "answer {\"1\": 1}".to_string(),
+                "went Some(\"r\")".to_string(),
+            ]
+        );
+    }
+
+    struct Told(Arc<Mutex<Vec<String>>>);
+
+    impl Audience for Told {
+        fn tell(&self, transitions: &[Transition]) {
+            for t in transitions {
+                let line = match t {
+                    Transition::Came(k) => format!("came {:?}", k.room),
+                    Transition::Went(k) => format!("went {:?}", k.room),
+                };
+                self.0.lock().unwrap().push(line);
+            }
+        }
     }
 
     #[derive(Default)]

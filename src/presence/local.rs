@@ -69,6 +69,17 @@ impl State {
     }
 }
 
+fn shrink(map: &mut HashMap<Key, u32>) -> bool {
+    const SMALL: usize = 4096;
+    let capacity = map.capacity();
+    if capacity > SMALL && capacity > 4 * map.len() {
+        map.shrink_to_fit();
+        true
+    } else {
+        false
+    }
+}
+
 /// The counts of this replica's connections, shared by its sessions and its publisher.
 #[derive(Debug, Default)]
 pub struct Local {
@@ -99,6 +110,13 @@ impl Local {
     /// What changed since the last drain, or the whole state.
     pub fn drain(&self, kind: Kind) -> Batch {
         self.lock().drain(kind)
+    }
+
+    /// Gives back the counts' capacity once most of it stands empty (after a storm has
+    /// gone): a hash map never shrinks by itself. True if anything shrank.
+    pub fn shrink(&self) -> bool {
+        let mut state = self.lock();
+        shrink(&mut state.current) | shrink(&mut state.before)
     }
 
     /// A panicking session cannot leave the counts half-changed: each call is one insert or
@@ -165,6 +183,24 @@ mod tests {
 
     use super::super::record::{Origin, Writer};
     use super::*;
+
+    #[test]
+    fn the_counts_give_their_capacity_back_after_a_storm() {
+        let local = Local::default();
+        for user in 0..20_000 {
+            local.connected(None, &user.to_string());
+        }
+        local.drain(Kind::Changes);
+        assert!(!local.shrink(), "a full map is left alone");
+        for user in 0..20_000 {
+            local.disconnected(None, &user.to_string());
+        }
+        local.drain(Kind::Changes);
+        let full = local.lock().current.capacity();
+        assert!(full >= 20_000, "a map does not shrink by itself ({full})");
+        assert!(local.shrink());
+        assert!(local.lock().current.capacity() < full / 10);
+    }
 
     const CADENCE: Cadence = Cadence {
         interval: Duration::from_millis(200),

@@ -6,12 +6,19 @@
 //! priority: behind a long queue it is shed rather than let a storm of connects close slow
 //! connections with 4008. A client that needs the whole picture asks with a query.
 
-use super::outbox::{Delivery, Handover};
+use super::outbox::{Delivery, Handover, Peer};
 use super::{protocol, Hub};
 use crate::presence::counts::Key;
 use crate::presence::live::Audience;
 use crate::presence::table::Transition;
 use crate::route::Priority;
+
+/// Listeners from which a room is walked from a list rather than under its shard's lock.
+const LARGE: usize = 256;
+
+fn is_tenant_room(tenant: Option<&str>, room: &str) -> bool {
+    tenant.is_some_and(|t| crate::auth::tenant_room(t) == room)
+}
 
 impl Audience for Hub {
     fn tell(&self, transitions: &[Transition]) {
@@ -31,9 +38,11 @@ impl Hub {
         let tenant = key.tenant.as_deref();
         let status_room = self.config.presence.status_room_of(tenant);
         let (room, event, named) = match &key.room {
-            // Its online and offline say the same of the status room, which every connection
-            // of the tenant is in from its welcome on.
-            Some(room) if status_room.as_ref() == Some(room) => return,
+            // Where the status room is the tenant's own room, which every connection of the
+            // tenant is in from its welcome on, its online and offline say the same.
+            Some(room) if status_room.as_ref() == Some(room) && is_tenant_room(tenant, room) => {
+                return
+            }
             Some(room) => {
                 let event = if came {
                     "presence.join"
@@ -59,15 +68,23 @@ impl Hub {
         }
         let frame = protocol::presence_event(event, ts, named, &key.user);
         let mut results = [0u64; 3];
-        self.listeners
-            .for_each_recipient(tenant, &[room], event, |peer| {
-                let result = match peer.hand_over(&frame, Priority::Low, Handover::Queue) {
-                    Delivery::Accepted => 0,
-                    Delivery::Shed => 1,
-                    Delivery::Overflow | Delivery::Closed => 2,
-                };
-                results[result] += 1;
-            });
+        let mut deliver = |peer: &Peer| {
+            let result = match peer.hand_over(&frame, Priority::Low, Handover::Queue) {
+                Delivery::Accepted => 0,
+                Delivery::Shed => 1,
+                Delivery::Overflow | Delivery::Closed => 2,
+            };
+            results[result] += 1;
+        };
+        // A large room's members are walked from a shared list, not under its shard's lock:
+        // a connection joining a room of that shard meanwhile does not wait for the walk.
+        let rooms = [room];
+        let large = self
+            .listeners
+            .reach(tenant, &rooms, event, LARGE, &mut deliver);
+        if let Some(members) = large {
+            members.for_each_ahead(0..members.len(), event, Peer::prefetch, &mut deliver);
+        }
         for (label, n) in ["sent", "shed", "closed"].into_iter().zip(results) {
             if n > 0 {
                 let counter = self.metrics.presence_events.with_label_values(&[label]);

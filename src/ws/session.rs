@@ -768,9 +768,10 @@ impl Session {
         if let Err((code, message)) = self.admit(room, &grants) {
             return self.peer.reply(protocol::error(id, code, None, message));
         }
-        let view = presence.room(self.identity.tenant.as_deref(), room);
-        self.peer
-            .reply(protocol::presence_ok(id, room, &view.users, view.ready));
+        let (peer, id, name) = (self.peer.clone(), id.clone(), room.to_string());
+        presence.query(self.identity.tenant.as_deref(), room, move |view| {
+            peer.reply(protocol::presence_ok(&id, &name, &view.users, view.ready));
+        });
     }
 
     fn admit(&self, room: &str, grants: &[Pattern]) -> Result<(), (ErrorCode, &'static str)> {
