@@ -191,6 +191,9 @@ async fn a_stopped_replica_s_users_leave_at_once() {
     let took = until_users(&b, "acme", "task:2", json!({}), Duration::from_secs(15)).await;
     assert!(a.wait_exit(Duration::from_secs(15)).is_some());
     eprintln!("stopped replica's user gone after {took:?}");
+    // Two expiry checks: a replica the goodbye left in the table would be expired by now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(b.metric("roomcast_presence_replicas").await, 1.0);
     assert_eq!(
         b.metric("roomcast_presence_expired_replicas_total").await,
         0.0,
