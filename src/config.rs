@@ -218,6 +218,9 @@ pub struct PresenceConfig {
     pub expiry_seconds: f64,
     /// Largest presence record; a larger batch is split.
     pub max_record_bytes: usize,
+    /// The room whose presence listeners hear a tenant's users come online and go offline;
+    /// `{tenant}` stands for the tenant. Empty: no such events.
+    pub status_room: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -346,6 +349,15 @@ impl Default for RecordsConfig {
     }
 }
 
+impl PresenceConfig {
+    /// The room a tenant's online and offline events go to; none for tokens without a tenant,
+    /// or when `status_room` is empty.
+    pub fn status_room_of(&self, tenant: Option<&str>) -> Option<String> {
+        let tenant = tenant?;
+        (!self.status_room.is_empty()).then(|| self.status_room.replace("{tenant}", tenant))
+    }
+}
+
 impl Default for PresenceConfig {
     fn default() -> Self {
         PresenceConfig {
@@ -357,6 +369,7 @@ impl Default for PresenceConfig {
             snapshot_seconds: 30.0,
             expiry_seconds: 10.0,
             max_record_bytes: 256 * 1024,
+            status_room: "tenant:{tenant}".into(),
         }
     }
 }
@@ -844,6 +857,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 "presence.max_record_bytes",
                 format!("must be between {MIN_PRESENCE_RECORD_BYTES} and 16777216"),
+            ));
+        }
+        if p.status_room.replace("{tenant}", "").contains(['{', '}']) {
+            return Err(ConfigError::invalid(
+                "presence.status_room",
+                "may hold no placeholder but {tenant}",
             ));
         }
         Ok(())
@@ -1455,5 +1474,21 @@ mod tests {
             refused(|p| p.max_record_bytes = 1000),
             "presence.max_record_bytes: must be between 65536 and 16777216"
         );
+        assert_eq!(
+            refused(|p| p.status_room = "org:{tenant}:{user}".into()),
+            "presence.status_room: may hold no placeholder but {tenant}"
+        );
+    }
+
+    #[test]
+    fn the_status_room_is_the_tenants_and_none_without_one() {
+        let mut p = PresenceConfig::default();
+        assert_eq!(
+            p.status_room_of(Some("acme")).as_deref(),
+            Some("tenant:acme")
+        );
+        assert_eq!(p.status_room_of(None), None);
+        p.status_room = String::new();
+        assert_eq!(p.status_room_of(Some("acme")), None);
     }
 }

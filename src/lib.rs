@@ -182,6 +182,7 @@ pub async fn serve(
                 &config.presence,
                 p.clone(),
                 hub.metrics.clone(),
+                hub.clone(),
             )
             .await?,
         ),

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub presence_records_published: IntCounter,
     pub presence_records_consumed: IntCounterVec,
     pub presence_expired_replicas: IntCounter,
+    pub presence_events: IntCounterVec,
+    pub presence_lag: IntGauge,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -229,6 +231,18 @@ impl Metrics {
                 &r,
                 "roomcast_presence_expired_replicas_total",
                 "Replicas dropped from the presence table because their lease ran out.",
+            ),
+            presence_events: counter_vec(
+                &r,
+                "roomcast_presence_events_total",
+                "Presence events handed to connections, by result (sent; shed: low priority \
+                 behind a long queue; closed: the connection was going).",
+                &["result"],
+            ),
+            presence_lag: gauge(
+                &r,
+                "roomcast_presence_lag_records",
+                "Presence records on the topic that this replica has not read yet.",
             ),
             registry: r,
         }

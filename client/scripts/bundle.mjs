@@ -1,4 +1,7 @@
 // The browser bundle of the core: one minified ES module, what `npm run size` measures.
+// Members named with a trailing `_` are the SDK's own (private fields and methods, and the
+// methods of its internal classes): the minifier shortens them. Nothing else is renamed, so
+// the public API, the wire frames and what is stored keep their names.
 import { build } from 'esbuild';
 
 export async function bundle(outfile) {
@@ -11,6 +14,7 @@ export async function bundle(outfile) {
     write: Boolean(outfile),
     outfile,
     legalComments: 'none',
+    mangleProps: /_$/,
   });
   return result;
 }

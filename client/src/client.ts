@@ -29,6 +29,28 @@ export interface EventInfo {
 
 export type Handler<P> = (payload: P, info: EventInfo) => void;
 
+/** A change of presence, in a room subscribed with `presence: true`. */
+export interface PresenceEvent {
+  /** `join`, `leave`: the user's first connection in `room` (on any server) opened, its last
+   * closed. `online`, `offline`: the same for the user's connections anywhere, sent to the
+   * server's status room (by default the tenant's room). */
+  type: 'join' | 'leave' | 'online' | 'offline';
+  user: string;
+  /** The room joined or left (not for `online` and `offline`). */
+  room?: string;
+  /** When the server saw the change, in milliseconds. */
+  ts?: number;
+}
+
+/** Who is in a room now. */
+export interface Presence {
+  /** Every user in the room on any server, with their connections in it. */
+  users: Record<string, number>;
+  /** False while the answering server is still reading the cluster's presence: `users` may
+   * lack some, ask again in a moment. */
+  ready: boolean;
+}
+
 /** Event names to payload types, for `connect<Events>()`. */
 export type EventMap = Record<string, unknown>;
 
@@ -102,64 +124,67 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
   status: Status = 'connecting';
   lastError: RoomcastError | null = null;
 
-  private readonly urls: string[];
-  private readonly backoff: Backoff;
-  private readonly Socket: SocketConstructor;
-  private readonly store: Positions;
-  private readonly rooms: Subscriptions;
-  private readonly requests = new Requests();
-  private readonly handlers = new Set<[Matcher, Handler<any>]>();
-  private readonly listeners = new Set<(status: Status, error: RoomcastError | null) => void>();
-  private ws?: SocketLike;
-  private pacer?: Pacer;
+  private readonly options_: ConnectOptions;
+  private readonly urls_: string[];
+  private readonly backoff_: Backoff;
+  private readonly Socket_: SocketConstructor;
+  private readonly store_: Positions;
+  private readonly rooms_: Subscriptions;
+  private readonly requests_ = new Requests();
+  private readonly handlers_ = new Set<[Matcher, Handler<any>]>();
+  private readonly listeners_ = new Set<(status: Status, error: RoomcastError | null) => void>();
+  private readonly presenceListeners_ = new Set<(event: PresenceEvent) => void>();
+  private ws_?: SocketLike;
+  private pacer_?: Pacer;
   /** Frames sent on the current connection, for telling the requests before a pong. */
-  private sends = 0;
+  private sends_ = 0;
   /** `rate_limited` errors heard on the current connection. */
-  private limited = 0;
+  private limited_ = 0;
   /** The current connection was opened with `?resume=1`. */
-  private resuming = false;
+  private resuming_ = false;
   /** Its resume is not answered yet: a replay may keep the server quiet for seconds. */
-  private resumeOut = false;
+  private resumeOut_ = false;
   /** A `resync` came: the `positions` frame after it is the cut, taken as it is. */
-  private resynced?: boolean;
+  private resynced_?: boolean;
   /** The current connection is welcomed (and resumed): requests go out as they are made. */
-  private ready = false;
-  private token?: string;
-  private freshToken = true;
-  private turn = 0;
-  private attempt = 0;
-  private failedBeforeOpen = 0;
-  private everOpen = false;
-  private timer?: ReturnType<typeof setTimeout>;
-  private refreshTimer?: ReturnType<typeof setTimeout>;
-  private beatTimer?: ReturnType<typeof setTimeout>;
-  private stableTimer?: ReturnType<typeof setTimeout>;
+  private ready_ = false;
+  private token_?: string;
+  private freshToken_ = true;
+  private turn_ = 0;
+  private attempt_ = 0;
+  private failedBeforeOpen_ = 0;
+  private everOpen_ = false;
+  private timer_?: ReturnType<typeof setTimeout>;
+  private refreshTimer_?: ReturnType<typeof setTimeout>;
+  private beatTimer_?: ReturnType<typeof setTimeout>;
+  private stableTimer_?: ReturnType<typeof setTimeout>;
   /** A frame arrived since the last heartbeat. */
-  private heard = true;
+  private heard_ = true;
 
-  constructor(private readonly options: ConnectOptions) {
-    this.urls = options.urls ?? (options.url ? [options.url] : []);
-    if (!this.urls.length) throw new TypeError('roomcast: url or urls is required');
+  constructor(options: ConnectOptions) {
+    this.options_ = options;
+    this.urls_ = options.urls ?? (options.url ? [options.url] : []);
+    if (!this.urls_.length) throw new TypeError('roomcast: url or urls is required');
     if (!options.token && !options.getToken) throw new TypeError('roomcast: token or getToken is required');
-    this.token = options.token;
-    this.backoff = {
+    this.token_ = options.token;
+    this.backoff_ = {
       baseMs: options.backoff?.baseMs ?? 500,
       maxMs: options.backoff?.maxMs ?? 30_000,
       random: options.random ?? Math.random,
     };
-    this.Socket = options.WebSocket ?? (globalThis as any).WebSocket;
-    if (!this.Socket) throw new TypeError('roomcast: no WebSocket: pass options.WebSocket');
+    this.Socket_ = options.WebSocket ?? (globalThis as any).WebSocket;
+    if (!this.Socket_) throw new TypeError('roomcast: no WebSocket: pass options.WebSocket');
     const persist = options.persist;
     const storage = persist === true ? sessionStore() : persist || undefined;
-    this.store = new Positions(storage, options.persistKey);
-    this.rooms = new Subscriptions(storage, (options.persistKey ?? 'roomcast:positions') + ':rooms');
-    void this.dial();
+    this.store_ = new Positions(storage, options.persistKey);
+    this.rooms_ = new Subscriptions(storage, (options.persistKey ?? 'roomcast:positions') + ':rooms');
+    void this.dial_();
   }
 
   /** Calls `listener` on every change of status or error; returns its unsubscribe. */
   onStatus(listener: (status: Status, error: RoomcastError | null) => void): () => void {
-    this.listeners.add(listener);
-    return () => void this.listeners.delete(listener);
+    this.listeners_.add(listener);
+    return () => void this.listeners_.delete(listener);
   }
 
   /** Calls `handler` for each event whose name matches `pattern` (`*`: one segment, `**`:
@@ -168,173 +193,187 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
   on(pattern: string, handler: Handler<unknown>): () => void;
   on(pattern: string, handler: Handler<any>): () => void {
     const entry: [Matcher, Handler<any>] = [compile(pattern), handler];
-    this.handlers.add(entry);
-    return () => void this.handlers.delete(entry);
+    this.handlers_.add(entry);
+    return () => void this.handlers_.delete(entry);
+  }
+
+  /** Calls `listener` with each presence event of the rooms subscribed with `presence: true`;
+   * returns its unsubscribe. They are live only: none is replayed after a reconnect. */
+  onPresence(listener: (event: PresenceEvent) => void): () => void {
+    this.presenceListeners_.add(listener);
+    return () => void this.presenceListeners_.delete(listener);
   }
 
   /** Joins `rooms`; resolves when every room is joined, rejects with the refusals otherwise.
    * The rooms are joined again after every reconnect. */
-  subscribe(rooms: string[], { events, token, getToken }: SubscribeOptions = {}): Promise<{ rooms: string[] }> {
-    const at = this.rooms.mark();
+  subscribe(rooms: string[], { events, token, getToken, presence }: SubscribeOptions = {}): Promise<{ rooms: string[] }> {
+    const at = this.rooms_.mark_();
     // getToken rides along unsent (JSON leaves functions out), for a resume that needs it.
-    const frame = { type: 'subscribe', rooms, events, token, getToken };
-    return this.request(frame, (joined) => {
-      this.rooms.join(joined, frame, at);
-      return joined;
+    const frame = { type: 'subscribe', rooms, events, token, presence, getToken };
+    return this.request_(frame, (answer) => {
+      const rooms: string[] = answer.rooms ?? [];
+      this.rooms_.join_(rooms, frame, at);
+      return { rooms };
     });
   }
 
   /** Leaves `rooms`; resolves with the rooms left. */
   unsubscribe(rooms: string[]): Promise<{ rooms: string[] }> {
-    const held = this.rooms.leave(rooms);
-    return this.request({ type: 'unsubscribe', rooms }, (left) => [...new Set([...left, ...held])]);
+    const held = this.rooms_.leave_(rooms);
+    return this.request_({ type: 'unsubscribe', rooms }, (answer) => ({
+      rooms: [...new Set([...(answer.rooms ?? []), ...held])],
+    }));
+  }
+
+  /** Who is in `room` now, on every server; authorized as a subscribe to it is (`token`: a
+   * subscription token granting it). */
+  presence(room: string, { token }: { token?: string } = {}): Promise<Presence> {
+    return this.request_({ type: 'presence', room, token }, ({ users, ready }) => ({ users, ready }));
   }
 
   /** The current position map, `{"topic:partition": offset}`. */
   positions(): PositionMap {
-    return this.store.snapshot();
+    return this.store_.snapshot_();
   }
 
   /** Closes the connection for good: no reconnect, waiting requests rejected. */
   close(): void {
-    this.stop(null);
+    this.stop_(null);
   }
 
-  private request(
-    frame: Record<string, unknown>,
-    settle: (rooms: string[]) => string[],
-  ): Promise<{ rooms: string[] }> {
+  /** An application's request; `settle` makes the result of its `ok`. */
+  private request_<T>(frame: Record<string, unknown>, settle: (answer: ServerFrame) => T): Promise<T> {
     return new Promise((resolve, reject) => {
       if (this.status === 'closed') return reject(new RoomcastError('closed', 'the client is closed'));
-      const ms = this.options.requestTimeoutMs ?? 30_000;
+      const ms = this.options_.requestTimeoutMs ?? 30_000;
       const timer =
         ms > 0
-          ? setTimeout(() => this.requests.drop(sent.id) && reject(new RoomcastError('timeout', `no answer in ${ms} ms`)), ms)
+          ? setTimeout(() => this.requests_.drop_(sent.id) && reject(new RoomcastError('timeout', `no answer in ${ms} ms`)), ms)
           : undefined;
-      const sent = this.requests.add(
+      const sent = this.requests_.add_(
         frame,
         (answer, refusals) => {
           clearTimeout(timer);
           if (answer.type !== 'ok') return reject(refused(answer, refusals));
-          const rooms = settle(answer.rooms ?? []);
-          if (refusals.length) reject(refused(refusals[0], refusals, rooms));
-          else resolve({ rooms });
+          const result = settle(answer);
+          if (refusals.length) reject(refused(refusals[0], refusals, (result as { rooms?: string[] }).rooms));
+          else resolve(result);
         },
         true,
       );
-      if (this.ready) this.send(sent);
+      if (this.ready_) this.send_(sent);
     });
   }
 
   /** A request of this connection's own (resume, refresh, re-subscribe): not sent again. */
-  private internal(frame: Record<string, unknown>, final: (answer: ServerFrame, refusals: Refusal[]) => void): void {
-    this.send(this.requests.add(frame, final, false));
+  private internal_(frame: Record<string, unknown>, final: (answer: ServerFrame, refusals: Refusal[]) => void): void {
+    this.send_(this.requests_.add_(frame, final, false));
   }
 
-  private send(frame: { id?: unknown }): void {
-    this.requests.sent(frame.id, ++this.sends);
-    this.pacer?.send(JSON.stringify(frame));
+  private send_(frame: { id?: unknown }): void {
+    this.requests_.sent_(frame.id, ++this.sends_);
+    this.pacer_?.send_(JSON.stringify(frame));
   }
 
-  private async dial(): Promise<void> {
-    const { getToken } = this.options;
-    if (getToken && (this.freshToken || !this.token || expiry(this.token)! <= Date.now())) {
+  private async dial_(): Promise<void> {
+    const { getToken } = this.options_;
+    if (getToken && (this.freshToken_ || !this.token_ || expiry(this.token_)! <= Date.now())) {
       try {
-        this.token = await getToken();
-        this.freshToken = false;
+        this.token_ = await getToken();
+        this.freshToken_ = false;
       } catch (e) {
-        return this.retry(new RoomcastError('token_unavailable', String(e)), { pace: 'backoff' });
+        return this.retry_(new RoomcastError('token_unavailable', String(e)), { pace: 'backoff' });
       }
       // Offered, it would be closed with 4001 at once, and asked for again at once.
-      if (expiry(this.token)! <= Date.now()) {
-        return this.retry(new RoomcastError('token_expired', 'getToken gave an expired token'), { pace: 'backoff', freshToken: true });
+      if (expiry(this.token_)! <= Date.now()) {
+        return this.retry_(new RoomcastError('token_expired', 'getToken gave an expired token'), { pace: 'backoff', freshToken: true });
       }
-    } else if (!getToken && expiry(this.token)! <= Date.now()) {
-      return this.stop(new RoomcastError('token_expired', 'the token has expired and there is no getToken'));
+    } else if (!getToken && expiry(this.token_)! <= Date.now()) {
+      return this.stop_(new RoomcastError('token_expired', 'the token has expired and there is no getToken'));
     }
     if (this.status === 'closed') return;
-    this.resuming = this.options.resume !== false && this.store.known;
-    const url = this.urls[this.turn % this.urls.length];
+    this.resuming_ = this.options_.resume !== false && this.store_.known_;
+    const url = this.urls_[this.turn_ % this.urls_.length];
     let ws: SocketLike;
     try {
-      ws = new this.Socket(this.resuming ? url + (url.includes('?') ? '&' : '?') + 'resume=1' : url, [
+      ws = new this.Socket_(this.resuming_ ? url + (url.includes('?') ? '&' : '?') + 'resume=1' : url, [
         SUBPROTOCOL,
-        'bearer.' + this.token,
+        'bearer.' + this.token_,
       ]);
     } catch (e) {
       // A malformed URL or token: another URL or another token may do, the same ones never.
       const error = new RoomcastError('connect_failed', String(e));
-      if (this.urls.length < 2 && !getToken) return this.stop(error);
-      return this.retry(error, { pace: 'backoff', failover: true, freshToken: true });
+      if (this.urls_.length < 2 && !getToken) return this.stop_(error);
+      return this.retry_(error, { pace: 'backoff', failover: true, freshToken: true });
     }
-    this.ws = ws;
-    this.sends = 0;
-    this.pacer = new Pacer(this.options.rateLimit ?? {}, (data) => ws.send(data));
+    this.ws_ = ws;
+    this.sends_ = 0;
+    this.pacer_ = new Pacer(this.options_.rateLimit ?? {}, (data) => ws.send(data));
     let welcomed = false;
     ws.onmessage = (message) => {
-      if (this.ws !== ws) return;
-      this.heard = true;
+      if (this.ws_ !== ws) return;
+      this.heard_ = true;
       const frame: ServerFrame = JSON.parse(message.data);
       if (frame.type === 'welcome') welcomed = true;
-      this.frame(frame);
+      this.frame_(frame);
     };
     ws.onclose = (event) => {
-      if (this.ws === ws) this.dropped(event.code, event.reason, welcomed);
+      if (this.ws_ === ws) this.dropped_(event.code, event.reason, welcomed);
     };
     ws.onerror = () => {};
   }
 
-  private frame(frame: ServerFrame): void {
+  private frame_(frame: ServerFrame): void {
     switch (frame.type) {
       case 'welcome':
-        return this.welcome(frame);
+        return this.welcome_(frame);
       case 'event':
-        return this.event(frame);
+        return this.event_(frame);
       case 'positions':
         // The cut after a resync is the log as it now is (a recreated topic restarts lower).
-        this.store.set(frame.positions, this.resynced);
-        return void (this.resynced = false);
+        this.store_.set_(frame.positions, this.resynced_);
+        return void (this.resynced_ = false);
       case 'resync':
-        this.resynced = true;
-        return call(this.options.onResync, { reason: frame.reason });
+        this.resynced_ = true;
+        return call(this.options_.onResync, { reason: frame.reason });
       default:
         // `ok`, `error`, `pong`. A `rate_limited` error has no id: this client sends too much.
-        if (!this.requests.answer(frame) && frame.type === 'error') {
-          this.setStatus(this.status, new RoomcastError(frame.code, frame.message));
+        if (!this.requests_.answer_(frame) && frame.type === 'error') {
+          this.setStatus_(this.status, new RoomcastError(frame.code, frame.message));
           // Messages over the budget were dropped unanswered. Once it has refilled (later each
           // time), a ping tells which: those sent before it and still unanswered.
-          const ws = this.ws;
+          const ws = this.ws_;
           if (frame.code === 'rate_limited') {
-            setTimeout(() => this.ws === ws && !this.resumeOut && this.ping(), 1000 * 2 ** Math.min(this.limited++, 4));
+            setTimeout(() => this.ws_ === ws && !this.resumeOut_ && this.ping_(), 1000 * 2 ** Math.min(this.limited_++, 4));
           }
         }
     }
   }
 
-  private ping(): void {
-    const mark = this.sends + 1;
-    this.internal({ type: 'ping' }, () => {
-      if (this.limited) for (const frame of this.requests.unanswered(mark)) this.send(frame);
+  private ping_(): void {
+    const mark = this.sends_ + 1;
+    this.internal_({ type: 'ping' }, () => {
+      if (this.limited_) for (const frame of this.requests_.unanswered_(mark)) this.send_(frame);
     });
   }
 
-  private welcome(frame: ServerFrame): void {
-    this.everOpen = true;
-    this.failedBeforeOpen = 0;
+  private welcome_(frame: ServerFrame): void {
+    this.everOpen_ = true;
+    this.failedBeforeOpen_ = 0;
     // The error that ended the last connection is history now; what this one meets replaces it.
     this.lastError = null;
-    this.stableTimer = setTimeout(() => (this.attempt = 0), STABLE_MS);
-    this.scheduleRefresh();
-    this.listen((frame.heartbeat || 25) * 1000);
-    if (!this.resuming) {
+    this.stableTimer_ = setTimeout(() => (this.attempt_ = 0), STABLE_MS);
+    this.scheduleRefresh_();
+    this.listen_((frame.heartbeat || 25) * 1000);
+    if (!this.resuming_) {
       // A fresh connection's map starts at its welcome. On `?resume=1` the welcome's positions
       // are never taken: the stored map is what the resume replays from, and a drop before
       // the resume is answered must leave it as it was.
-      this.store.set(frame.positions ?? {});
-      for (const group of this.rooms.groups()) this.resubscribe(group);
-      return this.opened();
+      this.store_.set_(frame.positions ?? {});
+      for (const group of this.rooms_.groups_()) this.resubscribe_(group);
+      return this.opened_();
     }
-    this.resume(new Set(), new Set());
+    this.resume_(new Set(), new Set());
   }
 
   /**
@@ -343,48 +382,48 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
    * resume until one is accepted, so a refused token costs only its own groups their replay.
    * `bare`: the resume was refused for another reason; the map alone, the rooms after it.
    */
-  private resume(denied: Set<string | undefined>, renewed: Set<string>, bare = false): void {
+  private resume_(denied: Set<string | undefined>, renewed: Set<string>, bare = false): void {
     const plan = bare
-      ? { resume: { rooms: [] }, narrow: [], unreplayed: this.rooms.groups() }
-      : this.rooms.plan(this.pendingSubscriptions(), denied);
+      ? { resume: { rooms: [] }, narrow: [], unreplayed: this.rooms_.groups_() }
+      : this.rooms_.plan_(this.pendingSubscriptions_(), denied);
     const { resume, narrow, unreplayed } = plan;
-    const frame = { type: 'resume', positions: this.store.snapshot(), ...resume };
-    this.resumeOut = true;
-    this.internal(frame, (answer, refusals) => {
+    const frame = { type: 'resume', positions: this.store_.snapshot_(), ...resume };
+    this.resumeOut_ = true;
+    this.internal_(frame, (answer, refusals) => {
       if (answer.type !== 'ok') {
         const error = refused(answer, refusals);
         if (answer.code === 'invalid_token' && resume.token) {
-          return void this.renew(resume.token, plan.getToken, error, denied, renewed);
+          return void this.renew_(resume.token, plan.getToken, error, denied, renewed);
         }
         // This replica has not read as far as the map: another one, or this one later.
-        if (answer.code === 'lagging') return this.abandon(error, { pace: 'backoff', failover: true });
+        if (answer.code === 'lagging') return this.abandon_(error, { pace: 'backoff', failover: true });
         // Even the bare map is refused: never in a fast loop.
-        if (!resume.rooms.length) return this.abandon(error, { pace: 'slow' });
-        this.setStatus(this.status, error);
-        return this.resume(denied, renewed, true);
+        if (!resume.rooms.length) return this.abandon_(error, { pace: 'slow' });
+        this.setStatus_(this.status, error);
+        return this.resume_(denied, renewed, true);
       }
-      this.resumeOut = false;
-      if (refusals.length) this.lost(refusals, answer.rooms);
-      for (const group of narrow) this.resubscribe(group);
-      for (const group of unreplayed) this.resubscribe(group);
+      this.resumeOut_ = false;
+      if (refusals.length) this.lost_(refusals, answer.rooms);
+      for (const group of narrow) this.resubscribe_(group);
+      for (const group of unreplayed) this.resubscribe_(group);
       if (unreplayed.length) {
         const rooms = unreplayed.flatMap((g) => g.rooms).join(', ');
-        call(this.options.onResync, { reason: `rejoined without a replay: ${rooms}` });
+        call(this.options_.onResync, { reason: `rejoined without a replay: ${rooms}` });
       }
-      this.opened();
+      this.opened_();
     });
   }
 
   /** The resume's subscription token was refused: resume again with a new one from its
    * subscription's getToken, or without its rooms, which are then reported lost. */
-  private async renew(
+  private async renew_(
     token: string,
     getToken: (() => string | Promise<string>) | undefined,
     error: RoomcastError,
     denied: Set<string | undefined>,
     renewed: Set<string>,
   ): Promise<void> {
-    const ws = this.ws;
+    const ws = this.ws_;
     let next: string | undefined;
     try {
       // A token just given and refused already is not asked for again: that would loop.
@@ -392,64 +431,71 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
     } catch (e) {
       report(e);
     }
-    if (this.ws !== ws) return;
+    if (this.ws_ !== ws) return;
     if (next) {
       renewed.add(next);
-      this.rooms.retoken(token, next);
-      for (const frame of this.requests.frames()) if (frame.token === token) frame.token = next;
+      this.rooms_.retoken_(token, next);
+      for (const frame of this.requests_.frames_()) if (frame.token === token) frame.token = next;
     } else {
       denied.add(token);
-      const rooms = this.rooms.groups().filter((g) => g.token === token).flatMap((g) => g.rooms);
-      if (rooms.length) this.lost(rooms.map((room) => ({ room, code: error.code, message: error.message })), []);
-      else this.setStatus(this.status, error);
+      const rooms = this.rooms_.groups_().filter((g) => g.token === token).flatMap((g) => g.rooms);
+      if (rooms.length) this.lost_(rooms.map((room) => ({ room, code: error.code, message: error.message })), []);
+      else this.setStatus_(this.status, error);
     }
-    this.resume(denied, renewed);
+    this.resume_(denied, renewed);
   }
 
   /** Subscribes again to rooms held before; drops those the server now refuses. */
-  private resubscribe(group: Group, renewed = false): void {
-    const { rooms, events, token, getToken } = group;
-    const ws = this.ws;
-    this.internal({ type: 'subscribe', rooms, events, token }, async (answer, refusals) => {
+  private resubscribe_(group: Group, renewed = false): void {
+    const { rooms, events, token, getToken, presence } = group;
+    const ws = this.ws_;
+    this.internal_({ type: 'subscribe', rooms, events, token, presence }, async (answer, refusals) => {
       // Its subscription token refused: once, with a new one from the subscription's getToken.
       if (answer.code === 'invalid_token' && getToken && !renewed) {
         try {
           const next = await getToken();
-          if (this.ws !== ws) return;
-          this.rooms.retoken(token!, next);
-          return this.resubscribe({ ...group, token: next }, true);
+          if (this.ws_ !== ws) return;
+          this.rooms_.retoken_(token!, next);
+          return this.resubscribe_({ ...group, token: next }, true);
         } catch (e) {
           report(e);
         }
       }
-      if (answer.type !== 'ok') this.lost(rooms.map((room) => ({ room, code: answer.code, message: answer.message })), []);
-      else if (refusals.length) this.lost(refusals, answer.rooms);
+      if (answer.type !== 'ok') this.lost_(rooms.map((room) => ({ room, code: answer.code, message: answer.message })), []);
+      else if (refusals.length) this.lost_(refusals, answer.rooms);
     });
   }
 
   /** Rooms held before that the server refused on a reconnect: no longer held. */
-  private lost(refusals: Refusal[], joined: string[]): void {
-    this.rooms.leave(refusals.map((r) => r.room));
-    this.setStatus(this.status, refused(refusals[0], refusals, joined));
+  private lost_(refusals: Refusal[], joined: string[]): void {
+    this.rooms_.leave_(refusals.map((r) => r.room));
+    this.setStatus_(this.status, refused(refusals[0], refusals, joined));
   }
 
-  private pendingSubscriptions(): Group[] {
-    return this.requests
-      .frames()
+  private pendingSubscriptions_(): Group[] {
+    return this.requests_
+      .frames_()
       .filter((f) => f.type === 'subscribe')
-      .map((f) => ({ rooms: f.rooms, events: f.events, token: f.token, getToken: f.getToken }) as Group);
+      .map((f) => ({ rooms: f.rooms, events: f.events, token: f.token, getToken: f.getToken, presence: f.presence }) as Group);
   }
 
-  private opened(): void {
-    this.ready = true;
-    this.setStatus('open');
-    for (const frame of this.requests.frames()) this.send(frame);
+  private opened_(): void {
+    this.ready_ = true;
+    this.setStatus_('open');
+    for (const frame of this.requests_.frames_()) this.send_(frame);
   }
 
-  private event(frame: ServerFrame): void {
-    if (!this.store.advance(frame.pos)) return;
+  private event_(frame: ServerFrame): void {
+    // A presence event has no position: it is never replayed, so there is nothing to dedupe
+    // and nothing to move in the map. `presence.join` is a `join`.
+    if (!frame.pos) {
+      const change = { ...frame.payload, type: frame.event.slice(9), ts: frame.ts };
+      for (const listener of [...this.presenceListeners_]) call(listener, change);
+      return;
+    }
+    if (!this.store_.advance_(frame.pos)) return;
     const info: EventInfo = { event: frame.event, pos: frame.pos, ts: frame.ts, rooms: frame.rooms };
-    for (const [matches, handler] of this.handlers) if (matches(frame.event)) call(handler, frame.payload, info);
+    for (const [matches, handler] of this.handlers_) if (matches(frame.event)) call(handler, frame.payload, info);
   }
 
   /**
@@ -458,123 +504,123 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
    * a whole heartbeat after one is taken as lost. Not while a resume waits for its answer:
    * a replica may take seconds to be ready and to replay, and says nothing meanwhile.
    */
-  private listen(ms: number): void {
-    this.beatTimer = setTimeout(() => {
-      if (this.heard || this.resumeOut) {
-        this.heard = this.resumeOut;
-        if (!this.resumeOut) this.ping();
-        return this.listen(ms);
+  private listen_(ms: number): void {
+    this.beatTimer_ = setTimeout(() => {
+      if (this.heard_ || this.resumeOut_) {
+        this.heard_ = this.resumeOut_;
+        if (!this.resumeOut_) this.ping_();
+        return this.listen_(ms);
       }
-      const ws = this.ws!;
-      this.detach();
+      const ws = this.ws_!;
+      this.detach_();
       ws.close(1000);
-      this.retry(new RoomcastError('connection_lost', 'no answer from the server', { closeCode: 1006 }), {
+      this.retry_(new RoomcastError('connection_lost', 'no answer from the server', { closeCode: 1006 }), {
         pace: 'backoff',
         failover: true,
       });
     }, ms);
   }
 
-  private scheduleRefresh(): void {
-    clearTimeout(this.refreshTimer);
-    const exp = expiry(this.token);
-    if (!exp || !this.options.getToken) return;
+  private scheduleRefresh_(): void {
+    clearTimeout(this.refreshTimer_);
+    const exp = expiry(this.token_);
+    if (!exp || !this.options_.getToken) return;
     const left = exp - Date.now();
-    const due = left - (this.options.refreshBeforeExpirySeconds ?? 30) * 1000;
+    const due = left - (this.options_.refreshBeforeExpirySeconds ?? 30) * 1000;
     // A token shorter-lived than the lead is refreshed halfway through what is left, not at
     // once; and never sooner than a second, so that a getToken that keeps giving a token
     // near its end cannot make a loop of refreshes.
     const delay = Math.max(due > 0 ? due : left / 2, 1000);
-    this.refreshTimer = setTimeout(
-      () => void (delay > MAX_DELAY ? this.scheduleRefresh() : this.refresh()),
+    this.refreshTimer_ = setTimeout(
+      () => void (delay > MAX_DELAY ? this.scheduleRefresh_() : this.refresh_()),
       Math.min(delay, MAX_DELAY),
     );
   }
 
-  private async refresh(): Promise<void> {
-    const ws = this.ws;
+  private async refresh_(): Promise<void> {
+    const ws = this.ws_;
     let token: string;
     try {
-      token = await this.options.getToken!();
+      token = await this.options_.getToken!();
     } catch {
       // The server's 4001 at `exp` brings a reconnect with a fresh token.
       return;
     }
-    if (this.ws !== ws || !ws) return;
-    this.internal({ type: 'refresh', token }, (answer, refusals) => {
+    if (this.ws_ !== ws || !ws) return;
+    this.internal_({ type: 'refresh', token }, (answer, refusals) => {
       if (answer.type === 'ok') {
-        this.token = token;
-        return this.scheduleRefresh();
+        this.token_ = token;
+        return this.scheduleRefresh_();
       }
       // Refused: a new connection, with a token asked for anew.
-      this.detach();
+      this.detach_();
       ws.close(1000);
-      this.retry(refused(answer, refusals), { pace: 'now', freshToken: true });
+      this.retry_(refused(answer, refusals), { pace: 'now', freshToken: true });
     });
   }
 
-  private dropped(code: number, reason: string, welcomed: boolean): void {
-    this.detach();
+  private dropped_(code: number, reason: string, welcomed: boolean): void {
+    this.detach_();
     const error = new RoomcastError(CLOSE_NAMES[code] ?? 'closed', reason || `closed with ${code}`, {
       closeCode: code,
     });
-    if (welcomed) return this.retry(error, decide(code, !this.options.getToken));
+    if (welcomed) return this.retry_(error, decide(code, !this.options_.getToken));
     // Refused before the upgrade, or the server is unreachable: the browser cannot tell.
-    if (!this.options.getToken && !this.everOpen && ++this.failedBeforeOpen >= STATIC_TOKEN_ATTEMPTS) {
-      return this.stop(new RoomcastError('handshake_refused', `no connection in ${STATIC_TOKEN_ATTEMPTS} attempts`, { closeCode: code }));
+    if (!this.options_.getToken && !this.everOpen_ && ++this.failedBeforeOpen_ >= STATIC_TOKEN_ATTEMPTS) {
+      return this.stop_(new RoomcastError('handshake_refused', `no connection in ${STATIC_TOKEN_ATTEMPTS} attempts`, { closeCode: code }));
     }
-    this.retry(error, { pace: 'backoff', failover: true, freshToken: true });
+    this.retry_(error, { pace: 'backoff', failover: true, freshToken: true });
   }
 
   /** Forgets the current connection and what was tied to it. */
-  private detach(): void {
-    this.ws = undefined;
-    this.pacer?.stop();
-    this.pacer = undefined;
-    this.ready = this.resumeOut = false;
-    this.heard = true;
-    this.limited = 0;
-    clearTimeout(this.refreshTimer);
-    clearTimeout(this.beatTimer);
-    clearTimeout(this.stableTimer);
-    this.requests.disconnected();
+  private detach_(): void {
+    this.ws_ = undefined;
+    this.pacer_?.stop_();
+    this.pacer_ = undefined;
+    this.ready_ = this.resumeOut_ = false;
+    this.heard_ = true;
+    this.limited_ = 0;
+    clearTimeout(this.refreshTimer_);
+    clearTimeout(this.beatTimer_);
+    clearTimeout(this.stableTimer_);
+    this.requests_.disconnected_();
   }
 
   /** Leaves this connection and decides the next one. */
-  private abandon(error: RoomcastError, decision: Decision): void {
-    const ws = this.ws!;
-    this.detach();
+  private abandon_(error: RoomcastError, decision: Decision): void {
+    const ws = this.ws_!;
+    this.detach_();
     ws.close(1000);
-    this.retry(error, decision);
+    this.retry_(error, decision);
   }
 
-  private retry(error: RoomcastError, decision: Decision): void {
-    if (decision.pace === 'stop') return this.stop(error);
-    if (decision.failover) this.turn++;
-    if (decision.freshToken) this.freshToken = true;
-    const b = this.backoff;
+  private retry_(error: RoomcastError, decision: Decision): void {
+    if (decision.pace === 'stop') return this.stop_(error);
+    if (decision.failover) this.turn_++;
+    if (decision.freshToken) this.freshToken_ = true;
+    const b = this.backoff_;
     const pace = decision.pace;
     // `now` is at once only after a connection that stayed up; closed again soon after, it backs off.
-    const delay = pace === 'fast' ? fast(b) : pace === 'slow' ? slow(b) : pace === 'now' && !this.attempt ? 0 : jitter(b, this.attempt);
-    if (pace === 'now' || pace === 'backoff') this.attempt++;
-    this.setStatus(this.everOpen ? 'reconnecting' : 'connecting', error);
-    this.timer = setTimeout(() => void this.dial(), delay);
+    const delay = pace === 'fast' ? fast(b) : pace === 'slow' ? slow(b) : pace === 'now' && !this.attempt_ ? 0 : jitter(b, this.attempt_);
+    if (pace === 'now' || pace === 'backoff') this.attempt_++;
+    this.setStatus_(this.everOpen_ ? 'reconnecting' : 'connecting', error);
+    this.timer_ = setTimeout(() => void this.dial_(), delay);
   }
 
-  private stop(error: RoomcastError | null): void {
+  private stop_(error: RoomcastError | null): void {
     if (this.status === 'closed') return;
-    clearTimeout(this.timer);
-    const ws = this.ws;
-    this.detach();
+    clearTimeout(this.timer_);
+    const ws = this.ws_;
+    this.detach_();
     ws?.close(1000);
-    this.setStatus('closed', error);
-    this.requests.fail({ type: 'error', code: error?.code ?? 'closed', message: error?.message ?? 'the client is closed' });
+    this.setStatus_('closed', error);
+    this.requests_.fail_({ type: 'error', code: error?.code ?? 'closed', message: error?.message ?? 'the client is closed' });
   }
 
-  private setStatus(status: Status, error?: RoomcastError | null): void {
+  private setStatus_(status: Status, error?: RoomcastError | null): void {
     this.status = status;
     if (error) this.lastError = error;
-    for (const listener of [...this.listeners]) call(listener, status, this.lastError);
+    for (const listener of [...this.listeners_]) call(listener, status, this.lastError);
   }
 }
 

@@ -7,6 +7,8 @@ export type {
   EventInfo,
   EventMap,
   Handler,
+  Presence,
+  PresenceEvent,
   SocketConstructor,
   SocketLike,
   Status,

@@ -12,45 +12,45 @@ export interface RateLimit {
 }
 
 export class Pacer {
-  private readonly burst: number;
-  private readonly rate: number;
-  private tokens: number;
-  private at = Date.now();
-  private queue: string[] = [];
-  private timer?: ReturnType<typeof setTimeout>;
+  private readonly burst_: number;
+  private readonly rate_: number;
+  private tokens_: number;
+  private at_ = Date.now();
+  private queue_: string[] = [];
+  private timer_?: ReturnType<typeof setTimeout>;
 
   constructor(
     limit: RateLimit,
-    private readonly out: (data: string) => void,
+    private readonly out_: (data: string) => void,
   ) {
-    this.tokens = this.burst = limit.burst ?? 50;
-    this.rate = (limit.perSecond ?? 20) / 1000;
+    this.tokens_ = this.burst_ = limit.burst ?? 50;
+    this.rate_ = (limit.perSecond ?? 20) / 1000;
   }
 
-  send(data: string): void {
-    this.queue.push(data);
-    this.flush();
+  send_(data: string): void {
+    this.queue_.push(data);
+    this.flush_();
   }
 
   /** The connection is gone: what waits goes with it (its requests are sent again on the next). */
-  stop(): void {
-    clearTimeout(this.timer);
-    this.queue = [];
+  stop_(): void {
+    clearTimeout(this.timer_);
+    this.queue_ = [];
   }
 
-  private flush(): void {
+  private flush_(): void {
     const now = Date.now();
-    this.tokens = Math.min(this.burst, this.tokens + (now - this.at) * this.rate);
-    this.at = now;
-    while (this.queue.length && this.tokens >= 1) {
-      this.tokens--;
-      this.out(this.queue.shift()!);
+    this.tokens_ = Math.min(this.burst_, this.tokens_ + (now - this.at_) * this.rate_);
+    this.at_ = now;
+    while (this.queue_.length && this.tokens_ >= 1) {
+      this.tokens_--;
+      this.out_(this.queue_.shift()!);
     }
-    if (this.queue.length && !this.timer) {
-      this.timer = setTimeout(() => {
-        this.timer = undefined;
-        this.flush();
-      }, Math.ceil((1 - this.tokens) / this.rate));
+    if (this.queue_.length && !this.timer_) {
+      this.timer_ = setTimeout(() => {
+        this.timer_ = undefined;
+        this.flush_();
+      }, Math.ceil((1 - this.tokens_) / this.rate_));
     }
   }
 }

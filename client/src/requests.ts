@@ -25,19 +25,19 @@ interface Pending {
 }
 
 export class Requests {
-  private next = 1;
-  private readonly pending = new Map<number, Pending & { refusals: Refusal[] }>();
+  private next_ = 1;
+  private readonly pending_ = new Map<number, Pending & { refusals: Refusal[] }>();
 
   /** Registers a request and gives it its id (the frame stays the caller's to amend). */
-  add(frame: Record<string, unknown>, final: Final, durable: boolean): Pending['frame'] {
-    const withId = Object.assign(frame, { id: this.next++ });
-    this.pending.set(withId.id, { frame: withId, final, durable, refusals: [] });
+  add_(frame: Record<string, unknown>, final: Final, durable: boolean): Pending['frame'] {
+    const withId = Object.assign(frame, { id: this.next_++ });
+    this.pending_.set(withId.id, { frame: withId, final, durable, refusals: [] });
     return withId;
   }
 
   /** Notes that request `id` went out as the connection's `at`-th frame. */
-  sent(id: unknown, at: number): void {
-    const request = this.pending.get(id as number);
+  sent_(id: unknown, at: number): void {
+    const request = this.pending_.get(id as number);
     if (request) request.at = at;
   }
 
@@ -46,48 +46,48 @@ export class Requests {
    * order it reads (a resume aside, answered after its replay), so once the answer to frame
    * `mark` is in, these were dropped by its rate limit.
    */
-  unanswered(mark: number): Pending['frame'][] {
-    return [...this.pending.values()]
+  unanswered_(mark: number): Pending['frame'][] {
+    return [...this.pending_.values()]
       .filter((r) => r.at! < mark && r.frame.type !== 'resume' && r.frame.type !== 'ping')
       .map((r) => r.frame);
   }
 
   /** Gives up on a request: its answer, if one comes, finds nothing waiting. */
-  drop(id: number): boolean {
-    return this.pending.delete(id);
+  drop_(id: number): boolean {
+    return this.pending_.delete(id);
   }
 
   /** Takes an `ok` or `error` frame; false if it answers none of ours. */
-  answer(frame: ServerFrame): boolean {
-    const request = this.pending.get(frame.id as number);
+  answer_(frame: ServerFrame): boolean {
+    const request = this.pending_.get(frame.id as number);
     if (!request) return false;
     if (frame.type === 'error' && frame.room != null) {
       request.refusals.push({ room: frame.room, code: frame.code, message: frame.message });
       return true;
     }
-    this.pending.delete(frame.id as number);
+    this.pending_.delete(frame.id as number);
     request.final(frame, request.refusals);
     return true;
   }
 
   /** After a disconnect: forgets the connection's own requests, and the refusals collected
    * for the others, which are sent again whole. */
-  disconnected(): void {
-    for (const [id, request] of this.pending) {
+  disconnected_(): void {
+    for (const [id, request] of this.pending_) {
       if (request.durable) request.refusals = [];
-      else this.pending.delete(id);
+      else this.pending_.delete(id);
     }
   }
 
   /** The application's waiting requests, in the order they were made. */
-  frames(): Pending['frame'][] {
-    return [...this.pending.values()].filter((r) => r.durable).map((r) => r.frame);
+  frames_(): Pending['frame'][] {
+    return [...this.pending_.values()].filter((r) => r.durable).map((r) => r.frame);
   }
 
   /** Answers every request with `frame` (the client was closed). */
-  fail(frame: ServerFrame): void {
-    const all = [...this.pending.values()];
-    this.pending.clear();
+  fail_(frame: ServerFrame): void {
+    const all = [...this.pending_.values()];
+    this.pending_.clear();
     for (const request of all) request.final(frame, []);
   }
 }

@@ -69,7 +69,7 @@ test('useEvent delivers matching events while mounted, with its latest pattern',
     console.error = original;
   }
   assert.deepEqual(errors, []);
-  assert.equal(client.handlers.size, 0, 'the handler was removed');
+  assert.equal(client.handlers_.size, 0, 'the handler was removed');
 });
 
 test('the hooks need a provider', () => {

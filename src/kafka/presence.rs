@@ -5,10 +5,11 @@
 //! reader are tasks of their own: a session never waits on either, and neither holds the
 //! table's lock across an await.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -21,7 +22,7 @@ use tracing::{info, warn};
 
 use crate::config::{KafkaConfig, PresenceConfig};
 use crate::metrics::Metrics;
-use crate::presence::live::Presence;
+use crate::presence::live::{Audience, Presence};
 use crate::presence::local::{self, Cadence};
 use crate::presence::record::{self, Record, RecordError, Writer};
 use crate::presence::table::Outcome;
@@ -30,6 +31,9 @@ use crate::shutdown;
 /// How often the reader drops the replicas whose lease ran out: the bound on expiry is the
 /// lease plus this.
 const EXPIRY_CHECK: Duration = Duration::from_millis(500);
+
+/// How often the presence lag is measured.
+const LAG_CHECK: Duration = Duration::from_secs(5);
 
 /// How long the goodbye may take to reach the broker at shutdown.
 const GOODBYE_FLUSH: Duration = Duration::from_secs(3);
@@ -56,10 +60,22 @@ impl PresenceTasks {
         config: &PresenceConfig,
         presence: Arc<Presence>,
         metrics: Arc<Metrics>,
+        audience: Arc<dyn Audience>,
     ) -> Result<PresenceTasks, KafkaError> {
         if config.create_topic {
             if let Err(e) = create_topic(kafka, &config.topic).await {
                 warn!(topic = %config.topic, error = %e, "cannot create the presence topic");
+            }
+        }
+        match cleanup_policy(kafka, &config.topic).await {
+            Ok(Some(policy)) if !policy.split(',').any(|p| p.trim() == "compact") => warn!(
+                topic = %config.topic, %policy,
+                "the presence topic is not compacted: it grows without bound, and a replica \
+                 that starts reads every record ever written (docs/PRESENCE.md, The topic)"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                warn!(topic = %config.topic, error = %e, "cannot read the presence topic's policy")
             }
         }
         let producer: ThreadedProducer<DefaultProducerContext> = producer_config(kafka).create()?;
@@ -70,6 +86,7 @@ impl PresenceTasks {
             config.clone(),
             presence.clone(),
             metrics.clone(),
+            audience.clone(),
             stopped.clone(),
         ));
         let reader = tokio::spawn(read(
@@ -77,6 +94,7 @@ impl PresenceTasks {
             config.topic.clone(),
             presence,
             metrics,
+            audience,
             stopped,
         ));
         Ok(PresenceTasks {
@@ -115,6 +133,20 @@ async fn create_topic(kafka: &KafkaConfig, topic: &str) -> Result<(), KafkaError
     Ok(())
 }
 
+/// The topic's `cleanup.policy`, as the broker has it (None: no such topic yet).
+async fn cleanup_policy(kafka: &KafkaConfig, topic: &str) -> Result<Option<String>, KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = base_config(kafka).create()?;
+    let options = AdminOptions::new().request_timeout(Some(CREATE_TIMEOUT));
+    let results = admin
+        .describe_configs([&ResourceSpecifier::Topic(topic)], &options)
+        .await?;
+    Ok(match results.into_iter().next() {
+        Some(Ok(resource)) => resource.get("cleanup.policy").and_then(|e| e.value.clone()),
+        Some(Err(RDKafkaErrorCode::UnknownTopicOrPartition)) | None => None,
+        Some(Err(code)) => return Err(KafkaError::AdminOp(code)),
+    })
+}
+
 /// Drains this replica's changes on the cadence, publishes them, and the goodbye when told
 /// to stop.
 async fn publish(
@@ -122,6 +154,7 @@ async fn publish(
     config: PresenceConfig,
     presence: Arc<Presence>,
     metrics: Arc<Metrics>,
+    audience: Arc<dyn Audience>,
     stopped: watch::Receiver<bool>,
 ) {
     let cadence = Cadence {
@@ -141,7 +174,7 @@ async fn publish(
     let batches = local::publish(&presence.local, cadence, |batch| {
         for record in writer.records(&batch) {
             send(&record);
-            presence.apply_own(record);
+            presence.apply_own(record, &*audience);
         }
     });
     tokio::select! {
@@ -159,6 +192,7 @@ async fn read(
     topic: String,
     presence: Arc<Presence>,
     metrics: Arc<Metrics>,
+    audience: Arc<dyn Audience>,
     stopped: watch::Receiver<bool>,
 ) {
     let end = tokio::select! {
@@ -168,13 +202,22 @@ async fn read(
     if end == 0 {
         presence.caught_up();
     }
+    let next = Arc::new(AtomicI64::new(0));
+    let lag = tokio::spawn(watch_lag(
+        consumer.clone(),
+        topic,
+        next.clone(),
+        metrics.clone(),
+    ));
     let mut ticks = tokio::time::interval(EXPIRY_CHECK);
     loop {
         tokio::select! {
             message = consumer.recv() => match message {
                 Ok(m) => {
-                    consume(&presence, &metrics, m.payload().unwrap_or_default(),
-                        m.timestamp().to_millis());
+                    let value = m.payload().unwrap_or_default();
+                    let read = Read { value, timestamp: m.timestamp().to_millis() };
+                    consume(&presence, &metrics, &*audience, read);
+                    next.store(m.offset() + 1, Ordering::Relaxed);
                     if !presence.is_ready() && m.offset() + 1 >= end {
                         presence.caught_up();
                     }
@@ -182,12 +225,33 @@ async fn read(
                 Err(e) => warn!(error = %e, "presence topic: read failed"),
             },
             _ = ticks.tick() => {
-                let expired = presence.expire();
+                let expired = presence.expire(&*audience);
                 metrics.presence_expired_replicas.inc_by(expired as u64);
                 metrics.presence_users_online.set(presence.users_online() as i64);
                 metrics.presence_replicas.set(presence.replicas() as i64);
             }
-            () = shutdown::wait(stopped.clone()) => return,
+            () = shutdown::wait(stopped.clone()) => break,
+        }
+    }
+    lag.abort();
+}
+
+/// Asks the broker where the topic ends, on a timer of its own: a slow answer holds up no
+/// record and no expiry.
+async fn watch_lag(
+    consumer: Arc<StreamConsumer>,
+    topic: String,
+    next: Arc<AtomicI64>,
+    metrics: Arc<Metrics>,
+) {
+    let mut ticks = tokio::time::interval(LAG_CHECK);
+    loop {
+        ticks.tick().await;
+        let (c, t) = (consumer.clone(), topic.clone());
+        let ends = tokio::task::spawn_blocking(move || c.fetch_watermarks(&t, 0, RETRY)).await;
+        if let Ok(Ok((_, high))) = ends {
+            let lag = high - next.load(Ordering::Relaxed);
+            metrics.presence_lag.set(lag.max(0));
         }
     }
 }
@@ -217,11 +281,20 @@ async fn start_reading(consumer: &Arc<StreamConsumer>, topic: &str) -> i64 {
     }
 }
 
-fn consume(presence: &Presence, metrics: &Metrics, value: &[u8], timestamp: Option<i64>) {
-    let outcome = match record::decode(value) {
+/// A record as read from the topic.
+struct Read<'a> {
+    value: &'a [u8],
+    timestamp: Option<i64>,
+}
+
+fn consume(presence: &Presence, metrics: &Metrics, audience: &dyn Audience, read: Read<'_>) {
+    let outcome = match record::decode(read.value) {
         Ok(record) => {
-            let age = timestamp.map_or(0, |ts| (crate::unix_millis() - ts).max(0));
-            match presence.apply_read(record, Duration::from_millis(age as u64)) {
+            let age = read
+                .timestamp
+                .map_or(0, |ts| (crate::unix_millis() - ts).max(0));
+            let age = Duration::from_millis(age as u64);
+            match presence.apply_read(record, age, audience) {
                 Some(outcome) => outcome_label(outcome),
                 None => "own",
             }

@@ -37,7 +37,6 @@ impl Key {
     }
 
     /// The first key of a room's members in the order of keys.
-    #[allow(dead_code)]
     pub(super) fn room_start(tenant: Option<&str>, room: &str) -> Key {
         Key::member(tenant, room, "")
     }

@@ -14,12 +14,29 @@ use tokio::time::Instant;
 
 use super::local::Local;
 use super::record::{Origin, Record};
-use super::table::{Applied, Outcome, Table};
+use super::table::{Applied, Outcome, Table, Transition};
+
+/// Who hears of the transitions: the connections listening to presence. Told in the order
+/// the table yielded them, even when the publisher and the reader apply records at once.
+pub trait Audience: Send + Sync {
+    fn tell(&self, transitions: &[Transition]);
+}
 
 pub struct Presence {
     pub origin: Origin,
     pub local: Local,
     table: Mutex<Table>,
+    /// Held from a change of the table until its transitions are told, taken before the
+    /// table's lock is let go: a query never waits for a storm's events to be sent, and two
+    /// changes' events never cross.
+    telling: Mutex<()>,
+}
+
+/// The answer to a client's query of a room.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RoomView {
+    pub users: BTreeMap<String, u32>,
+    pub ready: bool,
 }
 
 /// `/presence`: per tenant (`""` for tokens without one), per room, the users present and
@@ -43,33 +60,75 @@ impl Presence {
             origin,
             local: Local::default(),
             table: Mutex::new(Table::default()),
+            telling: Mutex::new(()),
         }
     }
 
     /// A record of this replica's, applied as it is published: its own connections show
     /// without a round trip through Kafka.
-    pub fn apply_own(&self, record: Record) {
-        self.table().apply(record, Instant::now(), Duration::ZERO);
+    pub fn apply_own(&self, record: Record, audience: &dyn Audience) {
+        self.change(audience, |table| {
+            table
+                .apply(record, Instant::now(), Duration::ZERO)
+                .transitions
+        });
     }
 
     /// A record read from the topic, `age` after its timestamp. This incarnation's own
     /// records were applied when published. An earlier incarnation of this replica's name is
     /// skipped too: it is dead, since this process holds the name now, and its snapshot read
     /// back after this incarnation's would replace this replica's own counts in the table.
-    pub fn apply_read(&self, record: Record, age: Duration) -> Option<Outcome> {
+    pub fn apply_read(
+        &self,
+        record: Record,
+        age: Duration,
+        audience: &dyn Audience,
+    ) -> Option<Outcome> {
         if record.origin.replica == self.origin.replica {
             return None;
         }
-        let Applied { outcome, .. } = self.table().apply(record, Instant::now(), age);
+        let mut outcome = Outcome::Covered;
+        self.change(audience, |table| {
+            let Applied {
+                outcome: o,
+                transitions,
+            } = table.apply(record, Instant::now(), age);
+            outcome = o;
+            transitions
+        });
         Some(outcome)
     }
 
     /// Drops the replicas whose lease ran out; returns how many there were.
-    pub fn expire(&self) -> usize {
+    pub fn expire(&self, audience: &dyn Audience) -> usize {
+        let mut expired = 0;
+        self.change(audience, |table| {
+            let before = table.replicas();
+            let transitions = table.expire(Instant::now());
+            expired = before - table.replicas();
+            transitions
+        });
+        expired
+    }
+
+    /// The users in `room` of `tenant` on any replica, and whether the table is whole yet.
+    pub fn room(&self, tenant: Option<&str>, room: &str) -> RoomView {
+        let table = self.table();
+        RoomView {
+            users: table.room(tenant, room),
+            ready: table.is_ready(),
+        }
+    }
+
+    fn change(&self, audience: &dyn Audience, apply: impl FnOnce(&mut Table) -> Vec<Transition>) {
         let mut table = self.table();
-        let before = table.replicas();
-        table.expire(Instant::now());
-        before - table.replicas()
+        let transitions = apply(&mut table);
+        if transitions.is_empty() {
+            return;
+        }
+        let _telling = self.telling.lock().unwrap_or_else(|e| e.into_inner());
+        drop(table);
+        audience.tell(&transitions);
     }
 
     pub fn caught_up(&self) {
@@ -122,6 +181,7 @@ impl Presence {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::presence::counts::Key;
     use crate::presence::local::Kind;
     use crate::presence::record::Writer;
 
@@ -143,9 +203,14 @@ mod tests {
         let mut writer = Writer::new(a.origin.clone(), Duration::from_secs(10), 0);
         let records = writer.records(&a.local.drain(Kind::Snapshot));
         for record in records {
-            a.apply_own(record.clone());
-            assert_eq!(a.apply_read(record.clone(), Duration::ZERO), None);
-            assert_eq!(b.apply_read(record, Duration::ZERO), Some(Outcome::Applied));
+            a.apply_own(record.clone(), &Heard::default());
+            let heard = Heard::default();
+            assert_eq!(a.apply_read(record.clone(), Duration::ZERO, &heard), None);
+            assert_eq!(
+                b.apply_read(record, Duration::ZERO, &heard),
+                Some(Outcome::Applied)
+            );
+            assert_eq!(heard.0.lock().unwrap().len(), 0, "history is told nothing");
         }
         b.caught_up();
         let view = b.view();
@@ -164,6 +229,77 @@ mod tests {
         assert_eq!(a.view().tenants, view.tenants);
         assert!(!a.is_ready());
         assert_eq!(b.users_online(), 2);
+        assert_eq!(
+            b.room(Some("acme"), "task:9"),
+            RoomView {
+                users: BTreeMap::from([("42".to_string(), 1)]),
+                ready: true
+            }
+        );
+        assert!(b.room(None, "task:9").users.is_empty());
+    }
+
+    #[tokio::test]
+    async fn once_ready_the_audience_hears_each_change_in_order() {
+        let a = Presence::new(origin("a"));
+        let b = Presence::new(origin("b"));
+        b.caught_up();
+        let mut writer = Writer::new(a.origin.clone(), Duration::from_secs(10), 0);
+        let heard = Heard::default();
+        let mut publish = |kind| {
+            for record in writer.records(&a.local.drain(kind)) {
+                b.apply_read(record, Duration::ZERO, &heard);
+            }
+        };
+        a.local.connected(Some("acme"), "42");
+        a.local.joined(Some("acme"), "task:9", "42");
+        publish(Kind::Snapshot);
+        a.local.left(Some("acme"), "task:9", "42");
+        publish(Kind::Changes);
+        a.local.disconnected(Some("acme"), "42");
+        publish(Kind::Changes);
+        let user = Key::user(Some("acme"), "42");
+        let member = Key::member(Some("acme"), "task:9", "42");
+        assert_eq!(
+            *heard.0.lock().unwrap(),
+            vec![
+                Transition::Came(user.clone()),
+                Transition::Came(member.clone()),
+                Transition::Went(member),
+                Transition::Went(user),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_expired_replica_s_users_are_told_gone() {
+        let a = Presence::new(origin("a"));
+        let b = Presence::new(origin("b"));
+        b.caught_up();
+        let mut writer = Writer::new(a.origin.clone(), Duration::from_secs(1), 0);
+        a.local.connected(None, "7");
+        let heard = Heard::default();
+        for record in writer.records(&a.local.drain(Kind::Snapshot)) {
+            b.apply_read(record, Duration::ZERO, &heard);
+        }
+        assert_eq!(b.expire(&heard), 0);
+        tokio::time::pause();
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(b.expire(&heard), 1);
+        let user = Key::user(None, "7");
+        assert_eq!(
+            *heard.0.lock().unwrap(),
+            vec![Transition::Came(user.clone()), Transition::Went(user)]
+        );
+    }
+
+    #[derive(Default)]
+    struct Heard(Mutex<Vec<Transition>>);
+
+    impl Audience for Heard {
+        fn tell(&self, transitions: &[Transition]) {
+            self.0.lock().unwrap().extend_from_slice(transitions);
+        }
     }
 
     #[tokio::test]
@@ -179,17 +315,18 @@ mod tests {
         });
         restarted.local.connected(Some("acme"), "42");
         let mut writer = Writer::new(restarted.origin.clone(), Duration::from_secs(10), 0);
+        let heard = Heard::default();
         for record in writer.records(&restarted.local.drain(Kind::Snapshot)) {
-            restarted.apply_own(record);
+            restarted.apply_own(record, &heard);
         }
         // The reader starts from the topic's beginning: the earlier incarnation comes after.
         for record in history {
-            restarted.apply_read(record, Duration::ZERO);
+            restarted.apply_read(record, Duration::ZERO, &heard);
         }
         restarted.caught_up();
         restarted.local.connected(Some("acme"), "43");
         for record in writer.records(&restarted.local.drain(Kind::Changes)) {
-            restarted.apply_own(record);
+            restarted.apply_own(record, &heard);
         }
 
         let view = restarted.view();

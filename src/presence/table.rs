@@ -252,8 +252,6 @@ impl Table {
     }
 
     /// The users in a room, on any replica, with their connections in it.
-    // Read by the client's `presence` query and events, which the service does not serve yet.
-    #[allow(dead_code)]
     pub fn room(&self, tenant: Option<&str>, room: &str) -> BTreeMap<String, u32> {
         let start = Key::room_start(tenant, room);
         self.sums

@@ -6,6 +6,7 @@ pub mod handshake;
 #[cfg(test)]
 mod one_writer;
 pub mod outbox;
+mod presence;
 pub mod protocol;
 pub mod session;
 pub mod throttle;
@@ -78,6 +79,9 @@ pub struct Hub {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) partitions: Arc<PartitionTable>,
     pub(crate) registry: Registry<Peer>,
+    /// The connections that asked for presence events, per room (a subset of `registry`'s
+    /// members); empty with presence off.
+    pub(crate) listeners: Registry<Peer>,
     pub(crate) sessions: DashMap<ConnId, Peer>,
     pub(crate) replay: Arc<ReplayBuffer>,
     pub(crate) kafka_replay: KafkaReplay,
@@ -137,6 +141,7 @@ impl Hub {
             metrics,
             partitions,
             registry: Registry::new(),
+            listeners: Registry::new(),
             sessions: DashMap::new(),
             replay,
             kafka_replay: history,

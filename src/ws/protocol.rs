@@ -52,6 +52,9 @@ pub enum ClientFrame {
         events: Option<Vec<String>>,
         #[serde(default)]
         token: Option<String>,
+        /// Whether to hear who joins and leaves these rooms (docs/PRESENCE.md).
+        #[serde(default)]
+        presence: bool,
     },
     Unsubscribe {
         #[serde(default)]
@@ -72,6 +75,16 @@ pub enum ClientFrame {
         features: Vec<String>,
         #[serde(default)]
         events: Option<Vec<String>>,
+        #[serde(default)]
+        token: Option<String>,
+        #[serde(default)]
+        presence: bool,
+    },
+    /// Who is in `room` now, on any replica.
+    Presence {
+        #[serde(default)]
+        id: RequestId,
+        room: String,
         #[serde(default)]
         token: Option<String>,
     },
@@ -332,6 +345,8 @@ error_codes! {
     Lagging = "lagging",
     /// A frame refused whole.
     BadRequest = "bad_request",
+    /// A presence query or `presence: true` on a replica with presence off.
+    PresenceDisabled = "presence_disabled",
 }
 
 impl Serialize for ErrorCode {
@@ -424,6 +439,26 @@ enum ServerFrame<'a> {
     Pong {
         id: &'a RequestId,
     },
+    #[serde(rename = "ok")]
+    PresenceOk {
+        id: &'a RequestId,
+        room: &'a str,
+        users: &'a BTreeMap<String, u32>,
+        ready: bool,
+    },
+    #[serde(rename = "event")]
+    PresenceEvent {
+        event: &'a str,
+        ts: i64,
+        payload: PresencePayload<'a>,
+    },
+}
+
+#[derive(Serialize)]
+struct PresencePayload<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    room: Option<&'a str>,
+    user: &'a str,
 }
 
 pub fn welcome(w: &Welcome<'_>) -> Frame {
@@ -476,6 +511,31 @@ pub fn error(id: &RequestId, code: ErrorCode, room: Option<&str>, message: &str)
 
 pub fn pong(id: &RequestId) -> Frame {
     to_frame(&ServerFrame::Pong { id })
+}
+
+/// The answer to a presence query: the room's users and their connections on any replica.
+pub fn presence_ok(
+    id: &RequestId,
+    room: &str,
+    users: &BTreeMap<String, u32>,
+    ready: bool,
+) -> Frame {
+    to_frame(&ServerFrame::PresenceOk {
+        id,
+        room,
+        users,
+        ready,
+    })
+}
+
+/// A presence event (`presence.join` and `.leave` name the room; `.online` and `.offline`
+/// do not). No `pos`: it is no record of a log, and a resume does not replay it.
+pub fn presence_event(event: &str, ts: i64, room: Option<&str>, user: &str) -> Frame {
+    to_frame(&ServerFrame::PresenceEvent {
+        event,
+        ts,
+        payload: PresencePayload { room, user },
+    })
 }
 
 fn to_frame(frame: &ServerFrame<'_>) -> Frame {
@@ -559,6 +619,7 @@ mod tests {
     fn server_frames_keep_their_field_order() {
         let rooms = ["user:u".to_string(), "task:7".to_string()];
         let cut = BTreeMap::from([("t:1".to_string(), 9), ("a:0".to_string(), -1)]);
+        let users = BTreeMap::from([("7".to_string(), 1), ("42".to_string(), 2)]);
         let frames = [
             (
                 ok(&id(json!(7)), Some(&rooms[1..])),
@@ -586,6 +647,18 @@ mod tests {
                 r#"{"type":"error","id":null,"code":"rate_limited","message":"slow down"}"#,
             ),
             (pong(&id(json!(-2))), r#"{"type":"pong","id":-2}"#),
+            (
+                presence_ok(&id(json!(8)), "task:9", &users, true),
+                r#"{"type":"ok","id":8,"room":"task:9","users":{"42":2,"7":1},"ready":true}"#,
+            ),
+            (
+                presence_event("presence.join", 17, Some("task:9"), "42"),
+                r#"{"type":"event","event":"presence.join","ts":17,"payload":{"room":"task:9","user":"42"}}"#,
+            ),
+            (
+                presence_event("presence.offline", 18, None, "7"),
+                r#"{"type":"event","event":"presence.offline","ts":18,"payload":{"user":"7"}}"#,
+            ),
         ];
         for (frame, text) in frames {
             assert_eq!(frame.as_str(), text);
@@ -655,9 +728,24 @@ mod tests {
                 rooms: vec!["task:9".into()],
                 features: vec![],
                 events: Some(vec!["users.*".into()]),
-                token: None
+                token: None,
+                presence: false,
             }
         );
+        assert_eq!(
+            ClientFrame::parse(r#"{"type":"presence","id":8,"room":"task:9"}"#).unwrap(),
+            ClientFrame::Presence {
+                id: id(json!(8)),
+                room: "task:9".into(),
+                token: None,
+            }
+        );
+        let ClientFrame::Subscribe { presence, .. } =
+            ClientFrame::parse(r#"{"type":"subscribe","rooms":["a"],"presence":true}"#).unwrap()
+        else {
+            panic!("not a subscribe")
+        };
+        assert!(presence);
         let seed =
             ClientFrame::parse(r#"{"type":"subscribe","features":["users","rbac"]}"#).unwrap();
         let ClientFrame::Subscribe {
@@ -688,7 +776,7 @@ mod tests {
             (
                 r#"{"type":"dance","id":"d-1"}"#,
                 json!("d-1"),
-                "unknown variant `dance`, expected one of `subscribe`, `unsubscribe`, `resume`, `ping`, `refresh`",
+                "unknown variant `dance`, expected one of `subscribe`, `unsubscribe`, `resume`, `presence`, `ping`, `refresh`",
             ),
             (
                 r#"{"id":12.5,"type":"subscribe","rooms":"x"}"#,
@@ -715,7 +803,7 @@ mod tests {
         assert_eq!(
             refused(r#"{"type":"dance","id":16}"#).to_string(),
             "invalid frame: unknown variant `dance`, expected one of `subscribe`, `unsubscribe`, \
-             `resume`, `ping`, `refresh` at line 1 column 15"
+             `resume`, `presence`, `ping`, `refresh` at line 1 column 15"
         );
     }
 

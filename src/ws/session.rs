@@ -45,6 +45,21 @@ const CLOSE_READ_BYTES: u32 = 64 * 1024;
 const READY_WAIT: Duration = Duration::from_secs(10);
 const READY_POLL: Duration = Duration::from_millis(20);
 
+/// What a subscribe or resume asks for, besides its rooms.
+struct Asked {
+    events: Option<Vec<String>>,
+    token: Option<String>,
+    presence: bool,
+}
+
+/// How a connection is in a room: the events it takes, and whether it hears who comes and
+/// goes.
+#[derive(Default)]
+struct Interest {
+    filter: Option<Arc<EventFilter>>,
+    presence: bool,
+}
+
 struct Session {
     id: ConnId,
     hub: Arc<Hub>,
@@ -214,6 +229,7 @@ impl Session {
     /// each, one after the other under the cut, held the consumer up for two seconds.
     async fn forget(&self) {
         self.hub.registry.leave_all(self.id);
+        self.hub.listeners.leave_all(self.id);
         self.hub.sessions.remove(&self.id);
         if let Some(presence) = &self.hub.presence {
             let (tenant, user) = (self.identity.tenant.as_deref(), &self.identity.user);
@@ -252,7 +268,7 @@ impl Session {
             self.awaiting_resume = Some(positions);
         } else {
             for room in rooms {
-                self.join(&room, None);
+                self.join(&room, None, false);
             }
             self.peer.set_live();
         }
@@ -438,16 +454,22 @@ impl Session {
                 features,
                 events,
                 token,
+                presence,
             } = frame
             {
                 let rooms = protocol::requested_rooms(rooms, features);
+                let asked = Asked {
+                    events,
+                    token,
+                    presence,
+                };
                 return self
-                    .resume(&id, positions, rooms, events, token, welcome_positions)
+                    .resume(&id, positions, rooms, asked, welcome_positions)
                     .await;
             }
             // Anything else first: resume from the welcome, then carry on.
             if let Err(behind) = self
-                .start_resume(None, welcome_positions, Vec::new(), None)
+                .start_resume(None, welcome_positions, Vec::new(), Interest::default())
                 .await
             {
                 return self.refuse_behind(&RequestId::None, &behind);
@@ -466,9 +488,15 @@ impl Session {
                 features,
                 events,
                 token,
+                presence,
             } => {
                 let rooms = protocol::requested_rooms(rooms, features);
-                self.subscribe(&id, rooms, events, token).await
+                let asked = Asked {
+                    events,
+                    token,
+                    presence,
+                };
+                self.subscribe(&id, rooms, asked).await
             }
             ClientFrame::Unsubscribe {
                 id,
@@ -478,18 +506,13 @@ impl Session {
                 let rooms = protocol::requested_rooms(rooms, features);
                 self.unsubscribe(&id, rooms).await
             }
+            ClientFrame::Presence { id, room, token } => self.presence_query(&id, &room, token),
             ClientFrame::Ping { id } => self.peer.reply(protocol::pong(&id)),
             ClientFrame::Refresh { id, token } => self.refresh(&id, &token),
         }
     }
 
-    async fn subscribe(
-        &mut self,
-        id: &RequestId,
-        rooms: Vec<String>,
-        events: Option<Vec<String>>,
-        token: Option<String>,
-    ) {
+    async fn subscribe(&mut self, id: &RequestId, rooms: Vec<String>, asked: Asked) {
         if rooms.is_empty() {
             self.bad_frame(id, "subscribe names no rooms");
             return;
@@ -498,22 +521,18 @@ impl Session {
             self.bad_frame(id, &message);
             return;
         }
-        let filter = match events.map(|e| EventFilter::parse(&e)).transpose() {
-            Ok(f) => f.map(Arc::new),
-            Err(e) => {
-                self.bad_filter(id, &e);
-                return;
-            }
+        let Some(interest) = self.interest(id, &asked) else {
+            return;
         };
         let held = self.rooms.keys().cloned().collect();
-        let Some(admitted) = self.admit_all(id, rooms, token, held) else {
+        let Some(admitted) = self.admit_all(id, rooms, asked.token, held) else {
             return;
         };
         // Not under the cut: a live subscription promises no position, so a record in flight
         // may or may not reach a room joined meanwhile. A room's shard is locked for one
         // join at a time, which the consumer may wait on for one room's fan-out at most.
         for room in &admitted {
-            self.join(room, filter.clone());
+            self.join(room, interest.filter.clone(), interest.presence);
         }
         self.peer.reply(protocol::ok(id, Some(&admitted)));
     }
@@ -585,8 +604,7 @@ impl Session {
         id: &RequestId,
         after: PositionMap,
         rooms: Vec<String>,
-        events: Option<Vec<String>>,
-        token: Option<String>,
+        asked: Asked,
         welcome_positions: PositionMap,
     ) {
         if let Err(message) = self.within_room_limit(&rooms) {
@@ -594,21 +612,17 @@ impl Session {
             self.bad_frame(id, &message);
             return;
         }
-        let filter = match events.map(|e| EventFilter::parse(&e)).transpose() {
-            Ok(f) => f.map(Arc::new),
-            Err(e) => {
-                self.awaiting_resume = Some(welcome_positions);
-                self.bad_filter(id, &e);
-                return;
-            }
+        let Some(interest) = self.interest(id, &asked) else {
+            self.awaiting_resume = Some(welcome_positions);
+            return;
         };
         let held = self.identity.own_rooms().into_iter().collect();
-        let Some(admitted) = self.admit_all(id, rooms, token, held) else {
+        let Some(admitted) = self.admit_all(id, rooms, asked.token, held) else {
             self.awaiting_resume = Some(welcome_positions);
             return;
         };
         if let Err(behind) = self
-            .start_resume(Some(id.clone()), after, admitted, filter)
+            .start_resume(Some(id.clone()), after, admitted, interest)
             .await
         {
             self.refuse_behind(id, &behind);
@@ -644,7 +658,7 @@ impl Session {
         id: Option<RequestId>,
         after: PositionMap,
         extra: Vec<String>,
-        filter: Option<Arc<EventFilter>>,
+        interest: Interest,
     ) -> Result<(), Behind> {
         let hub = self.hub.clone();
         let deadline = Instant::now() + READY_WAIT;
@@ -668,11 +682,11 @@ impl Session {
         let _cut = hub.cut().await;
         let mut joined = self.identity.own_rooms();
         for room in &joined {
-            self.join(room, None);
+            self.join(room, None, false);
         }
         for room in extra {
             // Its own room named again takes the filter, but is listed once.
-            self.join(&room, filter.clone());
+            self.join(&room, interest.filter.clone(), interest.presence);
             if !joined.contains(&room) {
                 joined.push(room);
             }
@@ -694,6 +708,56 @@ impl Session {
         Ok(())
     }
 
+    /// The filter and presence a subscribe or resume asks for; None (after an error) if
+    /// either is refused.
+    fn interest(&mut self, id: &RequestId, asked: &Asked) -> Option<Interest> {
+        let events = asked.events.as_deref().map(EventFilter::parse).transpose();
+        let filter = match events {
+            Ok(f) => f.map(Arc::new),
+            Err(e) => {
+                self.bad_filter(id, &e);
+                return None;
+            }
+        };
+        if asked.presence && self.hub.presence.is_none() {
+            self.presence_disabled(id);
+            return None;
+        }
+        Some(Interest {
+            filter,
+            presence: asked.presence,
+        })
+    }
+
+    fn presence_disabled(&self, id: &RequestId) {
+        let code = ErrorCode::PresenceDisabled;
+        let message = "presence is not enabled on this server";
+        self.peer.reply(protocol::error(id, code, None, message));
+    }
+
+    /// Who is in `room` on any replica: allowed exactly as subscribing to it would be.
+    fn presence_query(&self, id: &RequestId, room: &str, token: Option<String>) {
+        let Some(presence) = &self.hub.presence else {
+            return self.presence_disabled(id);
+        };
+        let grants = match token.map(|t| self.hub.auth.subscription_grants(&self.identity, &t)) {
+            None => Vec::new(),
+            Some(Ok(g)) => g,
+            Some(Err(e)) => {
+                let message = format!("subscription token refused: {e}");
+                let code = ErrorCode::InvalidToken;
+                return self.peer.reply(protocol::error(id, code, None, &message));
+            }
+        };
+        // The query's final answer: an error naming no room, as every request's is.
+        if let Err((code, message)) = self.admit(room, &grants) {
+            return self.peer.reply(protocol::error(id, code, None, message));
+        }
+        let view = presence.room(self.identity.tenant.as_deref(), room);
+        self.peer
+            .reply(protocol::presence_ok(id, room, &view.users, view.ready));
+    }
+
     fn admit(&self, room: &str, grants: &[Pattern]) -> Result<(), (ErrorCode, &'static str)> {
         if !protocol::valid_room_name(room) {
             return Err((ErrorCode::InvalidRoom, protocol::INVALID_ROOM_MESSAGE));
@@ -704,11 +768,19 @@ impl Session {
         Ok(())
     }
 
-    fn join(&mut self, room: &str, filter: Option<Arc<EventFilter>>) {
+    /// Joins `room` with `filter`; `presence`: listens to its presence events, or no longer.
+    fn join(&mut self, room: &str, filter: Option<Arc<EventFilter>>, presence: bool) {
         let tenant = self.identity.tenant.as_deref();
         self.hub
             .registry
             .join(self.id, tenant, room, &self.peer, filter.clone());
+        if presence {
+            self.hub
+                .listeners
+                .join(self.id, tenant, room, &self.peer, None);
+        } else if self.hub.presence.is_some() {
+            self.hub.listeners.leave(self.id, tenant, room);
+        }
         let fresh = self.rooms.insert(room.to_string(), filter).is_none();
         if let (true, Some(presence)) = (fresh, &self.hub.presence) {
             presence.local.joined(tenant, room, &self.identity.user);
@@ -721,6 +793,7 @@ impl Session {
         for room in rooms {
             if self.rooms.remove(&room).is_some() {
                 self.hub.registry.leave(self.id, tenant, &room);
+                self.hub.listeners.leave(self.id, tenant, &room);
                 if let Some(presence) = &self.hub.presence {
                     presence.local.left(tenant, &room, &self.identity.user);
                 }

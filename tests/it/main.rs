@@ -12,6 +12,7 @@ mod hostile_session;
 mod lagging;
 mod ops;
 mod presence;
+mod presence_client;
 mod protocol;
 mod raw;
 mod resume;

@@ -670,7 +670,8 @@ impl Tracker {
 
     pub fn see(&mut self, frame: &Value) {
         match frame["type"].as_str() {
-            Some("event") => {
+            // A presence event has no position.
+            Some("event") if frame.get("pos").is_some() => {
                 let (key, offset) = split_pos(frame["pos"].as_str().unwrap());
                 self.positions.insert(key, offset);
             }

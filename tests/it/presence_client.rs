@@ -1,0 +1,246 @@
+//! Presence as clients see it: the `presence` query and the join/leave and online/offline
+//! events, on two real binaries sharing one presence topic on the real broker.
+
+use std::time::Duration;
+
+use roomcast::auth::{now_secs, Claims};
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+fn presence_section(topic: &str) -> String {
+    format!(
+        "[presence]\nenabled = true\ntopic = \"{topic}\"\ninterval_seconds = 0.05\n\
+         renew_seconds = 0.5\nexpiry_seconds = 3\n"
+    )
+}
+
+fn tenant_token(tenant: &str, sub: &str, rooms: &[&str]) -> String {
+    token_with(Claims {
+        sub: sub.into(),
+        tenant: Some(tenant.into()),
+        exp: now_secs() + 3600,
+        rooms: rooms.iter().map(|r| r.to_string()).collect(),
+        ..Claims::default()
+    })
+}
+
+async fn replicas() -> (Server, Server) {
+    let topic = unique("presence-client-events");
+    create_topic(&topic, 1).await;
+    let extra = presence_section(&unique("presence"));
+    let a = Server::start(&task_route(&topic), &extra).await;
+    let b = Server::start(&task_route(&topic), &extra).await;
+    (a, b)
+}
+
+/// Sends a request and returns its answer (the frame with its id), skipping presence events.
+async fn request(client: &mut Client, mut frame: Value, id: u64) -> Value {
+    frame["id"] = json!(id);
+    client.send(frame).await;
+    loop {
+        let f = client.frame().await.expect("an answer");
+        if f["id"] == id {
+            return f;
+        }
+        assert_eq!(f["type"], "event", "unexpected {f}");
+    }
+}
+
+/// Queries `room` until its users are `expected` and the table is ready.
+async fn until_query(client: &mut Client, room: &str, expected: Value) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    for id in 1000.. {
+        let answer = request(client, json!({"type": "presence", "room": room}), id).await;
+        if answer["users"] == expected && answer["ready"] == json!(true) {
+            return answer;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{room}: {answer}, not {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    unreachable!()
+}
+
+/// The next presence event, skipping nothing else.
+async fn presence_event(client: &mut Client) -> Value {
+    let f = client
+        .frame_within(Duration::from_secs(15))
+        .await
+        .expect("a presence event");
+    assert_eq!(f["type"], "event", "{f}");
+    assert!(f.get("pos").is_none(), "a presence event has no pos: {f}");
+    assert!(f["ts"].as_i64().unwrap() > 0, "{f}");
+    json!({"event": f["event"], "payload": f["payload"]})
+}
+
+#[tokio::test]
+async fn a_query_on_either_replica_sees_users_of_both_and_only_its_tenant() {
+    let (a, b) = replicas().await;
+    let mut on_a = a.connect(&tenant_token("acme", "42", &["task:9"])).await;
+    let mut on_b = b.connect(&tenant_token("acme", "7", &["task:9"])).await;
+    let mut second = b.connect(&tenant_token("acme", "7", &["task:9"])).await;
+    let mut other = b.connect(&tenant_token("globex", "42", &["task:9"])).await;
+    for c in [&mut on_a, &mut on_b, &mut second, &mut other] {
+        c.join(&["task:9"]).await;
+    }
+
+    let answer = until_query(&mut on_a, "task:9", json!({"42": 1, "7": 2})).await;
+    assert_eq!(
+        answer,
+        json!({"type": "ok", "id": answer["id"], "room": "task:9",
+               "users": {"42": 1, "7": 2}, "ready": true})
+    );
+    until_query(&mut on_b, "task:9", json!({"42": 1, "7": 2})).await;
+    // The same room name in another tenant is another room.
+    until_query(&mut other, "task:9", json!({"42": 1})).await;
+
+    // Allowed exactly as subscribing: a room the token does not grant is refused.
+    let refused = request(&mut on_a, json!({"type": "presence", "room": "task:10"}), 1).await;
+    assert_eq!(refused["type"], "error");
+    assert_eq!(refused["code"], "forbidden");
+    assert!(refused.get("room").is_none(), "a final answer: {refused}");
+    let bad = request(&mut on_a, json!({"type": "presence", "room": ""}), 2).await;
+    assert_eq!(bad["code"], "invalid_room");
+}
+
+#[tokio::test]
+async fn listeners_on_every_replica_hear_joins_leaves_and_status() {
+    let (a, b) = replicas().await;
+    let rooms = ["task:9", "tenant:acme"];
+    let mut here = a.connect(&tenant_token("acme", "1", &rooms)).await;
+    let mut there = b.connect(&tenant_token("acme", "2", &rooms)).await;
+    let mut deaf = b.connect(&tenant_token("acme", "3", &rooms)).await;
+    let mut globex = b
+        .connect(&tenant_token("globex", "4", &["task:9", "tenant:globex"]))
+        .await;
+    for c in [&mut here, &mut there, &mut globex] {
+        let (errors, ok) = c
+            .subscribe(json!({"rooms": ["task:9"], "presence": true}))
+            .await;
+        assert!(errors.is_empty() && ok["type"] == "ok", "{errors:?} {ok}");
+    }
+    deaf.join(&["task:9"]).await;
+    for c in [&mut here, &mut there] {
+        c.subscribe(json!({"rooms": ["tenant:acme"], "presence": true}))
+            .await;
+    }
+    globex
+        .subscribe(json!({"rooms": ["tenant:globex"], "presence": true}))
+        .await;
+    until_query(&mut here, "task:9", json!({"1": 1, "2": 1, "3": 1})).await;
+    until_query(&mut there, "task:9", json!({"1": 1, "2": 1, "3": 1})).await;
+    until_query(&mut globex, "task:9", json!({"4": 1})).await;
+    // What the table held before: drained, in whatever order it came.
+    for c in [&mut here, &mut there, &mut globex] {
+        while c.frame_within(Duration::from_millis(500)).await.is_some() {}
+    }
+
+    // User 5 connects on replica a: online, then it joins task:9.
+    let mut newcomer = a.connect(&tenant_token("acme", "5", &["task:9"])).await;
+    for c in [&mut here, &mut there] {
+        assert_eq!(
+            presence_event(c).await,
+            json!({"event": "presence.online", "payload": {"user": "5"}})
+        );
+    }
+    newcomer.join(&["task:9"]).await;
+    for c in [&mut here, &mut there] {
+        assert_eq!(
+            presence_event(c).await,
+            json!({"event": "presence.join", "payload": {"room": "task:9", "user": "5"}})
+        );
+    }
+
+    // It leaves the room, then goes.
+    let left = request(
+        &mut newcomer,
+        json!({"type": "unsubscribe", "rooms": ["task:9"]}),
+        9,
+    )
+    .await;
+    assert_eq!(left["rooms"], json!(["task:9"]));
+    for c in [&mut here, &mut there] {
+        assert_eq!(
+            presence_event(c).await,
+            json!({"event": "presence.leave", "payload": {"room": "task:9", "user": "5"}})
+        );
+    }
+    drop(newcomer);
+    for c in [&mut here, &mut there] {
+        assert_eq!(
+            presence_event(c).await,
+            json!({"event": "presence.offline", "payload": {"user": "5"}})
+        );
+    }
+
+    // Neither a subscriber without `presence`, nor another tenant's, heard any of it.
+    deaf.expect_silence(Duration::from_millis(300)).await;
+    globex.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn a_second_connection_of_a_present_user_is_no_event() {
+    let (a, b) = replicas().await;
+    let mut listener = a.connect(&tenant_token("acme", "1", &["task:9"])).await;
+    listener
+        .subscribe(json!({"rooms": ["task:9"], "presence": true}))
+        .await;
+    assert_eq!(
+        presence_event(&mut listener).await,
+        json!({"event": "presence.join", "payload": {"room": "task:9", "user": "1"}}),
+        "a listener hears its own join too"
+    );
+    let mut first = b.connect(&tenant_token("acme", "2", &["task:9"])).await;
+    first.join(&["task:9"]).await;
+    assert_eq!(
+        presence_event(&mut listener).await,
+        json!({"event": "presence.join", "payload": {"room": "task:9", "user": "2"}})
+    );
+
+    // Present through two replicas: it leaves only when gone from both.
+    let mut second = a.connect(&tenant_token("acme", "2", &["task:9"])).await;
+    second.join(&["task:9"]).await;
+    until_query(&mut listener, "task:9", json!({"1": 1, "2": 2})).await;
+    drop(first);
+    until_query(&mut listener, "task:9", json!({"1": 1, "2": 1})).await;
+    listener.expect_silence(Duration::from_millis(500)).await;
+    drop(second);
+    assert_eq!(
+        presence_event(&mut listener).await,
+        json!({"event": "presence.leave", "payload": {"room": "task:9", "user": "2"}})
+    );
+}
+
+#[tokio::test]
+async fn with_presence_off_the_query_and_the_option_are_refused() {
+    let topic = unique("presence-client-events");
+    create_topic(&topic, 1).await;
+    let server = Server::start(&task_route(&topic), "").await;
+    let mut client = server.connect(&token("9", &["task:3"])).await;
+
+    let answer = request(
+        &mut client,
+        json!({"type": "presence", "room": "task:3"}),
+        1,
+    )
+    .await;
+    assert_eq!(answer["type"], "error");
+    assert_eq!(answer["code"], "presence_disabled");
+    let (errors, answer) = client
+        .subscribe(json!({"rooms": ["task:3"], "presence": true}))
+        .await;
+    assert!(errors.is_empty());
+    assert_eq!(answer["type"], "error");
+    assert_eq!(answer["code"], "presence_disabled");
+
+    // Nothing was joined: a record for the room does not reach the client.
+    Producer::new()
+        .send_json(&topic, json!({"event": "task.updated", "taskId": "3"}))
+        .await;
+    client.expect_silence(Duration::from_secs(1)).await;
+    // Without the option, the same subscribe works.
+    client.join(&["task:3"]).await;
+}
