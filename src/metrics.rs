@@ -242,7 +242,8 @@ impl Metrics {
             presence_lag: gauge(
                 &r,
                 "roomcast_presence_lag_records",
-                "Presence records on the topic that this replica has not read yet.",
+                "Presence records on the topic that this replica has not read yet (-1 until measured, \
+                 every 5 s; 0 with presence off).",
             ),
             registry: r,
         }

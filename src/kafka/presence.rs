@@ -78,6 +78,7 @@ impl PresenceTasks {
                 warn!(topic = %config.topic, error = %e, "cannot read the presence topic's policy")
             }
         }
+        metrics.presence_lag.set(-1);
         let producer: ThreadedProducer<DefaultProducerContext> = producer_config(kafka).create()?;
         let consumer: StreamConsumer = reader_config(kafka, &presence.origin.replica).create()?;
         let (stop, stopped) = watch::channel(false);

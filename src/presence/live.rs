@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use super::local::Local;
 use super::record::{Origin, Record};
-use super::table::{Applied, Outcome, Table, Transition};
+use super::table::{Applied, Outcome, ReplicaState, Table, Transition};
 
 /// Who hears of the transitions: the connections listening to presence. Told in the order
 /// the table yielded them, even when the publisher and the reader apply records at once.
@@ -45,6 +45,7 @@ pub struct RoomView {
 pub struct View {
     pub ready: bool,
     pub replicas: usize,
+    pub replica_states: Vec<ReplicaState>,
     pub tenants: BTreeMap<String, TenantView>,
 }
 
@@ -168,6 +169,7 @@ impl Presence {
         View {
             ready: table.is_ready(),
             replicas: table.replicas(),
+            replica_states: table.replica_states(Instant::now()),
             tenants,
         }
     }
@@ -216,6 +218,11 @@ mod tests {
         let view = b.view();
         assert!(view.ready);
         assert_eq!(view.replicas, 1);
+        let state = &view.replica_states[0];
+        assert_eq!((state.replica.as_str(), state.seq), ("a", 0));
+        assert_eq!(state.counts, 4);
+        assert!(!state.waiting_for_snapshot);
+        assert!(state.lease_left_ms > 9_000 && state.lease_left_ms <= 10_000);
         let acme = &view.tenants["acme"];
         assert_eq!(acme.users, BTreeMap::from([("42".to_string(), 1)]));
         assert_eq!(

@@ -279,6 +279,38 @@ impl Table {
     pub fn replicas(&self) -> usize {
         self.replicas.len()
     }
+
+    /// What the table holds of each replica, by name, for operators.
+    pub fn replica_states(&self, now: Instant) -> Vec<ReplicaState> {
+        let mut states: Vec<ReplicaState> = self
+            .replicas
+            .iter()
+            .map(|(name, r)| ReplicaState {
+                replica: name.clone(),
+                incarnation: r.incarnation.clone(),
+                seq: r.seq,
+                lease_left_ms: r.lease_until.saturating_duration_since(now).as_millis() as u64,
+                waiting_for_snapshot: !r.in_sequence,
+                counts: r.counts.len(),
+            })
+            .collect();
+        states.sort_by(|a, b| a.replica.cmp(&b.replica));
+        states
+    }
+}
+
+/// One replica as the table holds it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReplicaState {
+    pub replica: String,
+    pub incarnation: String,
+    /// The last record of it applied.
+    pub seq: u64,
+    pub lease_left_ms: u64,
+    /// Its changes skipped a `seq`: they wait for its next snapshot.
+    pub waiting_for_snapshot: bool,
+    /// Its counts above zero (users and memberships).
+    pub counts: usize,
 }
 
 /// Moves one replica's counts from `old` to `new` in the sums.

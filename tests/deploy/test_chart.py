@@ -354,6 +354,7 @@ class AllFeatures(unittest.TestCase):
             "topic": "rt-presence",
             "create_topic": True,
             "expiry_seconds": 12.0,
+            "status_room": "org:{tenant}",
         })
         self.assertEqual(cfg["kafka"]["ssl.certificate.location"], "/etc/roomcast/kafka-client/client.crt")
         self.assertEqual(cfg["kafka"]["ssl.key.location"], "/etc/roomcast/kafka-client/client.key")

@@ -244,3 +244,52 @@ async fn with_presence_off_the_query_and_the_option_are_refused() {
     // Without the option, the same subscribe works.
     client.join(&["task:3"]).await;
 }
+
+#[tokio::test]
+async fn operators_see_each_replica_s_lease_and_the_lag() {
+    let (a, b) = replicas().await;
+    let _client = b.connect(&tenant_token("acme", "1", &[])).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let states = loop {
+        let (_, body) = http_get(&a.admin, "/presence").await.unwrap();
+        let view: Value = serde_json::from_str(&body).unwrap();
+        let states = view["replica_states"].as_array().unwrap().clone();
+        // b's counts: the user, and its rooms user:1 and tenant:acme.
+        if states.len() == 2 && states.iter().any(|s| s["counts"] == 3) {
+            break states;
+        }
+        assert!(std::time::Instant::now() < deadline, "{view}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for state in &states {
+        let left = state["lease_left_ms"].as_u64().unwrap();
+        assert!(left > 0 && left <= 3_000, "{state}");
+        assert_eq!(state["waiting_for_snapshot"], false, "{state}");
+    }
+    // Measured every 5 s (-1 until then): read up to the end, nothing is left to read.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while a.metric("roomcast_presence_lag_records").await != 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a lag that never fell"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_uncompacted_presence_topic_is_warned_of() {
+    let presence_topic = unique("presence");
+    create_topic(&presence_topic, 1).await;
+    let topic = unique("presence-client-events");
+    create_topic(&topic, 1).await;
+    let extra = format!(
+        "{}create_topic = false\n",
+        presence_section(&presence_topic)
+    );
+    let server = Server::start(&task_route(&topic), &extra).await;
+    let warned = server.logged("the presence topic is not compacted: it grows without bound, and a replica that starts reads every record ever written (docs/PRESENCE.md, The topic)");
+    assert_eq!(warned.len(), 1, "one warning at start");
+    assert_eq!(warned[0]["policy"], "delete");
+    assert_eq!(warned[0]["level"], "WARN");
+}

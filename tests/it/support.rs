@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -191,6 +191,8 @@ pub struct Server {
     child: Child,
     pub public: String,
     pub admin: String,
+    /// Every line the binary logged, as it logged it.
+    log: Arc<Mutex<Vec<String>>>,
     _dir: Option<TempDir>,
 }
 
@@ -268,11 +270,13 @@ secret = "{SECRET}"
             .stderr(Stdio::piped())
             .spawn()
             .expect("roomcast starts");
-        let (public, admin) = listening_addrs(&mut child);
+        let log = Arc::default();
+        let (public, admin) = listening_addrs(&mut child, &log);
         Server {
             child,
             public,
             admin,
+            log,
             _dir: None,
         }
     }
@@ -286,6 +290,15 @@ secret = "{SECRET}"
             assert!(Instant::now() < deadline, "server never became ready");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The logged JSON lines whose `message` is `message`.
+    pub fn logged(&self, message: &str) -> Vec<Value> {
+        let log = self.log.lock().unwrap();
+        log.iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["message"] == message)
+            .collect()
     }
 
     pub async fn metrics(&self) -> String {
@@ -373,12 +386,14 @@ impl Drop for Server {
 
 /// Reads the binary's JSON logs until the `listening` line; the rest keeps draining to our
 /// stderr so a failing test shows the server's logs.
-fn listening_addrs(child: &mut Child) -> (String, String) {
+fn listening_addrs(child: &mut Child, log: &Arc<Mutex<Vec<String>>>) -> (String, String) {
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel();
+    let log = log.clone();
     std::thread::spawn(move || {
         let mut sent = false;
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            log.lock().unwrap().push(line.clone());
             if !sent {
                 if let Ok(v) = serde_json::from_str::<Value>(&line) {
                     if v["message"] == "listening" {
