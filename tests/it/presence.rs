@@ -9,6 +9,7 @@ use rdkafka::ClientConfig;
 use roomcast::auth::{now_secs, Claims};
 use serde_json::{json, Value};
 
+use crate::presence_client::{presence_event, request, until_query};
 use crate::support::*;
 
 /// Short intervals, so that a lease runs out within the test.
@@ -360,10 +361,9 @@ async fn three_replicas_each_see_the_users_of_all() {
         );
         assert_eq!(room_users(server, "acme", "task:5").await, json!({"3": 1}));
         let whole = whole_view(server).await;
-        assert_eq!(
-            whole,
-            json!({"ready": true, "replicas": 3, "tenants": {"acme": everyone}})
-        );
+        assert_eq!(whole["ready"], json!(true));
+        assert_eq!(whole["replicas"], json!(3));
+        assert_eq!(whole["tenants"], json!({"acme": everyone}));
     }
 }
 
@@ -552,5 +552,278 @@ async fn tenants_sharing_room_and_user_names_over_three_replicas_never_see_each_
             tenant_view(server, "globex").await,
             json!({"users": {}, "rooms": {}})
         );
+    }
+}
+
+// Three replicas as clients see them: the `presence` query and the events.
+
+/// `user` of `tenant` on `server`, listening to the presence of `rooms` (its token grants
+/// them).
+async fn listener(server: &Server, tenant: &str, user: &str, rooms: &[&str]) -> Client {
+    let mut client = server.connect(&tenant_token(tenant, user, rooms)).await;
+    let (errors, ok) = client
+        .subscribe(json!({"rooms": rooms, "presence": true}))
+        .await;
+    assert!(errors.is_empty(), "refused: {errors:?}");
+    assert_eq!(ok["type"], "ok", "{ok}");
+    client
+}
+
+/// Reads what the listeners were told of the table as it was, until each is silent for
+/// half a second: presence events only, none with a `pos`.
+async fn settle(listeners: &mut [&mut Client]) {
+    for client in listeners.iter_mut() {
+        while let Some(f) = client.frame_within(Duration::from_millis(500)).await {
+            assert_eq!(f["type"], "event", "{f}");
+            assert!(f.get("pos").is_none(), "{f}");
+            assert!(f["event"].as_str().unwrap().starts_with("presence."), "{f}");
+        }
+    }
+}
+
+/// The next `n` presence events, sorted: those of one record or one expiry come in the
+/// table's key order, which is none of the protocol's business.
+async fn presence_events(client: &mut Client, n: usize) -> Vec<Value> {
+    let mut events = Vec::with_capacity(n);
+    for _ in 0..n {
+        events.push(presence_event(client).await);
+    }
+    events.sort_by_key(|e| e.to_string());
+    events
+}
+
+fn online(user: &str) -> Value {
+    json!({"event": "presence.online", "payload": {"user": user}})
+}
+
+fn offline(user: &str) -> Value {
+    json!({"event": "presence.offline", "payload": {"user": user}})
+}
+
+fn join(room: &str, user: &str) -> Value {
+    json!({"event": "presence.join", "payload": {"room": room, "user": user}})
+}
+
+fn leave(room: &str, user: &str) -> Value {
+    json!({"event": "presence.leave", "payload": {"room": room, "user": user}})
+}
+
+fn sorted(mut events: Vec<Value>) -> Vec<Value> {
+    events.sort_by_key(|e| e.to_string());
+    events
+}
+
+const LISTENED: [&str; 3] = ["task:9", "task:5", "tenant:acme"];
+
+/// `acme_over`'s task:9 with a listener (users 10, 11, 12) on each replica.
+fn acme_task_9_with_listeners() -> Value {
+    json!({"1": 1, "2": 1, "4": 2, "5": 1, "10": 1, "11": 1, "12": 1})
+}
+
+/// A listener of acme's rooms on each of three replicas, and acme's users over them; the
+/// listeners have read what was told of the table up to now.
+async fn listened_acme(servers: [&Server; 3]) -> (Vec<Client>, [Client; 3]) {
+    let users = acme_over(servers).await;
+    let [a, b, c] = servers;
+    let mut listeners = [
+        listener(a, "acme", "10", &LISTENED).await,
+        listener(b, "acme", "11", &LISTENED).await,
+        listener(c, "acme", "12", &LISTENED).await,
+    ];
+    for client in listeners.iter_mut() {
+        until_query(client, "task:9", acme_task_9_with_listeners()).await;
+    }
+    let [la, lb, lc] = &mut listeners;
+    settle(&mut [la, lb, lc]).await;
+    (users, listeners)
+}
+
+#[tokio::test]
+async fn over_three_replicas_the_query_sees_everyone_and_every_listener_hears_every_change() {
+    let topic = unique("presence-events");
+    create_topic(&topic, 1).await;
+    let [a, b, c] = cluster::<3>(&topic, &unique("presence"), CLUSTER_LEASE).await;
+    let (_users, mut listeners) = listened_acme([&a, &b, &c]).await;
+    for (id, client) in (1..).zip(listeners.iter_mut()) {
+        let answer = request(client, json!({"type": "presence", "room": "task:5"}), id).await;
+        assert_eq!(
+            answer,
+            json!({"type": "ok", "id": id, "room": "task:5", "users": {"3": 1, "10": 1, "11": 1, "12": 1}, "ready": true})
+        );
+    }
+
+    // User 20 connects on a, joins task:9 there, then again through c.
+    let mut first = a.connect(&tenant_token("acme", "20", &["task:9"])).await;
+    for client in listeners.iter_mut() {
+        assert_eq!(presence_event(client).await, online("20"));
+    }
+    first.join(&["task:9"]).await;
+    for client in listeners.iter_mut() {
+        assert_eq!(presence_event(client).await, join("task:9", "20"));
+    }
+    let mut second = c.connect(&tenant_token("acme", "20", &["task:9"])).await;
+    second.join(&["task:9"]).await;
+    let mut everyone = acme_task_9_with_listeners();
+    everyone["20"] = json!(2);
+    for client in listeners.iter_mut() {
+        until_query(client, "task:9", everyone.clone()).await;
+    }
+
+    // Gone from a, still there through c: nobody is told anything.
+    drop(first);
+    everyone["20"] = json!(1);
+    for client in listeners.iter_mut() {
+        until_query(client, "task:9", everyone.clone()).await;
+    }
+    for client in listeners.iter_mut() {
+        client.expect_silence(Duration::from_millis(500)).await;
+    }
+
+    // It leaves the room, then goes.
+    let left = request(
+        &mut second,
+        json!({"type": "unsubscribe", "rooms": ["task:9"]}),
+        1,
+    )
+    .await;
+    assert_eq!(left["rooms"], json!(["task:9"]));
+    for client in listeners.iter_mut() {
+        assert_eq!(presence_event(client).await, leave("task:9", "20"));
+    }
+    drop(second);
+    for client in listeners.iter_mut() {
+        assert_eq!(presence_event(client).await, offline("20"));
+        client.expect_silence(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test]
+async fn listeners_on_the_survivors_hear_a_killed_replica_s_users_leave_and_go_offline() {
+    let topic = unique("presence-events");
+    create_topic(&topic, 1).await;
+    let [a, b, mut c] = cluster::<3>(&topic, &unique("presence"), CLUSTER_LEASE).await;
+    let (_users, listeners) = listened_acme([&a, &b, &c]).await;
+    let [mut la, mut lb, lc] = listeners;
+
+    c.kill();
+    let killed = Instant::now();
+    // Users 3, 5 and the listener 12 were on c alone; user 4 is still on a.
+    let gone = sorted(vec![
+        offline("3"),
+        offline("5"),
+        offline("12"),
+        leave("task:5", "3"),
+        leave("task:5", "12"),
+        leave("task:9", "5"),
+        leave("task:9", "12"),
+    ]);
+    for client in [&mut la, &mut lb] {
+        assert_eq!(presence_events(client, gone.len()).await, gone);
+        eprintln!(
+            "a listener heard the killed replica's users go after {:?}",
+            killed.elapsed()
+        );
+    }
+    assert!(
+        killed.elapsed() < CLUSTER_LEASE + Duration::from_secs(10),
+        "heard after {:?}",
+        killed.elapsed()
+    );
+    for client in [&mut la, &mut lb] {
+        client.expect_silence(Duration::from_secs(1)).await;
+        until_query(
+            client,
+            "task:9",
+            json!({"1": 1, "2": 1, "4": 1, "10": 1, "11": 1}),
+        )
+        .await;
+    }
+    drop(lc);
+
+    // Restarted: a listener there hears its own join, and queries what the others hold.
+    c.restart().await;
+    until_ready(&c).await;
+    let mut back = listener(&c, "acme", "13", &["task:9"]).await;
+    assert_eq!(presence_event(&mut back).await, join("task:9", "13"));
+    let now = json!({"1": 1, "2": 1, "4": 1, "10": 1, "11": 1, "13": 1});
+    until_query(&mut back, "task:9", now.clone()).await;
+    for client in [&mut la, &mut lb] {
+        assert_eq!(presence_event(client).await, online("13"));
+        assert_eq!(presence_event(client).await, join("task:9", "13"));
+        until_query(client, "task:9", now.clone()).await;
+    }
+}
+
+#[tokio::test]
+async fn over_three_replicas_a_tenant_hears_nothing_of_another_s_room_of_the_same_name() {
+    let topic = unique("presence-events");
+    create_topic(&topic, 1).await;
+    let [a, b, c] = cluster::<3>(&topic, &unique("presence"), CLUSTER_LEASE).await;
+    let acme_rooms = ["task:9", "tenant:acme"];
+    let globex_rooms = ["task:9", "tenant:globex"];
+    // The listeners share user ids across the tenants, and replicas.
+    let mut acme = [
+        listener(&a, "acme", "1", &acme_rooms).await,
+        listener(&c, "acme", "2", &acme_rooms).await,
+    ];
+    let mut globex = [
+        listener(&a, "globex", "1", &globex_rooms).await,
+        listener(&b, "globex", "2", &globex_rooms).await,
+    ];
+    let both = json!({"1": 1, "2": 1});
+    for client in acme.iter_mut().chain(globex.iter_mut()) {
+        until_query(client, "task:9", both.clone()).await;
+    }
+    {
+        let [a1, a2] = &mut acme;
+        let [g1, g2] = &mut globex;
+        settle(&mut [a1, a2, g1, g2]).await;
+    }
+
+    // Acme's user 3 comes on b, joins task:9, leaves it and goes.
+    let mut visitor = b.connect(&tenant_token("acme", "3", &["task:9"])).await;
+    visitor.join(&["task:9"]).await;
+    for client in acme.iter_mut() {
+        assert_eq!(presence_event(client).await, online("3"));
+        assert_eq!(presence_event(client).await, join("task:9", "3"));
+    }
+    for client in globex.iter_mut() {
+        until_query(client, "task:9", both.clone()).await;
+    }
+    request(
+        &mut visitor,
+        json!({"type": "unsubscribe", "rooms": ["task:9"]}),
+        1,
+    )
+    .await;
+    drop(visitor);
+    let gone = sorted(vec![leave("task:9", "3"), offline("3")]);
+    for client in acme.iter_mut() {
+        assert_eq!(presence_events(client, 2).await, gone);
+    }
+
+    // Globex's user 3, on c, the other way round.
+    let mut visitor = c.connect(&tenant_token("globex", "3", &["task:9"])).await;
+    visitor.join(&["task:9"]).await;
+    for client in globex.iter_mut() {
+        assert_eq!(presence_event(client).await, online("3"));
+        assert_eq!(presence_event(client).await, join("task:9", "3"));
+    }
+    let mut three = both.clone();
+    three["3"] = json!(1);
+    for client in globex.iter_mut() {
+        until_query(client, "task:9", three.clone()).await;
+    }
+    for client in acme.iter_mut() {
+        until_query(client, "task:9", both.clone()).await;
+    }
+    drop(visitor);
+    for client in globex.iter_mut() {
+        assert_eq!(presence_events(client, 2).await, gone);
+    }
+
+    // Neither heard anything of the other's, on any replica.
+    for client in acme.iter_mut().chain(globex.iter_mut()) {
+        client.expect_silence(Duration::from_secs(1)).await;
     }
 }

@@ -35,7 +35,7 @@ async fn replicas() -> (Server, Server) {
 }
 
 /// Sends a request and returns its answer (the frame with its id), skipping presence events.
-async fn request(client: &mut Client, mut frame: Value, id: u64) -> Value {
+pub async fn request(client: &mut Client, mut frame: Value, id: u64) -> Value {
     frame["id"] = json!(id);
     client.send(frame).await;
     loop {
@@ -48,7 +48,7 @@ async fn request(client: &mut Client, mut frame: Value, id: u64) -> Value {
 }
 
 /// Queries `room` until its users are `expected` and the table is ready.
-async fn until_query(client: &mut Client, room: &str, expected: Value) -> Value {
+pub async fn until_query(client: &mut Client, room: &str, expected: Value) -> Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     for id in 1000.. {
         let answer = request(client, json!({"type": "presence", "room": room}), id).await;
@@ -65,7 +65,7 @@ async fn until_query(client: &mut Client, room: &str, expected: Value) -> Value 
 }
 
 /// The next presence event, skipping nothing else.
-async fn presence_event(client: &mut Client) -> Value {
+pub async fn presence_event(client: &mut Client) -> Value {
     let f = client
         .frame_within(Duration::from_secs(15))
         .await
