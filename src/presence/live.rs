@@ -123,10 +123,11 @@ impl Presence {
 
     fn change(&self, audience: &dyn Audience, apply: impl FnOnce(&mut Table) -> Vec<Transition>) {
         let mut table = self.table();
-        let transitions = apply(&mut table);
+        let mut transitions = apply(&mut table);
         if transitions.is_empty() {
             return;
         }
+        in_order(&mut transitions);
         let _telling = self.telling.lock().unwrap_or_else(|e| e.into_inner());
         drop(table);
         audience.tell(&transitions);
@@ -178,6 +179,18 @@ impl Presence {
     fn table(&self) -> MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// A user comes online before joining rooms and leaves them before going offline, whatever
+/// order the table's keys gave (a user's own count sorts before its rooms). Stable: each
+/// kind keeps the table's order.
+fn in_order(transitions: &mut [Transition]) {
+    transitions.sort_by_key(|t| match t {
+        Transition::Came(key) if key.room.is_none() => 0,
+        Transition::Came(_) => 1,
+        Transition::Went(key) if key.room.is_some() => 2,
+        Transition::Went(_) => 3,
+    });
 }
 
 #[cfg(test)]
@@ -297,6 +310,40 @@ mod tests {
         assert_eq!(
             *heard.0.lock().unwrap(),
             vec![Transition::Came(user.clone()), Transition::Went(user)]
+        );
+    }
+
+    #[tokio::test]
+    async fn rooms_are_left_before_going_offline_within_one_batch() {
+        let a = Presence::new(origin("a"));
+        let b = Presence::new(origin("b"));
+        b.caught_up();
+        let mut writer = Writer::new(a.origin.clone(), Duration::from_secs(10), 0);
+        let heard = Heard::default();
+        a.local.connected(Some("acme"), "42");
+        a.local.joined(Some("acme"), "task:9", "42");
+        a.local.joined(Some("acme"), "task:1", "42");
+        for record in writer.records(&a.local.drain(Kind::Snapshot)) {
+            b.apply_read(record, Duration::ZERO, &heard);
+        }
+        a.local.left(Some("acme"), "task:9", "42");
+        a.local.left(Some("acme"), "task:1", "42");
+        a.local.disconnected(Some("acme"), "42");
+        for record in writer.records(&a.local.drain(Kind::Changes)) {
+            b.apply_read(record, Duration::ZERO, &heard);
+        }
+        let user = Key::user(Some("acme"), "42");
+        let room = |r| Key::member(Some("acme"), r, "42");
+        assert_eq!(
+            *heard.0.lock().unwrap(),
+            vec![
+                Transition::Came(user.clone()),
+                Transition::Came(room("task:1")),
+                Transition::Came(room("task:9")),
+                Transition::Went(room("task:1")),
+                Transition::Went(room("task:9")),
+                Transition::Went(user),
+            ]
         );
     }
 

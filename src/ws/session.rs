@@ -75,8 +75,18 @@ struct Session {
     /// Set when the client asked to resume (`?resume=1`): the positions of the welcome's
     /// instant (not sent to it), and no room joined yet, until its first frame.
     awaiting_resume: Option<PositionMap>,
+    /// Whether the hub still holds this connection (rooms, session table, presence): cleared
+    /// by `forget`, which a session dropped half way (a panic, an aborted task) runs on drop,
+    /// so that no room keeps a dead member and no user stays online for ever.
+    known: bool,
     /// This connection's share of the connection limits, given back when the session ends.
     _admission: Admission,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.forget();
+    }
 }
 
 /// Starts a session: spawns its writer now, and returns the reader, which queues the welcome
@@ -123,6 +133,7 @@ pub fn run(
         throttle: Throttle::new(Instant::now()),
         // Filled with the welcome's positions.
         awaiting_resume: resume_requested.then(PositionMap::new),
+        known: true,
         _admission: admission,
     };
     hub.metrics.connections.inc();
@@ -205,10 +216,10 @@ async fn await_close_reply(mut reader: Reader) {
 
 impl Session {
     /// The reader is done: makes sure the writer stops too, then forgets the connection.
-    async fn end(&self, mut writer: tokio::task::JoinHandle<u16>) {
-        let hub = &self.hub;
+    async fn end(&mut self, mut writer: tokio::task::JoinHandle<u16>) {
+        let hub = self.hub.clone();
         self.peer.close(close::NORMAL, "", false);
-        self.forget().await;
+        self.forget();
         let code = match timeout(CLOSE_GRACE, &mut writer).await {
             Ok(done) => done.unwrap_or(close::INTERNAL),
             Err(_) => {
@@ -227,7 +238,10 @@ impl Session {
     /// Leaves every room and the session table. Not under the cut: nothing is promised about
     /// a record in flight while a connection goes, and 10,000 connections leaving 256 rooms
     /// each, one after the other under the cut, held the consumer up for two seconds.
-    async fn forget(&self) {
+    fn forget(&mut self) {
+        if !std::mem::take(&mut self.known) {
+            return;
+        }
         self.hub.registry.leave_all(self.id);
         self.hub.listeners.leave_all(self.id);
         self.hub.sessions.remove(&self.id);
@@ -246,6 +260,12 @@ impl Session {
     /// joins nothing until its resume, and is told no positions: it has received nothing up
     /// to them, and keeps its own map until the resume's cut.
     async fn welcome(&mut self) {
+        // Online before any of its rooms: a drain between the two tells them in this order.
+        if let Some(presence) = &self.hub.presence {
+            presence
+                .local
+                .connected(self.identity.tenant.as_deref(), &self.identity.user);
+        }
         let hub = self.hub.clone();
         let _cut = hub.cut().await;
         let positions = self.hub.partitions.delivered_map();
@@ -273,11 +293,6 @@ impl Session {
             self.peer.set_live();
         }
         hub.sessions.insert(self.id, self.peer.clone());
-        if let Some(presence) = &hub.presence {
-            presence
-                .local
-                .connected(self.identity.tenant.as_deref(), &self.identity.user);
-        }
     }
 
     async fn read_loop(&mut self, mut reader: Reader) {
@@ -1077,6 +1092,47 @@ mod tests {
         );
         let size = std::mem::size_of_val(&session);
         assert!(size <= 1072, "a session's future takes {size} bytes");
+    }
+
+    /// A session whose task is aborted (or panics) half way still leaves its rooms and the
+    /// session table, and reports its user gone to presence.
+    #[test]
+    fn a_session_dropped_half_way_is_forgotten() {
+        let runtime = runtime(1);
+        let _entered = runtime.enter();
+        let mut inner = Arc::into_inner(hub(Config::default())).unwrap();
+        let origin = crate::presence::record::Origin {
+            replica: "r".into(),
+            incarnation: "i".into(),
+        };
+        inner.presence = Some(Arc::new(crate::presence::live::Presence::new(origin)));
+        let hub = Arc::new(inner);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (server, mut client) = pair(&listener);
+        let permit = hub.limit.clone().try_acquire_owned().unwrap();
+        let identity = identity(&hub, "u");
+        let session = runtime.spawn(run(
+            hub.clone(),
+            server,
+            Bytes::new(),
+            identity,
+            Admission::permit_only(permit),
+            false,
+        ));
+        assert_eq!(read_json(&mut client)["type"], "welcome");
+        assert_eq!(hub.sessions.len(), 1);
+        assert!(hub.registry.room_count() > 0);
+        session.abort();
+        runtime.block_on(async {
+            while !session.is_finished() {
+                tokio::task::yield_now().await
+            }
+        });
+        assert_eq!(hub.sessions.len(), 0);
+        assert_eq!(hub.registry.room_count(), 0);
+        let presence = hub.presence.as_ref().unwrap();
+        let batch = presence.local.drain(crate::presence::local::Kind::Snapshot);
+        assert!(batch.counts.is_empty(), "still counted: {:?}", batch.counts);
     }
 
     /// The conformance harness's session: no welcome, each message sent back as it came,

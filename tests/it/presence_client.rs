@@ -34,24 +34,13 @@ async fn replicas() -> (Server, Server) {
     (a, b)
 }
 
-/// Sends a request and returns its answer (the frame with its id), skipping presence events.
-pub async fn request(client: &mut Client, mut frame: Value, id: u64) -> Value {
-    frame["id"] = json!(id);
-    client.send(frame).await;
-    loop {
-        let f = client.frame().await.expect("an answer");
-        if f["id"] == id {
-            return f;
-        }
-        assert_eq!(f["type"], "event", "unexpected {f}");
-    }
-}
-
 /// Queries `room` until its users are `expected` and the table is ready.
 pub async fn until_query(client: &mut Client, room: &str, expected: Value) -> Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     for id in 1000.. {
-        let answer = request(client, json!({"type": "presence", "room": room}), id).await;
+        let answer = client
+            .request(json!({"type": "presence", "room": room}), id)
+            .await;
         if answer["users"] == expected && answer["ready"] == json!(true) {
             return answer;
         }
@@ -98,11 +87,15 @@ async fn a_query_on_either_replica_sees_users_of_both_and_only_its_tenant() {
     until_query(&mut other, "task:9", json!({"42": 1})).await;
 
     // Allowed exactly as subscribing: a room the token does not grant is refused.
-    let refused = request(&mut on_a, json!({"type": "presence", "room": "task:10"}), 1).await;
+    let refused = on_a
+        .request(json!({"type": "presence", "room": "task:10"}), 1)
+        .await;
     assert_eq!(refused["type"], "error");
     assert_eq!(refused["code"], "forbidden");
     assert!(refused.get("room").is_none(), "a final answer: {refused}");
-    let bad = request(&mut on_a, json!({"type": "presence", "room": ""}), 2).await;
+    let bad = on_a
+        .request(json!({"type": "presence", "room": ""}), 2)
+        .await;
     assert_eq!(bad["code"], "invalid_room");
 }
 
@@ -155,12 +148,9 @@ async fn listeners_on_every_replica_hear_joins_leaves_and_status() {
     }
 
     // It leaves the room, then goes.
-    let left = request(
-        &mut newcomer,
-        json!({"type": "unsubscribe", "rooms": ["task:9"]}),
-        9,
-    )
-    .await;
+    let left = newcomer
+        .request(json!({"type": "unsubscribe", "rooms": ["task:9"]}), 9)
+        .await;
     assert_eq!(left["rooms"], json!(["task:9"]));
     for c in [&mut here, &mut there] {
         assert_eq!(
@@ -221,12 +211,9 @@ async fn with_presence_off_the_query_and_the_option_are_refused() {
     let server = Server::start(&task_route(&topic), "").await;
     let mut client = server.connect(&token("9", &["task:3"])).await;
 
-    let answer = request(
-        &mut client,
-        json!({"type": "presence", "room": "task:3"}),
-        1,
-    )
-    .await;
+    let answer = client
+        .request(json!({"type": "presence", "room": "task:3"}), 1)
+        .await;
     assert_eq!(answer["type"], "error");
     assert_eq!(answer["code"], "presence_disabled");
     let (errors, answer) = client
@@ -292,4 +279,33 @@ async fn an_uncompacted_presence_topic_is_warned_of() {
     assert_eq!(warned.len(), 1, "one warning at start");
     assert_eq!(warned[0]["policy"], "delete");
     assert_eq!(warned[0]["level"], "WARN");
+}
+
+#[tokio::test]
+async fn a_resume_with_presence_hears_joins_from_its_cut_on() {
+    let (a, b) = replicas().await;
+    let positions = a
+        .connect(&tenant_token("acme", "0", &[]))
+        .await
+        .tracker
+        .positions
+        .clone();
+    let watcher = tenant_token("acme", "1", &["task:9"]);
+    let url = format!("{}?resume=1", a.ws_url());
+    let mut resumed = Client::connect(&url, &watcher).await.unwrap();
+    let answer = resumed.request(json!({"type": "resume", "positions": positions, "rooms": ["task:9"], "presence": true}),
+        1,
+    )
+    .await;
+    assert_eq!(answer["type"], "ok", "{answer}");
+    assert_eq!(
+        presence_event(&mut resumed).await,
+        json!({"event": "presence.join", "payload": {"room": "task:9", "user": "1"}})
+    );
+    let mut newcomer = b.connect(&tenant_token("acme", "2", &["task:9"])).await;
+    newcomer.join(&["task:9"]).await;
+    assert_eq!(
+        presence_event(&mut resumed).await,
+        json!({"event": "presence.join", "payload": {"room": "task:9", "user": "2"}})
+    );
 }

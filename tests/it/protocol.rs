@@ -56,13 +56,13 @@ async fn a_refused_request_is_answered_with_its_id() {
             r#"{"type":"subscribe","id":11,"rooms":["x"],"bogus":1}"#,
             json!(11),
             "invalid frame: unknown field `bogus`, expected one of `id`, `rooms`, `features`, \
-             `events`, `token`",
+             `events`, `token`, `presence`",
         ),
         (
             r#"{"type":"dance","id":"d-12"}"#,
             json!("d-12"),
             "invalid frame: unknown variant `dance`, expected one of `subscribe`, `unsubscribe`, \
-             `resume`, `ping`, `refresh` at line 1 column 15",
+             `resume`, `presence`, `ping`, `refresh` at line 1 column 15",
         ),
         (
             r#"{"type":"unsubscribe","id":13,"rooms":[7]}"#,

@@ -454,6 +454,9 @@ pub struct Client {
     pub tracker: Tracker,
     /// Return `positions` frames from `frame()` too (by default they only update `tracker`).
     pub see_positions: bool,
+    /// Presence events that came before a subscribe's answer (a listener may hear a join
+    /// told while it subscribes), returned first by `frame()`.
+    early: std::collections::VecDeque<Value>,
 }
 
 pub const WAIT: Duration = Duration::from_secs(15);
@@ -496,6 +499,7 @@ impl Client {
             next_id: 100,
             tracker: Tracker::default(),
             see_positions: false,
+            early: Default::default(),
         }
     }
 
@@ -536,6 +540,9 @@ impl Client {
     }
 
     pub async fn frame_within(&mut self, limit: Duration) -> Option<Value> {
+        if let Some(early) = self.early.pop_front() {
+            return Some(early);
+        }
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             match self.message_until(deadline).await? {
@@ -574,6 +581,29 @@ impl Client {
         }
     }
 
+    /// Sends a request with the id `id` and returns its answer. Presence events heard before
+    /// it are kept, for `frame()` to return next.
+    pub async fn request(&mut self, mut frame: Value, id: u64) -> Value {
+        frame["id"] = json!(id);
+        self.send(frame).await;
+        let held = std::mem::take(&mut self.early);
+        let mut heard = Vec::new();
+        let answer = loop {
+            let f = self.frame().await.expect("an answer");
+            if f["id"] == id {
+                break f;
+            }
+            assert!(
+                f["type"] == "event" && f.get("pos").is_none(),
+                "unexpected {f}"
+            );
+            heard.push(f);
+        };
+        self.early = held;
+        self.early.extend(heard);
+        answer
+    }
+
     /// Subscribes and returns (per-room error frames, the final frame: ok or a roomless error).
     pub async fn subscribe(&mut self, mut frame: Value) -> (Vec<Value>, Value) {
         self.next_id += 1;
@@ -582,16 +612,23 @@ impl Client {
         frame["id"] = json!(id);
         self.send(frame).await;
         let mut errors = Vec::new();
-        loop {
+        // Read past what is already held, which stays first in line.
+        let held = std::mem::take(&mut self.early);
+        let mut heard = Vec::new();
+        let answer = loop {
             let f = self.frame().await.expect("subscribe answer");
             match f["type"].as_str() {
-                Some("error") if f["id"] == id && f.get("room").is_none() => return (errors, f),
+                Some("error") if f["id"] == id && f.get("room").is_none() => break f,
                 Some("error") if f["id"] == id => errors.push(f),
-                Some("ok") if f["id"] == id => return (errors, f),
+                Some("ok") if f["id"] == id => break f,
+                Some("event") if f.get("pos").is_none() => heard.push(f),
                 Some("event") => panic!("event before the subscribe answer: {f}"),
                 _ => panic!("unexpected frame {f}"),
             }
-        }
+        };
+        self.early = held;
+        self.early.extend(heard);
+        (errors, answer)
     }
 
     /// Subscribes to rooms that must all be granted.
