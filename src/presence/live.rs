@@ -130,9 +130,11 @@ impl Presence {
     }
 
     /// A record read from the topic, `age` after its timestamp. This incarnation's own
-    /// records were applied when published.
+    /// records were applied when published. An earlier incarnation of this replica's name is
+    /// skipped too: it is dead, since this process holds the name now, and its snapshot read
+    /// back after this incarnation's would replace this replica's own counts in the table.
     pub fn apply_read(&self, record: Record, age: Duration) -> Option<Outcome> {
-        if record.origin == self.origin {
+        if record.origin.replica == self.origin.replica {
             return None;
         }
         let mut outcome = Outcome::Covered;
@@ -470,5 +472,39 @@ mod tests {
         fn tell(&self, transitions: &[Transition]) {
             self.0.lock().unwrap().extend_from_slice(transitions);
         }
+    }
+
+    #[tokio::test]
+    async fn a_restarted_replica_keeps_its_own_counts_over_its_earlier_incarnation_s() {
+        let earlier = Presence::new(origin("a"));
+        earlier.local.connected(Some("acme"), "7");
+        let mut writer = Writer::new(earlier.origin.clone(), Duration::from_secs(10), 0);
+        let history = writer.records(&earlier.local.drain(Kind::Snapshot));
+
+        let restarted = Presence::new(Origin {
+            replica: "a".into(),
+            incarnation: "i2".into(),
+        });
+        restarted.local.connected(Some("acme"), "42");
+        let mut writer = Writer::new(restarted.origin.clone(), Duration::from_secs(10), 0);
+        for record in writer.records(&restarted.local.drain(Kind::Snapshot)) {
+            restarted.apply_own(record);
+        }
+        // The reader starts from the topic's beginning: the earlier incarnation comes after.
+        for record in history {
+            restarted.apply_read(record, Duration::ZERO);
+        }
+        restarted.caught_up();
+        restarted.local.connected(Some("acme"), "43");
+        for record in writer.records(&restarted.local.drain(Kind::Changes)) {
+            restarted.apply_own(record);
+        }
+
+        let view = restarted.view();
+        assert_eq!(view.replicas, 1);
+        assert_eq!(
+            view.tenants["acme"].users,
+            BTreeMap::from([("42".to_string(), 1), ("43".to_string(), 1)])
+        );
     }
 }

@@ -75,6 +75,7 @@ impl Table {
     /// record's): its lease runs from the timestamp, not from the reading.
     pub fn apply(&mut self, record: Record, now: Instant, age: Duration) -> Applied {
         let lease_until = now + record.lease.saturating_sub(age);
+        let goodbye = record.lease.is_zero();
         let Record {
             origin, seq, body, ..
         } = record;
@@ -88,7 +89,17 @@ impl Table {
                 parts,
                 counts,
             } => match self.gather(&origin, seq, part, parts, counts) {
-                Some(whole) => self.snapshot(origin, seq, whole, lease_until, &mut transitions),
+                Some(whole) => {
+                    let name = origin.replica.clone();
+                    let outcome = self.snapshot(origin, seq, whole, lease_until, &mut transitions);
+                    // A clean shutdown's goodbye, an empty snapshot with a lease of 0: the
+                    // replica goes with its users, not at the next expiry, which would count
+                    // it as expired.
+                    if goodbye && outcome == Outcome::Applied {
+                        self.replicas.remove(&name);
+                    }
+                    outcome
+                }
                 None if self.gathering.contains_key(&origin.replica) => Outcome::Gathered,
                 None => Outcome::OutOfSequence,
             },
@@ -553,8 +564,8 @@ mod tests {
         let record = a.publish(Kind::Snapshot).remove(0);
         table.apply(record, now, Duration::from_secs(7));
         assert_eq!(table.next_expiry(), Some(now + Duration::from_secs(3)));
-        // The goodbye of a clean shutdown takes everything away at once, and the replica at
-        // the next expiry.
+        // The goodbye of a clean shutdown takes everything away at once, the replica too:
+        // nothing is left to expire.
         let gone = apply_all(&mut table, vec![a.writer.goodbye()]);
         assert_eq!(
             gone,
@@ -563,8 +574,8 @@ mod tests {
                 went(Key::member(None, "lobby", "1"))
             ]
         );
-        assert!(table.expire(Instant::now()).is_empty());
         assert_eq!(table.replicas(), 0);
+        assert!(table.expire(Instant::now()).is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -35,7 +35,7 @@ async fn replicas() -> (Server, Server) {
 }
 
 /// Queries `room` until its users are `expected` and the table is ready.
-async fn until_query(client: &mut Client, room: &str, expected: Value) -> Value {
+pub async fn until_query(client: &mut Client, room: &str, expected: Value) -> Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     for id in 1000.. {
         let answer = client
@@ -54,7 +54,7 @@ async fn until_query(client: &mut Client, room: &str, expected: Value) -> Value 
 }
 
 /// The next presence event, skipping nothing else.
-async fn presence_event(client: &mut Client) -> Value {
+pub async fn presence_event(client: &mut Client) -> Value {
     let f = client
         .frame_within(Duration::from_secs(15))
         .await

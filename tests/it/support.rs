@@ -356,6 +356,25 @@ secret = "{SECRET}"
         }
         None
     }
+
+    /// `kill -9`: the process ends at once, saying nothing to anyone.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL sent");
+        self.child.wait().expect("killed process reaped");
+    }
+
+    /// Starts the binary again on its own config, so under the same server name (on new
+    /// ports), and waits until it is ready.
+    pub async fn restart(&mut self) {
+        let dir = self
+            ._dir
+            .take()
+            .expect("a server launched from its own config");
+        let mut next = Server::spawn(&dir.0.join("roomcast.toml"), &[]);
+        next._dir = Some(dir);
+        *self = next;
+        self.wait_ready().await;
+    }
 }
 
 impl Drop for Server {
