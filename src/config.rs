@@ -120,6 +120,11 @@ pub struct WebSocketConfig {
     /// Client messages a connection may send at once; as many refused in a row close it
     /// with 4029.
     pub client_burst: u32,
+    /// Rooms a connection may join or leave per second, on average, through `subscribe` and
+    /// `unsubscribe`: each change may cost a presence record and an event to every listener.
+    pub room_changes_per_second: u32,
+    /// Room changes a connection may make at once; at least `max_rooms_per_connection`.
+    pub room_changes_burst: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -297,6 +302,8 @@ impl Default for WebSocketConfig {
             max_bad_frames: 10,
             client_messages_per_second: 20,
             client_burst: 50,
+            room_changes_per_second: 100,
+            room_changes_burst: 1024,
         }
     }
 }
@@ -684,11 +691,22 @@ impl Config {
                 ws.client_messages_per_second as usize,
             ),
             ("websocket.client_burst", ws.client_burst as usize),
+            (
+                "websocket.room_changes_per_second",
+                ws.room_changes_per_second as usize,
+            ),
         ];
         for (key, value) in positive {
             if value == 0 {
                 return Err(ConfigError::invalid(key, "must be > 0"));
             }
+        }
+        // A full subscribe must always pass from a full bucket.
+        if (ws.room_changes_burst as usize) < ws.max_rooms_per_connection {
+            return Err(ConfigError::invalid(
+                "websocket.room_changes_burst",
+                "must be at least websocket.max_rooms_per_connection",
+            ));
         }
         // Below 64 bytes a read would not hold a frame's header and a little of its payload.
         if ws.read_buffer_bytes < 64 {
@@ -1440,6 +1458,18 @@ mod tests {
         assert!(c.presence.enabled);
         assert_eq!(c.presence.topic, "p1");
         assert_eq!(c.presence.expiry_seconds, 5.0);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn a_room_change_burst_below_the_room_limit_is_refused() {
+        let mut c = hs_config();
+        c.websocket.room_changes_burst = 255;
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "websocket.room_changes_burst: must be at least websocket.max_rooms_per_connection"
+        );
+        c.websocket.room_changes_burst = 256;
         c.validate().unwrap();
     }
 

@@ -17,7 +17,7 @@ use tracing::{debug, debug_span, Instrument};
 
 use super::outbox::{Handover, Limits, Peer};
 use super::protocol::{self, close, ClientFrame, ErrorCode, RequestId, Welcome};
-use super::throttle::{Budget, Throttle, Verdict};
+use super::throttle::{Allowance, Budget, Throttle, Verdict};
 use super::wire::{Decoder, Incoming, WireError};
 use super::{writer, Hub};
 use crate::auth::{now_secs, Identity};
@@ -72,6 +72,8 @@ struct Session {
     bad_frames: u32,
     /// The client's budget of messages.
     throttle: Throttle,
+    /// The client's budget of room changes.
+    room_changes: Allowance,
     /// Set when the client asked to resume (`?resume=1`): the positions of the welcome's
     /// instant (not sent to it), and no room joined yet, until its first frame.
     awaiting_resume: Option<PositionMap>,
@@ -131,6 +133,7 @@ pub fn run(
         rooms: HashMap::new(),
         bad_frames: 0,
         throttle: Throttle::new(Instant::now()),
+        room_changes: Allowance::new(Instant::now()),
         // Filled with the welcome's positions.
         awaiting_resume: resume_requested.then(PositionMap::new),
         known: true,
@@ -536,6 +539,9 @@ impl Session {
             self.bad_frame(id, &message);
             return;
         }
+        if !self.take_room_changes(id, rooms.len()) {
+            return;
+        }
         let Some(interest) = self.interest(id, &asked) else {
             return;
         };
@@ -550,6 +556,24 @@ impl Session {
             self.join(room, interest.filter.clone(), interest.presence);
         }
         self.peer.reply(protocol::ok(id, Some(&admitted)));
+    }
+
+    /// Takes `n` room changes from the budget, or refuses the request whole.
+    fn take_room_changes(&mut self, id: &RequestId, n: usize) -> bool {
+        let ws = &self.hub.config.websocket;
+        let budget = Budget::new(ws.room_changes_per_second, ws.room_changes_burst);
+        let n = u32::try_from(n).unwrap_or(u32::MAX);
+        if self.room_changes.take(Instant::now(), budget, n) {
+            return true;
+        }
+        let message = format!(
+            "over {} room changes a second: nothing joined or left; retry later",
+            ws.room_changes_per_second
+        );
+        self.peer
+            .reply(protocol::error(id, ErrorCode::RateLimited, None, &message));
+        self.reject(ErrorCode::RateLimited.as_str());
+        false
     }
 
     /// A message naming more rooms than a connection may hold is refused whole, with one
@@ -804,6 +828,10 @@ impl Session {
     }
 
     async fn unsubscribe(&mut self, id: &RequestId, rooms: Vec<String>) {
+        let held = rooms.iter().filter(|r| self.rooms.contains_key(*r)).count();
+        if !self.take_room_changes(id, held) {
+            return;
+        }
         let tenant = self.identity.tenant.as_deref();
         let mut left = Vec::new();
         for room in rooms {

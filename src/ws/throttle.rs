@@ -89,6 +89,32 @@ impl Throttle {
     }
 }
 
+/// A connection's budget of room changes (rooms joined or left by `subscribe` and
+/// `unsubscribe`), taken a message's rooms at a time: each change may cost every replica a
+/// presence record and every listener of the room an event, and a client flapping hundreds
+/// of rooms in a few messages a second would otherwise stay within its message budget.
+#[derive(Debug)]
+pub struct Allowance {
+    full_at: Instant,
+}
+
+impl Allowance {
+    pub fn new(now: Instant) -> Allowance {
+        Allowance { full_at: now }
+    }
+
+    /// Takes `n` changes at `now` if the bucket holds them, else nothing.
+    pub fn take(&mut self, now: Instant, budget: Budget, n: u32) -> bool {
+        let after = self.full_at.max(now) + budget.every * n;
+        if after - now <= budget.every * budget.burst {
+            self.full_at = after;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,6 +151,23 @@ mod tests {
             .iter()
             .all(|v| *v == Verdict::Pass));
         assert_ne!(t.admit(later, budget), Verdict::Pass);
+    }
+
+    #[test]
+    fn room_changes_are_taken_a_message_at_a_time_within_the_burst() {
+        let budget = Budget::new(100, 512);
+        let t0 = Instant::now();
+        let mut a = Allowance::new(t0);
+        assert!(a.take(t0, budget, 256), "a full subscribe");
+        assert!(a.take(t0, budget, 256), "and its unsubscribe");
+        assert!(!a.take(t0, budget, 1), "the burst is spent");
+        // 10 ms a change: 100 ms bring back 10, not 11.
+        assert!(!a.take(t0 + 100 * MS, budget, 11));
+        assert!(a.take(t0 + 100 * MS, budget, 10));
+        // Never more than the burst at once, however long idle.
+        let later = t0 + 3600 * 1000 * MS;
+        assert!(!a.take(later, budget, 513));
+        assert!(a.take(later, budget, 512));
     }
 
     #[test]

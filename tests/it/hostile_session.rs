@@ -237,3 +237,51 @@ async fn a_message_flood_is_refused_then_closed_and_no_one_else_notices() {
     assert_eq!(seqs, (0..100).map(|s| json!(s)).collect::<Vec<_>>());
     steady.await.unwrap();
 }
+
+/// Flapping hundreds of rooms in a few messages a second stays within the message budget;
+/// the room-change budget refuses it whole, and the client's rooms stay as they were.
+#[tokio::test]
+async fn flapping_rooms_is_refused_past_the_room_change_budget() {
+    let topic = unique("flapping");
+    create_topic(&topic, 1).await;
+    let config = "[websocket]\nroom_changes_per_second = 10\nroom_changes_burst = 512\n";
+    let server = Server::start(&task_route(&topic), config).await;
+    let mut flapper = server.connect(&token("u", &["task:*"])).await;
+    // With its own room, the most a connection may hold.
+    let rooms = task_rooms(255);
+    let mut refused = None;
+    for round in 0..4u64 {
+        let ok = flapper
+            .request(json!({"type": "subscribe", "rooms": rooms}), 10 * round + 1)
+            .await;
+        if ok["type"] == "error" {
+            refused = Some((round, ok));
+            break;
+        }
+        let left = flapper
+            .request(
+                json!({"type": "unsubscribe", "rooms": rooms}),
+                10 * round + 2,
+            )
+            .await;
+        assert_eq!(left["rooms"].as_array().unwrap().len(), 255, "{left}");
+    }
+    // 512 changes are the burst: the second subscribe (changes 511 to 765) is refused.
+    let (round, error) = refused.expect("a refusal");
+    assert_eq!(round, 1);
+    assert_eq!(error["code"], "rate_limited");
+    assert_eq!(error["id"], 11);
+    assert!(error.get("room").is_none());
+    assert_eq!(
+        error["message"],
+        "over 10 room changes a second: nothing joined or left; retry later"
+    );
+    // Nothing was joined: a record for one of the rooms does not reach the flapper.
+    Producer::new()
+        .send_json(&topic, json!({"event": "t", "taskId": "7", "userId": "x"}))
+        .await;
+    flapper.expect_silence(Duration::from_secs(1)).await;
+    // Refilled at 10 a second: one room joins after 0.1 s.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    flapper.join(&["task:7"]).await;
+}
