@@ -214,11 +214,7 @@ impl Presence {
 
     /// Users online, summed over the tenants.
     pub fn users_online(&self) -> usize {
-        self.table()
-            .sums()
-            .keys()
-            .filter(|k| k.room.is_none())
-            .count()
+        self.table().online()
     }
 
     pub fn view(&self) -> View {

@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 use super::counts::{Counts, Key};
 use super::local::{Batch, Kind};
 
+/// The longest lease a record may give: `presence.expiry_seconds`' upper bound, a day.
+pub const MAX_LEASE_MS: u64 = 86_400_000;
+
 /// The version this replica writes and reads.
 pub const VERSION: u32 = 1;
 
@@ -343,7 +346,9 @@ impl Wire {
                 incarnation: self.incarnation,
             },
             seq: self.seq,
-            lease: Duration::from_millis(self.lease_ms),
+            // A lease past the longest `presence.expiry_seconds` is no replica's: cut to it,
+            // a record written by anyone else cannot make its users stay for ever.
+            lease: Duration::from_millis(self.lease_ms.min(MAX_LEASE_MS)),
             body,
         })
     }
@@ -453,6 +458,13 @@ mod tests {
         assert_eq!((goodbye.seq, goodbye.lease), (1, Duration::ZERO));
         assert_eq!(goodbye.key(), "roomcast-0/snapshot/0");
         assert_eq!(decode(&goodbye.encode()).unwrap(), goodbye);
+    }
+
+    #[test]
+    fn a_lease_past_a_day_is_cut_to_a_day() {
+        let text = r#"{"v":1,"replica":"r","incarnation":"i","seq":0,"kind":"changes","part":0,"parts":1,"lease_ms":18446744073709551615,"tenants":[]}"#;
+        let record = decode(text.as_bytes()).unwrap();
+        assert_eq!(record.lease, Duration::from_secs(86_400));
     }
 
     #[test]

@@ -60,13 +60,16 @@ struct Gathering {
     next_seq: u64,
     next_part: u32,
     counts: Counts,
+    /// The lease of its latest part: a snapshot whose writer died half way is dropped when
+    /// it runs out, like the writer's entries.
+    until: Instant,
 }
 
 #[derive(Debug, Default)]
 pub struct Table {
     replicas: HashMap<String, Replica>,
     gathering: HashMap<String, Gathering>,
-    sums: Counts,
+    sums: Sums,
     ready: bool,
 }
 
@@ -88,7 +91,7 @@ impl Table {
                 part,
                 parts,
                 counts,
-            } => match self.gather(&origin, seq, part, parts, counts) {
+            } => match self.gather(&origin, seq, part, parts, counts, lease_until) {
                 Some(whole) => {
                     let name = origin.replica.clone();
                     let outcome = self.snapshot(origin, seq, whole, lease_until, &mut transitions);
@@ -132,7 +135,7 @@ impl Table {
             return Outcome::Covered;
         }
         replica.lease_until = lease_until;
-        let follows = seq == replica.seq + 1 && replica.in_sequence;
+        let follows = replica.seq.checked_add(1) == Some(seq) && replica.in_sequence;
         replica.seq = seq;
         if !follows {
             replica.in_sequence = false;
@@ -144,7 +147,7 @@ impl Table {
             } else {
                 replica.counts.insert(key.clone(), count)
             };
-            add(&mut self.sums, &key, before.unwrap_or(0), count, out);
+            self.sums.add(&key, before.unwrap_or(0), count, out);
         }
         Outcome::Applied
     }
@@ -157,6 +160,7 @@ impl Table {
         part: u32,
         parts: u32,
         counts: Counts,
+        lease_until: Instant,
     ) -> Option<Counts> {
         let name = &origin.replica;
         if part == 0 {
@@ -167,6 +171,7 @@ impl Table {
                     next_seq: seq,
                     next_part: 0,
                     counts: Counts::new(),
+                    until: lease_until,
                 },
             );
         }
@@ -174,13 +179,16 @@ impl Table {
         let next = gathering.incarnation == origin.incarnation
             && gathering.next_seq == seq
             && gathering.next_part == part;
-        if !next {
+        // Checked: a record written by anyone may carry the last `seq`.
+        let after = seq.checked_add(1).zip(part.checked_add(1));
+        let Some((next_seq, next_part)) = after.filter(|_| next) else {
             self.gathering.remove(name);
             return None;
-        }
+        };
         gathering.counts.extend(counts);
-        gathering.next_seq += 1;
-        gathering.next_part += 1;
+        gathering.next_seq = next_seq;
+        gathering.next_part = next_part;
+        gathering.until = lease_until;
         if gathering.next_part < parts {
             return None;
         }
@@ -201,7 +209,7 @@ impl Table {
             }
             _ => self.replicas.remove(&origin.replica),
         };
-        replace(&mut self.sums, old.map(|r| r.counts), &counts, out);
+        self.sums.replace(old.map(|r| r.counts), &counts, out);
         let replica = Replica {
             incarnation: origin.incarnation,
             seq,
@@ -220,6 +228,7 @@ impl Table {
         if !self.ready {
             return out;
         }
+        self.gathering.retain(|_, g| g.until > now);
         let expired: Vec<String> = self
             .replicas
             .iter()
@@ -228,7 +237,7 @@ impl Table {
             .collect();
         for name in expired {
             let gone = self.replicas.remove(&name).map(|r| r.counts);
-            replace(&mut self.sums, gone, &Counts::new(), &mut out);
+            self.sums.replace(gone, &Counts::new(), &mut out);
         }
         out
     }
@@ -255,6 +264,7 @@ impl Table {
     pub fn room(&self, tenant: Option<&str>, room: &str) -> BTreeMap<String, u32> {
         let start = Key::room_start(tenant, room);
         self.sums
+            .counts
             .range(&start..)
             .take_while(|(key, _)| key.same_room(&start))
             .map(|(key, &n)| (key.user.clone(), n))
@@ -262,18 +272,20 @@ impl Table {
     }
 
     /// A user's connections, on any replica.
-    // Read by the client's `presence` query and events, which the service does not serve yet.
-    #[allow(dead_code)]
+    #[cfg(test)]
     pub fn connections(&self, tenant: Option<&str>, user: &str) -> u32 {
-        self.sums
-            .get(&Key::user(tenant, user))
-            .copied()
-            .unwrap_or(0)
+        let key = Key::user(tenant, user);
+        self.sums.counts.get(&key).copied().unwrap_or(0)
     }
 
     /// Every sum, in key order.
     pub fn sums(&self) -> &Counts {
-        &self.sums
+        &self.sums.counts
+    }
+
+    /// Users online, summed over the tenants.
+    pub fn online(&self) -> usize {
+        self.sums.online
     }
 
     pub fn replicas(&self) -> usize {
@@ -313,34 +325,52 @@ pub struct ReplicaState {
     pub counts: usize,
 }
 
-/// Moves one replica's counts from `old` to `new` in the sums.
-fn replace(sums: &mut Counts, old: Option<Counts>, new: &Counts, out: &mut Vec<Transition>) {
-    let mut old = old.unwrap_or_default();
-    for (key, &count) in new {
-        let before = old.remove(key).unwrap_or(0);
-        add(sums, key, before, count, out);
-    }
-    for (key, before) in old {
-        add(sums, &key, before, 0, out);
-    }
+/// The counts summed over the replicas, and how many users are online, kept as they change
+/// so that the gauge of users online walks nothing.
+#[derive(Debug, Default)]
+struct Sums {
+    counts: Counts,
+    online: usize,
 }
 
-/// Changes a replica's share of a sum from `before` to `after`.
-fn add(sums: &mut Counts, key: &Key, before: u32, after: u32, out: &mut Vec<Transition>) {
-    if before == after {
-        return;
+impl Sums {
+    /// Moves one replica's counts from `old` to `new`.
+    fn replace(&mut self, old: Option<Counts>, new: &Counts, out: &mut Vec<Transition>) {
+        let mut old = old.unwrap_or_default();
+        for (key, &count) in new {
+            let before = old.remove(key).unwrap_or(0);
+            self.add(key, before, count, out);
+        }
+        for (key, before) in old {
+            self.add(&key, before, 0, out);
+        }
     }
-    let was = sums.get(key).copied().unwrap_or(0);
-    let now = was.saturating_sub(before).saturating_add(after);
-    if now == 0 {
-        sums.remove(key);
-    } else {
-        sums.insert(key.clone(), now);
-    }
-    match (was, now) {
-        (0, 1..) => out.push(Transition::Came(key.clone())),
-        (1.., 0) => out.push(Transition::Went(key.clone())),
-        _ => {}
+
+    /// Changes a replica's share of a sum from `before` to `after`.
+    fn add(&mut self, key: &Key, before: u32, after: u32, out: &mut Vec<Transition>) {
+        if before == after {
+            return;
+        }
+        let sums = &mut self.counts;
+        let was = sums.get(key).copied().unwrap_or(0);
+        let now = was.saturating_sub(before).saturating_add(after);
+        if now == 0 {
+            sums.remove(key);
+        } else {
+            sums.insert(key.clone(), now);
+        }
+        let transition = match (was, now) {
+            (0, 1..) => Transition::Came(key.clone()),
+            (1.., 0) => Transition::Went(key.clone()),
+            _ => return,
+        };
+        if key.room.is_none() {
+            match transition {
+                Transition::Came(_) => self.online += 1,
+                Transition::Went(_) => self.online -= 1,
+            }
+        }
+        out.push(transition);
     }
 }
 
@@ -407,6 +437,53 @@ mod tests {
             table.caught_up(now);
             table
         }
+    }
+
+    /// A snapshot part as anyone able to write to the topic could make it.
+    fn forged(seq: u64, part: u32, parts: u32, lease: Duration) -> Record {
+        let mut counts = Counts::new();
+        counts.insert(Key::user(None, "ghost"), 1);
+        Record {
+            origin: Origin {
+                replica: "forged".into(),
+                incarnation: "x".into(),
+            },
+            seq,
+            lease,
+            body: Body::Snapshot {
+                part,
+                parts,
+                counts,
+            },
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forged_records_neither_panic_nor_stay() {
+        let mut table = ready();
+        let now = Instant::now();
+        // The last seq: nothing overflows, and a snapshot cannot go on from there.
+        let first = table.apply(forged(u64::MAX, 0, 2, LEASE), now, Duration::ZERO);
+        assert_eq!(first.outcome, Outcome::OutOfSequence);
+        let second = table.apply(forged(u64::MAX, 1, 2, LEASE), now, Duration::ZERO);
+        assert_eq!(second.outcome, Outcome::OutOfSequence);
+        // A snapshot begun and never ended is dropped with its lease.
+        let begun = table.apply(forged(7, 0, u32::MAX, LEASE), now, Duration::ZERO);
+        assert_eq!(begun.outcome, Outcome::Gathered);
+        assert_eq!(table.gathering.len(), 1);
+        tokio::time::advance(LEASE).await;
+        table.expire(Instant::now());
+        assert!(table.gathering.is_empty());
+        // A snapshot just before the last seq, then changes up to it and past it.
+        let whole = forged(u64::MAX - 1, 0, 1, LEASE);
+        let whole = table.apply(whole, Instant::now(), Duration::ZERO);
+        assert_eq!(whole.outcome, Outcome::Applied);
+        let mut changes = forged(u64::MAX, 0, 1, LEASE);
+        changes.body = Body::Changes(Counts::new());
+        let last = table.apply(changes.clone(), Instant::now(), Duration::ZERO);
+        assert_eq!(last.outcome, Outcome::Applied);
+        let again = table.apply(changes, Instant::now(), Duration::ZERO);
+        assert_eq!(again.outcome, Outcome::Covered);
     }
 
     fn apply_all(table: &mut Table, records: Vec<Record>) -> Vec<Transition> {
@@ -485,6 +562,7 @@ mod tests {
         );
         assert!(table.room(acme, "task:9").is_empty());
         assert!(table.sums().is_empty());
+        assert_eq!(table.online(), 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -504,6 +582,8 @@ mod tests {
         assert_eq!(table.room(None, "task:9"), users(&[("5", 1)]));
         assert_eq!(table.connections(Some("acme"), "7"), 0);
         assert_eq!(table.connections(Some("globex"), "7"), 1);
+        // 42, 7, 5 and 1 of two tenants.
+        assert_eq!(table.online(), 5);
         exit(&a, Some("globex"), "task:9", "7");
         assert_eq!(
             apply_all(&mut table, a.publish(Kind::Changes)),
