@@ -226,6 +226,9 @@ pub struct PresenceConfig {
     /// The room whose presence listeners hear a tenant's users come online and go offline;
     /// `{tenant}` stands for the tenant. Empty: no such events.
     pub status_room: String,
+    /// The most users a client's query answers with (the first in order, and
+    /// `"truncated": true`): the answer is copied under the table's lock.
+    pub max_query_users: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -377,6 +380,7 @@ impl Default for PresenceConfig {
             expiry_seconds: 10.0,
             max_record_bytes: 256 * 1024,
             status_room: "tenant:{tenant}".into(),
+            max_query_users: 10_000,
         }
     }
 }
@@ -875,6 +879,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 "presence.max_record_bytes",
                 format!("must be between {MIN_PRESENCE_RECORD_BYTES} and 16777216"),
+            ));
+        }
+        if !(1..=1_000_000).contains(&p.max_query_users) {
+            return Err(ConfigError::invalid(
+                "presence.max_query_users",
+                "must be between 1 and 1000000",
             ));
         }
         if p.status_room.replace("{tenant}", "").contains(['{', '}']) {

@@ -49,6 +49,9 @@ export interface Presence {
   /** False while the answering server is still reading the cluster's presence: `users` may
    * lack some, ask again in a moment. */
   ready: boolean;
+  /** True when the room held more users than the server answers with
+   * (`presence.max_query_users`): `users` holds the first of them. */
+  truncated?: boolean;
 }
 
 /** Event names to payload types, for `connect<Events>()`. */
@@ -228,7 +231,8 @@ export class RoomcastClient<E extends EventMap = Record<string, any>> {
   /** Who is in `room` now, on every server; authorized as a subscribe to it is (`token`: a
    * subscription token granting it). */
   presence(room: string, { token }: { token?: string } = {}): Promise<Presence> {
-    return this.request_({ type: 'presence', room, token }, ({ users, ready }) => ({ users, ready }));
+    return this.request_({ type: 'presence', room, token }, ({ users, ready, truncated }) =>
+      truncated ? { users, ready, truncated } : { users, ready });
   }
 
   /** The current position map, `{"topic:partition": offset}`. */

@@ -34,6 +34,10 @@ test('a presence query resolves with the users and their connection counts, and 
   assert.deepEqual(server.socket.last, { type: 'presence', id: 2, room: 'task:8' });
   server.socket.frame({ type: 'ok', id: 2, room: 'task:8', users: {}, ready: false });
   assert.deepEqual(await early, { users: {}, ready: false }, 'a server still reading the presence topic says so');
+
+  const large = client.presence('tenant:acme');
+  server.socket.frame({ type: 'ok', id: 3, room: 'tenant:acme', users: { 1: 1 }, ready: true, truncated: true });
+  assert.deepEqual(await large, { users: { 1: 1 }, ready: true, truncated: true }, 'a room larger than the answer says so');
 });
 
 test('a refused presence query rejects with the final error', async () => {

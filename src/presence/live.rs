@@ -49,6 +49,8 @@ pub struct Presence {
 pub struct RoomView {
     pub users: BTreeMap<String, u32>,
     pub ready: bool,
+    /// More users were in the room than an answer holds.
+    pub truncated: bool,
 }
 
 /// `/presence`: per tenant (`""` for tokens without one), per room, the users present and
@@ -168,21 +170,25 @@ impl Presence {
         RoomView {
             users: table.room(tenant, room),
             ready: table.is_ready(),
+            truncated: false,
         }
     }
 
     /// A client's query: `answer` is called with the room as the table holds it now, by the
     /// teller, after every event of an earlier change and before any of a later one.
+    /// At most `max` users are copied, under the table's lock.
     pub fn query(
         &self,
-        tenant: Option<&str>,
-        room: &str,
+        (tenant, room): (Option<&str>, &str),
+        max: usize,
         answer: impl FnOnce(RoomView) + Send + 'static,
     ) {
         let table = self.table();
+        let (users, truncated) = table.room_within(tenant, room, max);
         let view = RoomView {
-            users: table.room(tenant, room),
+            users,
             ready: table.is_ready(),
+            truncated,
         };
         let _ = self
             .queue
@@ -313,7 +319,8 @@ mod tests {
             b.room(Some("acme"), "task:9"),
             RoomView {
                 users: BTreeMap::from([("42".to_string(), 1)]),
-                ready: true
+                ready: true,
+                truncated: false,
             }
         );
         assert!(b.room(None, "task:9").users.is_empty());
@@ -424,7 +431,7 @@ mod tests {
             b.apply_read(record, Duration::ZERO);
         }
         let answered = log.clone();
-        b.query(None, "r", move |view| {
+        b.query((None, "r"), 10, move |view| {
             answered
                 .lock()
                 .unwrap()

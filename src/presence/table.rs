@@ -261,14 +261,30 @@ impl Table {
     }
 
     /// The users in a room, on any replica, with their connections in it.
+    #[cfg(test)]
     pub fn room(&self, tenant: Option<&str>, room: &str) -> BTreeMap<String, u32> {
+        self.room_within(tenant, room, usize::MAX).0
+    }
+
+    /// As `room`, with at most `max` users (the first in order), and whether there were more.
+    pub fn room_within(
+        &self,
+        tenant: Option<&str>,
+        room: &str,
+        max: usize,
+    ) -> (BTreeMap<String, u32>, bool) {
         let start = Key::room_start(tenant, room);
-        self.sums
+        let mut members = self
+            .sums
             .counts
             .range(&start..)
-            .take_while(|(key, _)| key.same_room(&start))
+            .take_while(|(key, _)| key.same_room(&start));
+        let users = members
+            .by_ref()
+            .take(max)
             .map(|(key, &n)| (key.user.clone(), n))
-            .collect()
+            .collect();
+        (users, members.next().is_some())
     }
 
     /// A user's connections, on any replica.
@@ -566,6 +582,22 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_room_is_answered_within_a_bound_and_says_when_cut() {
+        let mut a = Node::new("a", "1");
+        let mut table = ready();
+        apply_all(&mut table, a.publish(Kind::Snapshot));
+        for user in ["1", "2", "3"] {
+            enter(&a, Some("acme"), "task:9", user);
+        }
+        enter(&a, Some("acme"), "task:90", "4");
+        apply_all(&mut table, a.publish(Kind::Changes));
+        let room = |max| table.room_within(Some("acme"), "task:9", max);
+        assert_eq!(room(3), (users(&[("1", 1), ("2", 1), ("3", 1)]), false));
+        assert_eq!(room(2), (users(&[("1", 1), ("2", 1)]), true));
+        assert_eq!(room(0), (users(&[]), true));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn tenants_never_meet_even_through_a_room_of_the_same_spelling() {
         let mut a = Node::new("a", "1");
         let mut table = ready();
@@ -580,9 +612,12 @@ mod tests {
         assert_eq!(table.room(Some("acme"), "task:9"), users(&[("42", 1)]));
         assert_eq!(table.room(Some("globex"), "task:9"), users(&[("7", 1)]));
         assert_eq!(table.room(None, "task:9"), users(&[("5", 1)]));
+        let acme = table.room_within(Some("acme"), "task:9", 1);
+        assert_eq!(acme, (users(&[("42", 1)]), false), "one fits in one");
+
         assert_eq!(table.connections(Some("acme"), "7"), 0);
         assert_eq!(table.connections(Some("globex"), "7"), 1);
-        // 42, 7, 5 and 1 of two tenants.
+        // 42, 7, 5, and 1 of two tenants.
         assert_eq!(table.online(), 5);
         exit(&a, Some("globex"), "task:9", "7");
         assert_eq!(

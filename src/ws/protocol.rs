@@ -8,6 +8,7 @@
 //! sources ([`Source`]) and request ids ([`RequestId`]) are typed here: other modules name
 //! them, never spell them.
 
+use crate::presence::live::RoomView;
 use std::collections::BTreeMap;
 
 use crate::route::Routed;
@@ -445,6 +446,8 @@ enum ServerFrame<'a> {
         room: &'a str,
         users: &'a BTreeMap<String, u32>,
         ready: bool,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        truncated: bool,
     },
     #[serde(rename = "event")]
     PresenceEvent {
@@ -514,17 +517,13 @@ pub fn pong(id: &RequestId) -> Frame {
 }
 
 /// The answer to a presence query: the room's users and their connections on any replica.
-pub fn presence_ok(
-    id: &RequestId,
-    room: &str,
-    users: &BTreeMap<String, u32>,
-    ready: bool,
-) -> Frame {
+pub fn presence_ok(id: &RequestId, room: &str, view: &RoomView) -> Frame {
     to_frame(&ServerFrame::PresenceOk {
         id,
         room,
-        users,
-        ready,
+        users: &view.users,
+        ready: view.ready,
+        truncated: view.truncated,
     })
 }
 
@@ -620,6 +619,16 @@ mod tests {
         let rooms = ["user:u".to_string(), "task:7".to_string()];
         let cut = BTreeMap::from([("t:1".to_string(), 9), ("a:0".to_string(), -1)]);
         let users = BTreeMap::from([("7".to_string(), 1), ("42".to_string(), 2)]);
+        let view = RoomView {
+            users,
+            ready: true,
+            truncated: false,
+        };
+        let truncated = RoomView {
+            users: BTreeMap::from([("42".to_string(), 2)]),
+            ready: false,
+            truncated: true,
+        };
         let frames = [
             (
                 ok(&id(json!(7)), Some(&rooms[1..])),
@@ -648,8 +657,12 @@ mod tests {
             ),
             (pong(&id(json!(-2))), r#"{"type":"pong","id":-2}"#),
             (
-                presence_ok(&id(json!(8)), "task:9", &users, true),
+                presence_ok(&id(json!(8)), "task:9", &view),
                 r#"{"type":"ok","id":8,"room":"task:9","users":{"42":2,"7":1},"ready":true}"#,
+            ),
+            (
+                presence_ok(&id(json!(9)), "r", &truncated),
+                r#"{"type":"ok","id":9,"room":"r","users":{"42":2},"ready":false,"truncated":true}"#,
             ),
             (
                 presence_event("presence.join", 17, Some("task:9"), "42"),

@@ -793,8 +793,10 @@ impl Session {
             return self.peer.reply(protocol::error(id, code, None, message));
         }
         let (peer, id, name) = (self.peer.clone(), id.clone(), room.to_string());
-        presence.query(self.identity.tenant.as_deref(), room, move |view| {
-            peer.reply(protocol::presence_ok(&id, &name, &view.users, view.ready));
+        let max = self.hub.config.presence.max_query_users;
+        let tenant = self.identity.tenant.as_deref();
+        presence.query((tenant, room), max, move |view| {
+            peer.reply(protocol::presence_ok(&id, &name, &view));
         });
     }
 

@@ -309,3 +309,36 @@ async fn a_resume_with_presence_hears_joins_from_its_cut_on() {
         json!({"event": "presence.join", "payload": {"room": "task:9", "user": "2"}})
     );
 }
+
+#[tokio::test]
+async fn a_query_of_a_large_room_answers_within_its_bound_and_says_so() {
+    let topic = unique("presence-client-events");
+    create_topic(&topic, 1).await;
+    let extra = format!(
+        "{}max_query_users = 2\n",
+        presence_section(&unique("presence"))
+    );
+    let server = Server::start(&task_route(&topic), &extra).await;
+    let mut clients = Vec::new();
+    for user in ["a", "b", "c"] {
+        let mut c = server
+            .connect(&tenant_token("acme", user, &["task:9"]))
+            .await;
+        c.join(&["task:9"]).await;
+        clients.push(c);
+    }
+    let asker = &mut clients[0];
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    for id in 1.. {
+        let answer = asker
+            .request(json!({"type": "presence", "room": "task:9"}), id)
+            .await;
+        if answer["truncated"] == json!(true) {
+            assert_eq!(answer["users"], json!({"a": 1, "b": 1}), "the first two");
+            break;
+        }
+        assert!(answer.get("truncated").is_none(), "{answer}");
+        assert!(std::time::Instant::now() < deadline, "{answer}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
