@@ -229,6 +229,10 @@ pub struct PresenceConfig {
     /// The most users a client's query answers with (the first in order, and
     /// `"truncated": true`): the answer is copied under the table's lock.
     pub max_query_users: usize,
+    /// Room patterns (`*`, `**`) whose presence is kept: a connection in another room is
+    /// not counted in it, and that room can be neither queried nor listened to. Every room
+    /// counted costs each replica memory and a key in every snapshot.
+    pub rooms: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -381,6 +385,7 @@ impl Default for PresenceConfig {
             max_record_bytes: 256 * 1024,
             status_room: "tenant:{tenant}".into(),
             max_query_users: 10_000,
+            rooms: vec!["**".into()],
         }
     }
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::auth::Authenticator;
+use crate::pattern::Pattern;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{parse_addr, Config, ConfigError, LogConfig, RouteConfig};
@@ -31,6 +32,8 @@ pub struct Setup {
     pub(crate) proxies: TrustedProxies,
     pub(crate) kafka: KafkaSettings,
     pub(crate) replay: resume::Limits,
+    /// `presence.rooms`, compiled.
+    pub(crate) presence_rooms: Vec<Pattern>,
     log_filter: EnvFilter,
 }
 
@@ -48,6 +51,13 @@ impl Setup {
         let routes = Arc::new(compile_routes(&config)?);
         let replay = replay_limits(&config);
         let log_filter = log_filter(&config.log)?;
+        let presence_rooms = config
+            .presence
+            .rooms
+            .iter()
+            .map(|r| Pattern::room(r))
+            .collect::<Result<_, _>>()
+            .map_err(|e| ConfigError::invalid("presence.rooms", e.to_string()))?;
         Ok(Setup {
             config: Arc::new(config),
             listen,
@@ -57,6 +67,7 @@ impl Setup {
             proxies,
             kafka,
             replay,
+            presence_rooms,
             log_filter,
         })
     }
@@ -132,6 +143,11 @@ mod tests {
         c.server.trusted_proxies = vec!["10.0.0.0/33".into()];
         let err = refusal(c);
         assert!(err.starts_with("server.trusted_proxies:"), "{err}");
+
+        let mut c = hs_config();
+        c.presence.rooms = vec!["ta*sk".into()];
+        let err = refusal(c);
+        assert!(err.starts_with("presence.rooms:"), "{err}");
 
         let mut c = hs_config();
         c.log.level = "roomcast=loud".into();

@@ -27,6 +27,7 @@ use crate::frame::Frame;
 use crate::kafka::consumer::{Delivery, Pending};
 use crate::kafka::replay::KafkaReplay;
 use crate::metrics::Metrics;
+use crate::pattern::Pattern;
 use crate::position::{PartitionTable, PositionMap};
 use crate::presence::live::Presence;
 use crate::proxy::TrustedProxies;
@@ -112,6 +113,8 @@ pub struct Hub {
     #[doc(hidden)]
     pub echo: bool,
     pub(crate) presence: Option<Arc<Presence>>,
+    /// `presence.rooms`: the rooms whose presence is kept.
+    presence_rooms: Vec<Pattern>,
 }
 
 impl Hub {
@@ -122,6 +125,7 @@ impl Hub {
             config,
             auth,
             proxies,
+            presence_rooms,
             ..
         } = setup;
         let HubParts {
@@ -156,8 +160,22 @@ impl Hub {
                 runtime,
             }),
             presence,
+            presence_rooms,
             echo: false,
         }
+    }
+
+    /// Presence, when on and kept for `room` (`presence.rooms`).
+    pub(crate) fn presence_of(&self, room: &str) -> Option<&Arc<Presence>> {
+        let kept = || self.presence_rooms.iter().any(|p| p.matches(room));
+        self.presence.as_ref().filter(|_| kept())
+    }
+
+    /// Whether `room` has presence events to listen to: kept, or the tenant's status room,
+    /// whose online and offline come from the users' counts whatever `presence.rooms` says.
+    pub(crate) fn has_presence_events(&self, tenant: Option<&str>, room: &str) -> bool {
+        let status = || self.config.presence.status_room_of(tenant).as_deref() == Some(room);
+        self.presence.is_some() && (self.presence_of(room).is_some() || status())
     }
 
     pub fn config(&self) -> &Arc<Config> {

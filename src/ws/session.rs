@@ -251,7 +251,9 @@ impl Session {
         if let Some(presence) = &self.hub.presence {
             let (tenant, user) = (self.identity.tenant.as_deref(), &self.identity.user);
             for room in self.rooms.keys() {
-                presence.local.left(tenant, room, user);
+                if let Some(presence) = self.hub.presence_of(room) {
+                    presence.local.left(tenant, room, user);
+                }
             }
             presence.local.disconnected(tenant, user);
         }
@@ -792,6 +794,11 @@ impl Session {
         if let Err((code, message)) = self.admit(room, &grants) {
             return self.peer.reply(protocol::error(id, code, None, message));
         }
+        if self.hub.presence_of(room).is_none() {
+            let code = ErrorCode::PresenceDisabled;
+            let message = "presence is not kept for this room (presence.rooms)";
+            return self.peer.reply(protocol::error(id, code, None, message));
+        }
         let (peer, id, name) = (self.peer.clone(), id.clone(), room.to_string());
         let max = self.hub.config.presence.max_query_users;
         let tenant = self.identity.tenant.as_deref();
@@ -816,15 +823,17 @@ impl Session {
         self.hub
             .registry
             .join(self.id, tenant, room, &self.peer, filter.clone());
-        if presence {
-            self.hub
-                .listeners
-                .join(self.id, tenant, room, &self.peer, None);
-        } else if self.hub.presence.is_some() {
-            self.hub.listeners.leave(self.id, tenant, room);
+        if self.hub.has_presence_events(tenant, room) {
+            if presence {
+                let peer = &self.peer;
+                self.hub.listeners.join(self.id, tenant, room, peer, None);
+            } else {
+                self.hub.listeners.leave(self.id, tenant, room);
+            }
         }
+        let kept = self.hub.presence_of(room);
         let fresh = self.rooms.insert(room.to_string(), filter).is_none();
-        if let (true, Some(presence)) = (fresh, &self.hub.presence) {
+        if let (true, Some(presence)) = (fresh, kept) {
             presence.local.joined(tenant, room, &self.identity.user);
         }
     }
@@ -840,7 +849,7 @@ impl Session {
             if self.rooms.remove(&room).is_some() {
                 self.hub.registry.leave(self.id, tenant, &room);
                 self.hub.listeners.leave(self.id, tenant, &room);
-                if let Some(presence) = &self.hub.presence {
+                if let Some(presence) = self.hub.presence_of(&room) {
                     presence.local.left(tenant, &room, &self.identity.user);
                 }
                 left.push(room);

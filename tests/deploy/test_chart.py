@@ -355,6 +355,7 @@ class AllFeatures(unittest.TestCase):
             "create_topic": True,
             "expiry_seconds": 12.0,
             "status_room": "org:{tenant}",
+            "rooms": ["task:*", "org:*"],
         })
         self.assertEqual(cfg["kafka"]["ssl.certificate.location"], "/etc/roomcast/kafka-client/client.crt")
         self.assertEqual(cfg["kafka"]["ssl.key.location"], "/etc/roomcast/kafka-client/client.key")

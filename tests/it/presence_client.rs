@@ -342,3 +342,52 @@ async fn a_query_of_a_large_room_answers_within_its_bound_and_says_so() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn only_the_rooms_presence_rooms_names_are_kept_and_status_still_heard() {
+    let topic = unique("presence-client-events");
+    create_topic(&topic, 1).await;
+    let extra = format!(
+        "{}rooms = [\"task:*\"]\n",
+        presence_section(&unique("presence"))
+    );
+    let server = Server::start(&task_route(&topic), &extra).await;
+    let grants = ["task:9", "feature:x"];
+    let mut listener = server.connect(&tenant_token("acme", "1", &grants)).await;
+    let (errors, ok) = listener
+        .subscribe(json!({"rooms": ["tenant:acme", "task:9", "feature:x"], "presence": true}))
+        .await;
+    assert!(errors.is_empty() && ok["type"] == "ok", "{errors:?} {ok}");
+    until_query(&mut listener, "task:9", json!({"1": 1})).await;
+    for room in ["feature:x", "tenant:acme", "user:1"] {
+        let refused = listener
+            .request(json!({"type": "presence", "room": room}), 7)
+            .await;
+        assert_eq!(refused["code"], "presence_disabled", "{room}: {refused}");
+        assert_eq!(
+            refused["message"],
+            "presence is not kept for this room (presence.rooms)"
+        );
+    }
+    let (_, body) = http_get(&server.admin, "/presence?tenant=acme")
+        .await
+        .unwrap();
+    let view: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(view["rooms"], json!({"task:9": {"1": 1}}), "{view}");
+    assert_eq!(view["users"], json!({"1": 1}), "{view}");
+
+    // The status room is not kept, yet its listeners hear users come and go.
+    while listener
+        .frame_within(Duration::from_millis(300))
+        .await
+        .is_some()
+    {}
+    let mut other = server.connect(&tenant_token("acme", "2", &grants)).await;
+    assert_eq!(
+        presence_event(&mut listener).await,
+        json!({"event": "presence.online", "payload": {"user": "2"}})
+    );
+    // Joining a room that is not kept is heard by no one.
+    other.join(&["feature:x"]).await;
+    listener.expect_silence(Duration::from_millis(500)).await;
+}
