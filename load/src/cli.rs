@@ -53,6 +53,12 @@ pub enum Command {
     /// phase. The server's route for --topic must be the bench's (`user:{userId}`,
     /// `task:{taskId}`).
     Hostile(HostileArgs),
+    /// Starts --replicas servers sharing a fresh presence topic; N clients, each a user of
+    /// --tenant joining one room, connect to the first at the same instant, then all close
+    /// at once. Per storm: connects/s, presence records published, the time until every
+    /// other replica's /presence shows exactly the first one's table, and the first one's
+    /// CPU per client; then the same storms on one server with presence off: the extra CPU.
+    PresenceStorm(PresenceStormArgs),
     /// Only create the topic (with --partitions) and exit.
     CreateTopic(CreateTopicArgs),
     /// Markdown tables, one per kind of run, from the JSON lines of a results file.
@@ -80,6 +86,7 @@ impl Command {
             Command::ReplayMemory(a) => &a.output,
             Command::RouteBacklog(a) => &a.output,
             Command::Hostile(a) => &a.output,
+            Command::PresenceStorm(a) => &a.output,
             Command::CreateTopic(_)
             | Command::Report(_)
             | Command::CombineReplicas(_)
@@ -263,6 +270,7 @@ impl Managed {
             config: self.server_config.clone(),
             log: self.server_log.clone(),
             pidfile: self.server_pidfile.clone(),
+            env: Vec::new(),
         }
     }
 }
@@ -453,6 +461,56 @@ pub struct HostileArgs {
     /// a phase is killed and replaced for the phases left.
     #[arg(long, default_value_t = 20.0)]
     pub recover_seconds: f64,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PresenceStormArgs {
+    #[command(flatten)]
+    pub output: Output,
+    #[command(flatten)]
+    pub tokens: Tokens,
+    #[command(flatten)]
+    pub connecting: Connecting,
+    #[command(flatten)]
+    pub managed: Managed,
+    /// Clients, all users of one tenant, all connecting to the first replica.
+    #[arg(long, short = 'n', default_value_t = 10_000)]
+    pub connections: usize,
+    /// The room each client subscribes to besides its own user and tenant rooms: shared,
+    /// groups:N, user (none), zipf:S[:ROOMS].
+    #[arg(long, default_value = "groups:100")]
+    pub dist: String,
+    /// The tenant claim of every token.
+    #[arg(long, default_value = "bench")]
+    pub tenant: String,
+    /// Servers sharing the presence topic when presence is on (the first takes the clients).
+    #[arg(long, default_value_t = 3)]
+    pub replicas: usize,
+    /// The presence topic (default: a fresh `bench-presence-<ms since epoch>`), made by the
+    /// servers with the compaction PRESENCE.md gives it.
+    #[arg(long)]
+    pub presence_topic: Option<String>,
+    /// The runs, in order: `on` (presence on, all replicas), `off` (presence off, the first
+    /// replica alone).
+    #[arg(long, default_value = "on,off")]
+    pub modes: String,
+    /// Seconds from each storm's start over which the first replica's CPU is counted; the
+    /// same in every run, and long enough for the others to agree.
+    #[arg(long, default_value_t = 6.0)]
+    pub window: f64,
+    /// A client not in its room this many seconds after the start has failed.
+    #[arg(long, default_value_t = 30.0)]
+    pub join_timeout: f64,
+    /// Give up on a replica that has not agreed this many seconds after a storm's start.
+    #[arg(long, default_value_t = 60.0)]
+    pub agree_timeout: f64,
+    /// Milliseconds between two reads of a watched replica's records-consumed counter; its
+    /// whole table is fetched only when a record came since the last fetch.
+    #[arg(long, default_value_t = 50)]
+    pub poll_ms: u64,
+    /// Kafka broker process to sample (CPU only), for context.
+    #[arg(long)]
+    pub broker_pid: Option<u32>,
 }
 
 #[derive(Args, Debug, Clone)]
