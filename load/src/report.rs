@@ -168,7 +168,7 @@ const REPLICAS: &[&str] = &[
 
 #[rustfmt::skip]
 const PRESENCE: &[&str] = &[
-    "run", "presence", "storm", "clients in", "failed", "all in / closes sent s", "connects/s",
+    "run", "presence", "storm", "clients in", "failed", "all in / all ended s", "connects/s",
     "records published (by agreement)", "others agreed s", "first server CPU s",
     "CPU per client µs", "presence adds µs", "other work cores",
 ];
@@ -331,7 +331,7 @@ fn presence_rows(r: &Value) -> Vec<Vec<String>> {
                 txt(if storm == "connect" {
                     &p["all_joined_s"]
                 } else {
-                    &p["closes_sent_s"]
+                    &p["sessions_ended_s"]
                 }),
                 if storm == "connect" {
                     txt(&p["connects_per_s"])
@@ -697,7 +697,7 @@ mod tests {
     fn a_presence_storm_has_a_row_per_run_and_storm() {
         let storm = |agreed: Value, cpu: f64| {
             json!({"clients": 10, "joined": 10, "failures": {}, "all_joined_s": 0.5,
-                   "closes_sent_s": 0.1, "connects_per_s": 20.0, "records_published": 4.0,
+                   "sessions_ended_s": 0.1, "connects_per_s": 20.0, "records_published": 4.0,
                    "records_published_by_agreement": 2.0, "others": agreed, "other_work_cores": 0.25,
                    "first_server": {"cpu_s": 0.02, "cpu_per_client_us": cpu}})
         };

@@ -322,6 +322,7 @@ async fn storms(
     let t1 = Instant::now();
     let gone = Arc::new(RwLock::new(Arc::new(TenantTable::default())));
     let watches = watch.start(t1, &gone);
+    let ended = watch.sessions_ended(t1);
     let _ = signals.close.send(true);
     for h in handles {
         let _ = h.await;
@@ -330,11 +331,18 @@ async fn storms(
     tokio::time::sleep_until((t1 + setup.window).into()).await;
     let after = Sample::take(servers, args.broker_pid);
     let seen = join(watches).await;
-    let mut disconnect = json!({ "closes_sent_s": round(closes_sent.as_secs_f64(), 3) });
+    let ended = tokio::task::spawn_blocking(move || ended.join().ok().flatten())
+        .await
+        .ok()
+        .flatten();
+    let mut disconnect = json!({
+        "closes_sent_s": round(closes_sent.as_secs_f64(), 3),
+        "sessions_ended_s": ended.map(|d| round(d.as_secs_f64(), 3)),
+    });
     add_costs(&mut disconnect, &before, &after, &seen, connected);
     disconnect["agreed_after_all_in_s"] = json!(later(
         &disconnect["all_agreed_s"],
-        &disconnect["closes_sent_s"]
+        &disconnect["sessions_ended_s"]
     ));
     Ok(json!({ "connect": connect, "disconnect": disconnect }))
 }
@@ -369,6 +377,21 @@ impl Watching<'_> {
                 })
             })
             .collect()
+    }
+}
+
+impl Watching<'_> {
+    /// The first server's open connections watched until none is left, in every run alike:
+    /// when it has ended the sessions the clients closed.
+    fn sessions_ended(&self, start: Instant) -> std::thread::JoinHandle<Option<Duration>> {
+        watch::until_metric(
+            self.servers[0].admin,
+            "roomcast_connections",
+            0.0,
+            start,
+            start + Duration::from_secs_f64(self.args.agree_timeout),
+            Duration::from_millis(self.args.poll_ms.max(1)),
+        )
     }
 }
 
@@ -558,8 +581,15 @@ fn print(r: &Value) {
     for (mode, run) in r["runs"].as_object().into_iter().flatten() {
         let (c, d) = (&run["connect"], &run["disconnect"]);
         eprintln!(
-            "presence {mode}: {} of {} joined (failures {}), all in {} s, {} connects/s",
-            c["joined"], c["clients"], c["failures"], c["all_joined_s"], c["connects_per_s"]
+            "presence {mode}: {} of {} joined (failures {}), all in {} s, {} connects/s; \
+             closes sent in {} s, every session ended after {} s",
+            c["joined"],
+            c["clients"],
+            c["failures"],
+            c["all_joined_s"],
+            c["connects_per_s"],
+            d["closes_sent_s"],
+            d["sessions_ended_s"]
         );
         for (storm, p) in [("connect", c), ("disconnect", d)] {
             let agreed: Vec<String> = p["others"]
@@ -570,7 +600,7 @@ fn print(r: &Value) {
                 .collect();
             eprintln!(
                 "  {storm}: {} records published ({} by agreement), others agreed after [{}] s \
-                 ({} s after the last client was in or had sent its close); \
+                 ({} s after the last client was in, or the first server had ended every session); \
                  first server {} CPU s, {} µs per client; other work on the machine {} cores",
                 p["records_published"],
                 p["records_published_by_agreement"],

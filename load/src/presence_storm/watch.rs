@@ -97,6 +97,31 @@ fn watch(w: &Watch) -> Seen {
     }
 }
 
+/// Reads `admin`'s metric `name` every `poll` until it is `value`; the time from `start` to
+/// the read that showed it, or None by the deadline.
+pub fn until_metric(
+    admin: SocketAddr,
+    name: &'static str,
+    value: f64,
+    start: Instant,
+    deadline: Instant,
+    poll: Duration,
+) -> JoinHandle<Option<Duration>> {
+    let url = format!("http://{admin}/metrics");
+    std::thread::Builder::new()
+        .name(format!("metric-{admin}"))
+        .spawn(move || loop {
+            if procstat::scrape(&url).and_then(|m| m.get(name).copied()) == Some(value) {
+                return Some(start.elapsed());
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(poll);
+        })
+        .expect("a thread")
+}
+
 /// The counter's value at the last fetch of the table, and when that was.
 #[derive(Debug, Clone, Copy)]
 struct Fetch {
