@@ -170,7 +170,7 @@ const REPLICAS: &[&str] = &[
 const PRESENCE: &[&str] = &[
     "run", "presence", "storm", "clients in", "failed", "all in / all ended s", "connects/s",
     "records published (by agreement)", "others agreed s", "first server CPU s",
-    "CPU per client µs", "presence adds µs", "other work cores",
+    "CPU per client µs", "presence adds µs", "other work cores", "listen overflows",
 ];
 
 fn idle_row(r: &Value) -> Vec<String> {
@@ -356,6 +356,7 @@ fn presence_rows(r: &Value) -> Vec<Vec<String>> {
                     "-".into()
                 },
                 txt(&p["other_work_cores"]),
+                txt(&p["kernel_tcp"]["ListenOverflows"]),
             ]);
         }
     }
@@ -699,6 +700,7 @@ mod tests {
             json!({"clients": 10, "joined": 10, "failures": {}, "all_joined_s": 0.5,
                    "sessions_ended_s": 0.1, "connects_per_s": 20.0, "records_published": 4.0,
                    "records_published_by_agreement": 2.0, "others": agreed, "other_work_cores": 0.25,
+                   "kernel_tcp": {"ListenOverflows": 7},
                    "first_server": {"cpu_s": 0.02, "cpu_per_client_us": cpu}})
         };
         let r = json!({
@@ -717,15 +719,15 @@ mod tests {
         assert_eq!(lines[0], format!("| {} |", PRESENCE.join(" | ")));
         assert_eq!(
             lines[2],
-            "| p | on | connect | 10 of 10 | - | 0.5 | 20.0 | 4.0 (2.0) | 0.9 / 1.1 | 0.02 | 100.0 | 30.0 | 0.25 |"
+            "| p | on | connect | 10 of 10 | - | 0.5 | 20.0 | 4.0 (2.0) | 0.9 / 1.1 | 0.02 | 100.0 | 30.0 | 0.25 | 7 |"
         );
         assert_eq!(
             lines[3],
-            "| p | on | disconnect | 10 of 10 | - | 0.1 | - | 4.0 (2.0) | 0.3 / - | 0.02 | 20.0 | 5.5 | 0.25 |"
+            "| p | on | disconnect | 10 of 10 | - | 0.1 | - | 4.0 (2.0) | 0.3 / - | 0.02 | 20.0 | 5.5 | 0.25 | 7 |"
         );
         assert_eq!(
             lines[5],
-            "| p | off | disconnect | 10 of 10 | - | 0.1 | - | 4.0 (2.0) | - | 0.02 | 14.5 | - | 0.25 |"
+            "| p | off | disconnect | 10 of 10 | - | 0.1 | - | 4.0 (2.0) | - | 0.02 | 14.5 | - | 0.25 | 7 |"
         );
         assert_eq!(lines.len(), 7, "{out}");
     }

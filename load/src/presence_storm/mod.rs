@@ -16,7 +16,7 @@ mod clients;
 mod table;
 mod watch;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -416,6 +416,9 @@ struct Sample {
     client: Option<f64>,
     broker: Option<f64>,
     machine_busy_s: Option<f64>,
+    /// The kernel's accept-queue counters: a storm that overflows the queue waits for SYN
+    /// retransmits (1 s, 3 s), which then set its pace.
+    listen: Option<BTreeMap<String, u64>>,
 }
 
 impl Sample {
@@ -432,6 +435,7 @@ impl Sample {
             client: procstat::sample("self").map(|p| p.cpu_s),
             broker: broker.and_then(|p| procstat::sample(&p.to_string()).map(|p| p.cpu_s)),
             machine_busy_s: procstat::machine_busy_s(),
+            listen: procstat::listen_counters(),
         }
     }
 
@@ -540,6 +544,20 @@ fn add_costs(r: &mut Value, a: &Sample, b: &Sample, seen: &[Seen], clients: Opti
     r["broker_cpu_s"] = json!(delta(a.broker, b.broker));
     r["machine_busy_s"] = json!(delta(a.machine_busy_s, b.machine_busy_s));
     r["other_work_cores"] = json!(other_work(a, b));
+    r["kernel_tcp"] = json!(listen_delta(&a.listen, &b.listen));
+}
+
+/// How much each accept-queue counter grew between two samples.
+fn listen_delta(
+    a: &Option<BTreeMap<String, u64>>,
+    b: &Option<BTreeMap<String, u64>>,
+) -> Option<BTreeMap<String, u64>> {
+    let (a, b) = (a.as_ref()?, b.as_ref()?);
+    Some(
+        b.iter()
+            .map(|(k, v)| (k.clone(), v.saturating_sub(a.get(k).copied().unwrap_or(0))))
+            .collect(),
+    )
 }
 
 /// The cores busy with work other than the servers', the client's and the broker's between
@@ -601,7 +619,8 @@ fn print(r: &Value) {
             eprintln!(
                 "  {storm}: {} records published ({} by agreement), others agreed after [{}] s \
                  ({} s after the last client was in, or the first server had ended every session); \
-                 first server {} CPU s, {} µs per client; other work on the machine {} cores",
+                 first server {} CPU s, {} µs per client; other work on the machine {} cores; \
+                 kernel {}",
                 p["records_published"],
                 p["records_published_by_agreement"],
                 agreed.join(", "),
@@ -609,6 +628,7 @@ fn print(r: &Value) {
                 p["first_server"]["cpu_s"],
                 p["first_server"]["cpu_per_client_us"],
                 p["other_work_cores"],
+                p["kernel_tcp"],
             );
         }
     }
@@ -661,6 +681,7 @@ mod tests {
             client: Some(client),
             broker: None,
             machine_busy_s: Some(busy),
+            listen: None,
         };
         let a = sample(at, [1.0, 2.0], 0.5, 100.0);
         let b = sample(at + Duration::from_secs(2), [2.0, 2.5], 1.0, 104.0);
@@ -668,6 +689,24 @@ mod tests {
         assert_eq!(other_work(&a, &b), Some(1.0));
         let idle = sample(at + Duration::from_secs(2), [2.0, 2.5], 1.0, 101.0);
         assert_eq!(other_work(&a, &idle), Some(0.0));
+    }
+
+    #[test]
+    fn accept_queue_counters_are_counted_over_the_window() {
+        let counters = |o: u64, d: u64| {
+            Some(BTreeMap::from([
+                ("ListenOverflows".to_string(), o),
+                ("ListenDrops".to_string(), d),
+            ]))
+        };
+        assert_eq!(
+            listen_delta(&counters(10, 3), &counters(510, 3)),
+            Some(BTreeMap::from([
+                ("ListenDrops".to_string(), 0),
+                ("ListenOverflows".to_string(), 500),
+            ]))
+        );
+        assert_eq!(listen_delta(&None, &counters(1, 1)), None);
     }
 
     #[test]
