@@ -13,10 +13,10 @@
 //! default window both storms end before it, so the windows hold the storms' cost alone.
 
 mod clients;
+mod costs;
 mod table;
 mod watch;
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -30,9 +30,10 @@ use crate::procstat;
 use crate::round;
 use crate::server::{Server, Spec};
 use crate::storm::quantiles;
-use clients::{Outcome, Plan, Target};
+use clients::{Outcome, Plan, Signals, Target};
+use costs::{add_costs, extra, Sample};
 use table::{Reached, TenantTable};
-use watch::{Seen, Watch, PUBLISHED};
+use watch::{Seen, Watch};
 
 /// Time allowed past the clients' own limit for outcomes still on their way.
 const SETTLE: Duration = Duration::from_secs(5);
@@ -241,121 +242,154 @@ async fn storms(
     servers: &[Server],
     presence: bool,
 ) -> anyhow::Result<Value> {
-    let first = &servers[0];
-    let rooms = setup.dist.assign(setup.n, 1);
-    let plans = (0..setup.n)
-        .map(|i| {
-            Ok(Plan {
-                index: i,
-                token: crate::tenant_token(
-                    &args.tokens.secret,
-                    &Dist::user(i),
-                    Some(&args.tenant),
-                    args.tokens.token_ttl,
-                )?,
-                room: setup.dist.subscribe_room(rooms[i]),
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let users: Vec<(String, Option<String>)> = plans
-        .iter()
-        .map(|p| (Dist::user(p.index), p.room.clone()))
-        .collect();
-    let per_source = args.connecting.per_source.max(1);
-    let sources = client::source_addresses(args.connecting.first_source, setup.n, per_source)
-        .map_err(anyhow::Error::msg)?;
-    let target = Arc::new(Target::new(
-        format!("ws://{}/ws", first.public),
-        first.public,
-        args.connecting.read_buffer,
-        Duration::from_secs_f64(args.join_timeout),
-    ));
-    let (signals, mut done, handles) = clients::spawn(plans, &sources, per_source, &target);
-    clients::arm(&target, setup.n).await?;
-    let watch = Watching {
+    let mut crowd = Crowd::arm(args, setup, &servers[0]).await?;
+    let storm = Storm {
         args,
         servers,
         presence,
+        window: setup.window,
     };
-
     eprintln!(
         "presence {}: {} clients to {} at once",
         mode_name(presence),
         setup.n,
-        first.public
+        servers[0].public
     );
-    let everyone = TenantTable::expected(
-        &args.tenant,
-        users
-            .iter()
-            .map(|(u, r)| (u.as_str(), r.as_deref(), Reached::Joined)),
-    );
-    let before = Sample::take(servers, args.broker_pid);
-    let t0 = Instant::now();
-    let expected = Arc::new(RwLock::new(Arc::new(everyone)));
-    let watches = watch.start(t0, &expected);
-    let _ = signals.start.send(Some(t0));
-    let outcomes = clients::collect(setup.n, t0 + target.limit + SETTLE, &mut done).await;
-    let reached: Vec<Reached> = outcomes
-        .iter()
-        .map(|o| o.as_ref().map_or(Reached::Nothing, |o| o.reached))
-        .collect();
-    let entered = TenantTable::expected(
-        &args.tenant,
-        users
-            .iter()
-            .zip(&reached)
-            .map(|((u, r), &got)| (u.as_str(), r.as_deref(), got)),
-    );
-    *expected.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(entered);
-    tokio::time::sleep_until((t0 + setup.window).into()).await;
-    let after = Sample::take(servers, args.broker_pid);
-    let seen = join(watches).await;
-    let mut connect = entry_report(&outcomes);
-    let connected = connect["connected"].as_u64();
-    add_costs(&mut connect, &before, &after, &seen, connected);
-    connect["agreed_after_all_in_s"] =
-        json!(later(&connect["all_agreed_s"], &connect["all_joined_s"]));
-
+    let connect = storm.connect(&mut crowd).await;
     eprintln!("presence {}: every client closes", mode_name(presence));
-    let before = Sample::take(servers, args.broker_pid);
-    let t1 = Instant::now();
-    let gone = Arc::new(RwLock::new(Arc::new(TenantTable::default())));
-    let watches = watch.start(t1, &gone);
-    let ended = watch.sessions_ended(t1);
-    let _ = signals.close.send(true);
-    for h in handles {
-        let _ = h.await;
-    }
-    let closes_sent = t1.elapsed();
-    tokio::time::sleep_until((t1 + setup.window).into()).await;
-    let after = Sample::take(servers, args.broker_pid);
-    let seen = join(watches).await;
-    let ended = tokio::task::spawn_blocking(move || ended.join().ok().flatten())
-        .await
-        .ok()
-        .flatten();
-    let mut disconnect = json!({
-        "closes_sent_s": round(closes_sent.as_secs_f64(), 3),
-        "sessions_ended_s": ended.map(|d| round(d.as_secs_f64(), 3)),
-    });
-    add_costs(&mut disconnect, &before, &after, &seen, connected);
-    disconnect["agreed_after_all_in_s"] = json!(later(
-        &disconnect["all_agreed_s"],
-        &disconnect["sessions_ended_s"]
-    ));
+    let disconnect = storm.close(&mut crowd, connect["connected"].as_u64()).await;
     Ok(json!({ "connect": connect, "disconnect": disconnect }))
 }
 
-/// The replicas other than the first, watched from each storm's start (none with presence off).
-struct Watching<'a> {
+/// The clients, armed: every socket bound, every task waiting for the start.
+struct Crowd {
+    target: Arc<Target>,
+    signals: Signals,
+    done: tokio::sync::mpsc::UnboundedReceiver<(usize, Outcome)>,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+    /// Each client's user and the room it asks for, in client order.
+    users: Vec<(String, Option<String>)>,
+}
+
+impl Crowd {
+    async fn arm(args: &PresenceStormArgs, setup: &Setup, first: &Server) -> anyhow::Result<Crowd> {
+        let rooms = setup.dist.assign(setup.n, 1);
+        let plans = (0..setup.n)
+            .map(|i| {
+                Ok(Plan {
+                    index: i,
+                    token: crate::tenant_token(
+                        &args.tokens.secret,
+                        &Dist::user(i),
+                        Some(&args.tenant),
+                        args.tokens.token_ttl,
+                    )?,
+                    room: setup.dist.subscribe_room(rooms[i]),
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let users = plans
+            .iter()
+            .map(|p| (Dist::user(p.index), p.room.clone()))
+            .collect();
+        let per_source = args.connecting.per_source.max(1);
+        let sources = client::source_addresses(args.connecting.first_source, setup.n, per_source)
+            .map_err(anyhow::Error::msg)?;
+        let target = Arc::new(Target::new(
+            format!("ws://{}/ws", first.public),
+            first.public,
+            args.connecting.read_buffer,
+            Duration::from_secs_f64(args.join_timeout),
+        ));
+        let (signals, done, handles) = clients::spawn(plans, &sources, per_source, &target);
+        clients::arm(&target, setup.n).await?;
+        Ok(Crowd {
+            target,
+            signals,
+            done,
+            handles,
+            users,
+        })
+    }
+
+    /// The tenant's table with each client where it got.
+    fn table(&self, tenant: &str, reached: impl Fn(usize) -> Reached) -> TenantTable {
+        TenantTable::expected(
+            tenant,
+            self.users
+                .iter()
+                .enumerate()
+                .map(|(i, (u, r))| (u.as_str(), r.as_deref(), reached(i))),
+        )
+    }
+}
+
+/// One run's servers and what its storms share.
+struct Storm<'a> {
     args: &'a PresenceStormArgs,
     servers: &'a [Server],
     presence: bool,
+    window: Duration,
 }
 
-impl Watching<'_> {
-    fn start(
+impl Storm<'_> {
+    /// Every client connects at once; the window's costs once the others agree with the
+    /// clients that got in.
+    async fn connect(&self, crowd: &mut Crowd) -> Value {
+        let tenant = &self.args.tenant;
+        let everyone = crowd.table(tenant, |_| Reached::Joined);
+        let before = Sample::take(self.servers, self.args.broker_pid);
+        let t0 = Instant::now();
+        let expected = Arc::new(RwLock::new(Arc::new(everyone)));
+        let watches = self.watch_others(t0, &expected);
+        let _ = crowd.signals.start.send(Some(t0));
+        let deadline = t0 + crowd.target.limit + SETTLE;
+        let outcomes = clients::collect(crowd.users.len(), deadline, &mut crowd.done).await;
+        let entered = crowd.table(tenant, |i| {
+            outcomes[i].as_ref().map_or(Reached::Nothing, |o| o.reached)
+        });
+        *expected.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(entered);
+        tokio::time::sleep_until((t0 + self.window).into()).await;
+        let after = Sample::take(self.servers, self.args.broker_pid);
+        let seen = join(watches).await;
+        let mut r = entry_report(&outcomes);
+        let connected = r["connected"].as_u64();
+        add_costs(&mut r, &before, &after, &seen, connected);
+        r["agreed_after_all_in_s"] = json!(later(&r["all_agreed_s"], &r["all_joined_s"]));
+        r
+    }
+
+    /// Every client sends its close at once; the window's costs once the others show nobody.
+    async fn close(&self, crowd: &mut Crowd, connected: Option<u64>) -> Value {
+        let before = Sample::take(self.servers, self.args.broker_pid);
+        let t1 = Instant::now();
+        let gone = Arc::new(RwLock::new(Arc::new(TenantTable::default())));
+        let watches = self.watch_others(t1, &gone);
+        let ended = self.sessions_ended(t1);
+        let _ = crowd.signals.close.send(true);
+        for h in crowd.handles.drain(..) {
+            let _ = h.await;
+        }
+        let closes_sent = t1.elapsed();
+        tokio::time::sleep_until((t1 + self.window).into()).await;
+        let after = Sample::take(self.servers, self.args.broker_pid);
+        let seen = join(watches).await;
+        let ended = tokio::task::spawn_blocking(move || ended.join().ok().flatten())
+            .await
+            .ok()
+            .flatten();
+        let mut r = json!({
+            "closes_sent_s": round(closes_sent.as_secs_f64(), 3),
+            "sessions_ended_s": ended.map(|d| round(d.as_secs_f64(), 3)),
+        });
+        add_costs(&mut r, &before, &after, &seen, connected);
+        r["agreed_after_all_in_s"] = json!(later(&r["all_agreed_s"], &r["sessions_ended_s"]));
+        r
+    }
+
+    /// The replicas other than the first, watched from `start` until they show `expected`
+    /// (none with presence off).
+    fn watch_others(
         &self,
         start: Instant,
         expected: &Arc<RwLock<Arc<TenantTable>>>,
@@ -378,9 +412,7 @@ impl Watching<'_> {
             })
             .collect()
     }
-}
 
-impl Watching<'_> {
     /// The first server's open connections watched until none is left, in every run alike:
     /// when it has ended the sessions the clients closed.
     fn sessions_ended(&self, start: Instant) -> std::thread::JoinHandle<Option<Duration>> {
@@ -404,44 +436,6 @@ async fn join(watches: Vec<std::thread::JoinHandle<Seen>>) -> Vec<Seen> {
     })
     .await
     .unwrap_or_default()
-}
-
-/// The processes and counters read at a storm's start and at the end of its window.
-struct Sample {
-    at: Instant,
-    /// CPU seconds of each server, the first one's RSS and metrics.
-    cpu: Vec<Option<f64>>,
-    rss_kib: Option<u64>,
-    metrics: Option<HashMap<String, f64>>,
-    client: Option<f64>,
-    broker: Option<f64>,
-    machine_busy_s: Option<f64>,
-    /// The kernel's accept-queue counters: a storm that overflows the queue waits for SYN
-    /// retransmits (1 s, 3 s), which then set its pace.
-    listen: Option<BTreeMap<String, u64>>,
-}
-
-impl Sample {
-    fn take(servers: &[Server], broker: Option<u32>) -> Sample {
-        let first = procstat::sample(&servers[0].pid.to_string());
-        Sample {
-            at: Instant::now(),
-            cpu: servers
-                .iter()
-                .map(|s| procstat::sample(&s.pid.to_string()).map(|p| p.cpu_s))
-                .collect(),
-            rss_kib: first.map(|p| p.rss_kib),
-            metrics: procstat::scrape(&servers[0].metrics_url()),
-            client: procstat::sample("self").map(|p| p.cpu_s),
-            broker: broker.and_then(|p| procstat::sample(&p.to_string()).map(|p| p.cpu_s)),
-            machine_busy_s: procstat::machine_busy_s(),
-            listen: procstat::listen_counters(),
-        }
-    }
-
-    fn metric(&self, name: &str) -> Option<f64> {
-        self.metrics.as_ref()?.get(name).copied()
-    }
 }
 
 /// How far the clients got and how fast.
@@ -479,116 +473,6 @@ fn later(at: &Value, from: &Value) -> Option<f64> {
 /// Clients per second, `count` of them in `us` microseconds.
 fn rate(count: usize, us: u64) -> f64 {
     count as f64 / (us.max(1) as f64 / 1e6)
-}
-
-/// The first server's CPU per client over the window: (CPU seconds, microseconds per client).
-fn per_client(
-    before: Option<f64>,
-    after: Option<f64>,
-    clients: Option<u64>,
-) -> (Option<f64>, Option<f64>) {
-    let cpu = after.zip(before).map(|(a, b)| a - b);
-    let per = cpu
-        .zip(clients.filter(|&c| c > 0))
-        .map(|(cpu, c)| cpu * 1e6 / c as f64);
-    (cpu, per)
-}
-
-/// What one window cost and what the other replicas saw in it.
-fn add_costs(r: &mut Value, a: &Sample, b: &Sample, seen: &[Seen], clients: Option<u64>) {
-    let secs = |d: Option<Duration>| d.map(|d| round(d.as_secs_f64(), 3));
-    let delta = |x: Option<f64>, y: Option<f64>| y.zip(x).map(|(y, x)| round(y - x, 3));
-    let (cpu, per) = per_client(a.cpu[0], b.cpu[0], clients);
-    let published_before = a.metric(PUBLISHED);
-    let agreed: Vec<Option<f64>> = seen.iter().map(|s| secs(s.agreed)).collect();
-    r["records_published"] = json!(delta(published_before, b.metric(PUBLISHED)));
-    r["records_published_by_agreement"] = json!(seen
-        .iter()
-        .filter_map(|s| s.published_at_agreement)
-        .fold(None, |m: Option<f64>, p| Some(m.map_or(p, |m| m.max(p))))
-        .zip(published_before)
-        .map(|(p, b)| p - b));
-    r["all_agreed_s"] = json!(
-        if agreed.iter().all(Option::is_some) && !agreed.is_empty() {
-            agreed.iter().flatten().copied().reduce(f64::max)
-        } else {
-            None
-        }
-    );
-    r["others"] = seen
-        .iter()
-        .map(|s| {
-            json!({
-                "first_record_s": secs(s.first_record),
-                "agreed_s": secs(s.agreed),
-                "records_consumed": s.records,
-                "table_fetches": s.fetches,
-                "last_users": s.last_users,
-                "last_memberships": s.last_memberships,
-            })
-        })
-        .collect();
-    r["first_server"] = json!({
-        "cpu_s": cpu.map(|c| round(c, 3)),
-        "cpu_per_client_us": per.map(|p| round(p, 1)),
-        "rss_before_kib": a.rss_kib,
-        "rss_after_kib": b.rss_kib,
-        "connections_at_end": b.metric("roomcast_connections"),
-    });
-    r["other_servers_cpu_s"] = a.cpu[1..]
-        .iter()
-        .zip(&b.cpu[1..])
-        .map(|(x, y)| json!(delta(*x, *y)))
-        .collect();
-    r["client_cpu_s"] = json!(delta(a.client, b.client));
-    r["broker_cpu_s"] = json!(delta(a.broker, b.broker));
-    r["machine_busy_s"] = json!(delta(a.machine_busy_s, b.machine_busy_s));
-    r["other_work_cores"] = json!(other_work(a, b));
-    r["kernel_tcp"] = json!(listen_delta(&a.listen, &b.listen));
-}
-
-/// How much each accept-queue counter grew between two samples.
-fn listen_delta(
-    a: &Option<BTreeMap<String, u64>>,
-    b: &Option<BTreeMap<String, u64>>,
-) -> Option<BTreeMap<String, u64>> {
-    let (a, b) = (a.as_ref()?, b.as_ref()?);
-    Some(
-        b.iter()
-            .map(|(k, v)| (k.clone(), v.saturating_sub(a.get(k).copied().unwrap_or(0))))
-            .collect(),
-    )
-}
-
-/// The cores busy with work other than the servers', the client's and the broker's between
-/// two samples: the machine's other tenants, whose load the run shared the cores with.
-fn other_work(a: &Sample, b: &Sample) -> Option<f64> {
-    let busy = b.machine_busy_s? - a.machine_busy_s?;
-    let spent = |x: Option<f64>, y: Option<f64>| y.zip(x).map_or(0.0, |(y, x)| y - x);
-    let ours: f64 = a
-        .cpu
-        .iter()
-        .zip(&b.cpu)
-        .map(|(x, y)| spent(*x, *y))
-        .sum::<f64>()
-        + spent(a.client, b.client)
-        + spent(a.broker, b.broker);
-    let secs = b.at.duration_since(a.at).as_secs_f64().max(1e-9);
-    Some(round((busy - ours).max(0.0) / secs, 2))
-}
-
-/// What presence adds per client: the on run's CPU per client less the off run's.
-fn extra(runs: &Value) -> Value {
-    let diff = |phase: &str| {
-        let per = |mode: &str| runs[mode][phase]["first_server"]["cpu_per_client_us"].as_f64();
-        per("on")
-            .zip(per("off"))
-            .map(|(on, off)| round(on - off, 1))
-    };
-    json!({
-        "cpu_per_connect_us": diff("connect"),
-        "cpu_per_disconnect_us": diff("disconnect"),
-    })
 }
 
 fn print(r: &Value) {
@@ -649,68 +533,16 @@ mod tests {
     }
 
     #[test]
-    fn cpu_per_client_and_what_presence_adds() {
-        let (cpu, per) = per_client(Some(10.0), Some(10.5), Some(10_000));
-        assert_eq!(cpu, Some(0.5));
-        assert!((per.unwrap() - 50.0).abs() < 1e-9);
-        assert_eq!(per_client(Some(1.0), None, Some(10)), (None, None));
-        assert_eq!(per_client(Some(1.0), Some(2.0), Some(0)).1, None);
-        let runs = json!({
-            "on": {"connect": {"first_server": {"cpu_per_client_us": 71.5}},
-                   "disconnect": {"first_server": {"cpu_per_client_us": 30.0}}},
-            "off": {"connect": {"first_server": {"cpu_per_client_us": 60.25}},
-                    "disconnect": {"first_server": {"cpu_per_client_us": null}}},
-        });
-        assert_eq!(
-            extra(&runs),
-            json!({"cpu_per_connect_us": 11.3, "cpu_per_disconnect_us": null})
-        );
+    fn rates_and_delays() {
         assert_eq!(rate(10_000, 2_000_000), 5000.0);
         assert_eq!(later(&json!(2.5), &json!(1.75)), Some(0.75));
         assert_eq!(later(&Value::Null, &json!(1.75)), None);
     }
 
     #[test]
-    fn other_work_is_the_machine_less_what_the_run_spent() {
-        let at = Instant::now();
-        let sample = |at, cpu: [f64; 2], client, busy| Sample {
-            at,
-            cpu: cpu.into_iter().map(Some).collect(),
-            rss_kib: None,
-            metrics: None,
-            client: Some(client),
-            broker: None,
-            machine_busy_s: Some(busy),
-            listen: None,
-        };
-        let a = sample(at, [1.0, 2.0], 0.5, 100.0);
-        let b = sample(at + Duration::from_secs(2), [2.0, 2.5], 1.0, 104.0);
-        // 4 s busy, of which the run spent 2: one core's worth of other work over 2 s.
-        assert_eq!(other_work(&a, &b), Some(1.0));
-        let idle = sample(at + Duration::from_secs(2), [2.0, 2.5], 1.0, 101.0);
-        assert_eq!(other_work(&a, &idle), Some(0.0));
-    }
-
-    #[test]
-    fn accept_queue_counters_are_counted_over_the_window() {
-        let counters = |o: u64, d: u64| {
-            Some(BTreeMap::from([
-                ("ListenOverflows".to_string(), o),
-                ("ListenDrops".to_string(), d),
-            ]))
-        };
-        assert_eq!(
-            listen_delta(&counters(10, 3), &counters(510, 3)),
-            Some(BTreeMap::from([
-                ("ListenDrops".to_string(), 0),
-                ("ListenOverflows".to_string(), 500),
-            ]))
-        );
-        assert_eq!(listen_delta(&None, &counters(1, 1)), None);
-    }
-
-    #[test]
     fn each_server_gets_its_name_listeners_and_presence() {
+        use std::collections::HashMap;
+
         let env: HashMap<String, String> = server_env(2, true, "bench-presence-1")
             .into_iter()
             .collect();
