@@ -470,9 +470,16 @@ pub struct PresenceStormArgs {
     #[command(flatten)]
     pub tokens: Tokens,
     #[command(flatten)]
-    pub connecting: Connecting,
-    #[command(flatten)]
     pub managed: Managed,
+    /// Connections per client source address (127.0.0.1, 127.0.0.2, ...).
+    #[arg(long, default_value_t = 8000)]
+    pub per_source: usize,
+    /// First client source address; the next ones count up from it.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub first_source: Ipv4Addr,
+    /// Per-connection read buffer (bytes).
+    #[arg(long, default_value_t = 4096)]
+    pub read_buffer: usize,
     /// Clients, all users of one tenant, all connecting to the first replica.
     #[arg(long, short = 'n', default_value_t = 10_000)]
     pub connections: usize,
@@ -541,6 +548,43 @@ mod tests {
     #[test]
     fn every_subcommand_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_presence_storm_takes_no_pacing() {
+        let paced = Cli::try_parse_from([
+            "roomcast-load",
+            "presence-storm",
+            "--server-bin",
+            "b",
+            "--server-config",
+            "c",
+            "--connect-rate",
+            "100",
+        ]);
+        assert_eq!(
+            paced.unwrap_err().kind(),
+            clap::error::ErrorKind::UnknownArgument
+        );
+        let Cli {
+            command: Command::PresenceStorm(p),
+        } = Cli::try_parse_from([
+            "roomcast-load",
+            "presence-storm",
+            "--server-bin",
+            "b",
+            "--server-config",
+            "c",
+        ])
+        .unwrap()
+        else {
+            panic!("not presence-storm");
+        };
+        assert_eq!((p.connections, p.replicas, p.poll_ms), (10_000, 3, 50));
+        assert_eq!(
+            (p.dist.as_str(), p.modes.as_str()),
+            ("groups:100", "on,off")
+        );
     }
 
     #[test]

@@ -292,13 +292,13 @@ impl Crowd {
             .iter()
             .map(|p| (Dist::user(p.index), p.room.clone()))
             .collect();
-        let per_source = args.connecting.per_source.max(1);
-        let sources = client::source_addresses(args.connecting.first_source, setup.n, per_source)
+        let per_source = args.per_source.max(1);
+        let sources = client::source_addresses(args.first_source, setup.n, per_source)
             .map_err(anyhow::Error::msg)?;
         let target = Arc::new(Target::new(
             format!("ws://{}/ws", first.public),
             first.public,
-            args.connecting.read_buffer,
+            args.read_buffer,
             Duration::from_secs_f64(args.join_timeout),
         ));
         let (signals, done, handles) = clients::spawn(plans, &sources, per_source, &target);
