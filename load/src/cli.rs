@@ -53,6 +53,12 @@ pub enum Command {
     /// phase. The server's route for --topic must be the bench's (`user:{userId}`,
     /// `task:{taskId}`).
     Hostile(HostileArgs),
+    /// Starts --replicas servers sharing a fresh presence topic; N clients, each a user of
+    /// --tenant joining one room, connect to the first at the same instant, then all close
+    /// at once. Per storm: connects/s, presence records published, the time until every
+    /// other replica's /presence shows exactly the first one's table, and the first one's
+    /// CPU per client; then the same storms on one server with presence off: the extra CPU.
+    PresenceStorm(PresenceStormArgs),
     /// Only create the topic (with --partitions) and exit.
     CreateTopic(CreateTopicArgs),
     /// Markdown tables, one per kind of run, from the JSON lines of a results file.
@@ -80,6 +86,7 @@ impl Command {
             Command::ReplayMemory(a) => &a.output,
             Command::RouteBacklog(a) => &a.output,
             Command::Hostile(a) => &a.output,
+            Command::PresenceStorm(a) => &a.output,
             Command::CreateTopic(_)
             | Command::Report(_)
             | Command::CombineReplicas(_)
@@ -263,6 +270,7 @@ impl Managed {
             config: self.server_config.clone(),
             log: self.server_log.clone(),
             pidfile: self.server_pidfile.clone(),
+            env: Vec::new(),
         }
     }
 }
@@ -456,6 +464,63 @@ pub struct HostileArgs {
 }
 
 #[derive(Args, Debug, Clone)]
+pub struct PresenceStormArgs {
+    #[command(flatten)]
+    pub output: Output,
+    #[command(flatten)]
+    pub tokens: Tokens,
+    #[command(flatten)]
+    pub managed: Managed,
+    /// Connections per client source address (127.0.0.1, 127.0.0.2, ...).
+    #[arg(long, default_value_t = 8000)]
+    pub per_source: usize,
+    /// First client source address; the next ones count up from it.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub first_source: Ipv4Addr,
+    /// Per-connection read buffer (bytes).
+    #[arg(long, default_value_t = 4096)]
+    pub read_buffer: usize,
+    /// Clients, all users of one tenant, all connecting to the first replica.
+    #[arg(long, short = 'n', default_value_t = 10_000)]
+    pub connections: usize,
+    /// The room each client subscribes to besides its own user and tenant rooms: shared,
+    /// groups:N, user (none), zipf:S[:ROOMS].
+    #[arg(long, default_value = "groups:100")]
+    pub dist: String,
+    /// The tenant claim of every token.
+    #[arg(long, default_value = "bench")]
+    pub tenant: String,
+    /// Servers sharing the presence topic when presence is on (the first takes the clients).
+    #[arg(long, default_value_t = 3)]
+    pub replicas: usize,
+    /// The presence topic (default: a fresh `bench-presence-<ms since epoch>`), made by the
+    /// servers with the compaction PRESENCE.md gives it.
+    #[arg(long)]
+    pub presence_topic: Option<String>,
+    /// The runs, in order: `on` (presence on, all replicas), `off` (presence off, the first
+    /// replica alone).
+    #[arg(long, default_value = "on,off")]
+    pub modes: String,
+    /// Seconds from each storm's start over which the first replica's CPU is counted; the
+    /// same in every run, and long enough for the others to agree.
+    #[arg(long, default_value_t = 6.0)]
+    pub window: f64,
+    /// A client not in its room this many seconds after the start has failed.
+    #[arg(long, default_value_t = 30.0)]
+    pub join_timeout: f64,
+    /// Give up on a replica that has not agreed this many seconds after a storm's start.
+    #[arg(long, default_value_t = 60.0)]
+    pub agree_timeout: f64,
+    /// Milliseconds between two reads of a watched replica's records-consumed counter; its
+    /// whole table is fetched only when a record came since the last fetch.
+    #[arg(long, default_value_t = 50)]
+    pub poll_ms: u64,
+    /// Kafka broker process to sample (CPU only), for context.
+    #[arg(long)]
+    pub broker_pid: Option<u32>,
+}
+
+#[derive(Args, Debug, Clone)]
 pub struct CreateTopicArgs {
     /// Kafka bootstrap servers.
     #[arg(long)]
@@ -483,6 +548,43 @@ mod tests {
     #[test]
     fn every_subcommand_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_presence_storm_takes_no_pacing() {
+        let paced = Cli::try_parse_from([
+            "roomcast-load",
+            "presence-storm",
+            "--server-bin",
+            "b",
+            "--server-config",
+            "c",
+            "--connect-rate",
+            "100",
+        ]);
+        assert_eq!(
+            paced.unwrap_err().kind(),
+            clap::error::ErrorKind::UnknownArgument
+        );
+        let Cli {
+            command: Command::PresenceStorm(p),
+        } = Cli::try_parse_from([
+            "roomcast-load",
+            "presence-storm",
+            "--server-bin",
+            "b",
+            "--server-config",
+            "c",
+        ])
+        .unwrap()
+        else {
+            panic!("not presence-storm");
+        };
+        assert_eq!((p.connections, p.replicas, p.poll_ms), (10_000, 3, 50));
+        assert_eq!(
+            (p.dist.as_str(), p.modes.as_str()),
+            ("groups:100", "on,off")
+        );
     }
 
     #[test]

@@ -3,11 +3,12 @@
 //! and the server's CPU, write syscalls and memory over the measured window.
 //!
 //! One subcommand per scenario (`cli.rs`). Fan-out and idle (`fanout.rs`) and the connect
-//! storm (`connstorm.rs`) run against a server already running; four scenarios start the
+//! storm (`connstorm.rs`) run against a server already running; five scenarios start the
 //! server themselves: the resume storm (`storm.rs`), which restarts it under its clients, the
 //! replay buffer's memory (`replaymem.rs`), the routing rate from a backlog (`backlog.rs`),
-//! and hostile clients watched by a bystander (`hostile.rs`); the Kafka path (`kafkapath.rs`)
-//! has no server at all.
+//! hostile clients watched by a bystander (`hostile.rs`), and the presence storm
+//! (`presence_storm/`), which starts several replicas sharing a presence topic; the Kafka
+//! path (`kafkapath.rs`) has no server at all.
 //!
 //! Only loopback addresses are accepted as targets.
 //!
@@ -24,6 +25,7 @@ mod fanout;
 pub mod frame;
 mod hostile;
 mod kafkapath;
+mod presence_storm;
 mod procstat;
 mod producer;
 mod replaymem;
@@ -57,6 +59,7 @@ pub async fn run(command: &Command) -> anyhow::Result<Value> {
         Command::ReplayMemory(args) => replaymem::run(args, args.managed.spec()).await,
         Command::RouteBacklog(args) => backlog::run(args, args.managed.spec()).await,
         Command::Hostile(args) => hostile::run(args, args.managed.spec()).await,
+        Command::PresenceStorm(args) => presence_storm::run(args).await,
         Command::CreateTopic(args) => {
             producer::create_topic(&args.brokers, &args.topic, args.partitions).await?;
             eprintln!(
@@ -113,8 +116,21 @@ pub(crate) fn ws_addr(url: &str) -> anyhow::Result<SocketAddr> {
 }
 
 pub(crate) fn token(secret: &str, sub: &str, ttl: u64) -> anyhow::Result<String> {
+    tenant_token(secret, sub, None, ttl)
+}
+
+/// A token of user `sub` of `tenant` (none: the tenantless namespace), allowed `task:*`.
+pub(crate) fn tenant_token(
+    secret: &str,
+    sub: &str,
+    tenant: Option<&str>,
+    ttl: u64,
+) -> anyhow::Result<String> {
     let exp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + ttl;
-    let claims = json!({ "sub": sub, "exp": exp, "rooms": ["task:*"] });
+    let mut claims = json!({ "sub": sub, "exp": exp, "rooms": ["task:*"] });
+    if let Some(t) = tenant {
+        claims["tenant"] = json!(t);
+    }
     Ok(jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
         &claims,
@@ -132,4 +148,28 @@ pub(crate) fn us_as_ms(v: &Value, decimals: usize) -> String {
 pub(crate) fn round(x: f64, digits: i32) -> f64 {
     let m = 10f64.powi(digits);
     (x * m).round() / m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tenant_token_carries_its_tenant_and_a_plain_one_none() {
+        let claims = |t: &str| {
+            jsonwebtoken::decode::<Value>(
+                t,
+                &jsonwebtoken::DecodingKey::from_secret(b"s-0123456789"),
+                &jsonwebtoken::Validation::default(),
+            )
+            .unwrap()
+            .claims
+        };
+        let with = claims(&tenant_token("s-0123456789", "u7", Some("acme"), 60).unwrap());
+        assert_eq!(with["sub"], "u7");
+        assert_eq!(with["tenant"], "acme");
+        assert_eq!(with["rooms"], json!(["task:*"]));
+        let without = claims(&token("s-0123456789", "u7", 60).unwrap());
+        assert!(without.get("tenant").is_none());
+    }
 }

@@ -196,40 +196,7 @@ pub fn scrape(url: &str) -> Option<HashMap<String, f64>> {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/metrics"),
     };
-    let addr: SocketAddr = host.parse().ok()?;
-    if !addr.ip().is_loopback() {
-        return None;
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut body = Vec::new();
-    let mut buf = [0u8; 16384];
-    while Instant::now() < deadline {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => body.extend_from_slice(&buf[..n]),
-            Err(_) => break,
-        }
-    }
-    let text = String::from_utf8_lossy(&body);
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return None;
-    }
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)?
-    } else {
-        body.to_string()
-    };
+    let body = get(host.parse().ok()?, path)?;
     let mut out = HashMap::new();
     for line in body.lines() {
         if line.starts_with('#') || line.is_empty() {
@@ -248,6 +215,43 @@ pub fn scrape(url: &str) -> Option<HashMap<String, f64>> {
         }
     }
     Some(out)
+}
+
+/// The body of `GET path` on a loopback address, if it answers 200 within 5 s.
+pub fn get(addr: SocketAddr, path: &str) -> Option<String> {
+    if !addr.ip().is_loopback() {
+        return None;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut body = Vec::new();
+    let mut buf = [0u8; 16384];
+    while Instant::now() < deadline {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => body.extend_from_slice(&buf[..n]),
+            Err(_) => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&body);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return None;
+    }
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        Some(body.to_string())
+    }
 }
 
 /// Upper bounds (seconds) of the buckets holding quantiles `qs` of the observations a

@@ -64,6 +64,7 @@ struct Tables {
     kafka: Vec<Vec<String>>,
     hostile: Vec<Vec<String>>,
     replicas: Vec<Vec<String>>,
+    presence: Vec<Vec<String>>,
 }
 
 impl Tables {
@@ -83,6 +84,7 @@ impl Tables {
             "route-backlog" => self.backlog.push(backlog_row(r)),
             "hostile" => self.hostile.extend(hostile_rows(r)),
             "replay-memory" => self.memory.extend(memory_rows(r)),
+            "presence-storm" => self.presence.extend(presence_rows(r)),
             _ => {}
         }
     }
@@ -109,6 +111,7 @@ impl Tables {
         table(KAFKA, &self.kafka);
         table(HOSTILE, &self.hostile);
         table(REPLICAS, &self.replicas);
+        table(PRESENCE, &self.presence);
         out
     }
 }
@@ -161,6 +164,13 @@ const HOSTILE: &[&str] = &[
 const REPLICAS: &[&str] = &[
     "run", "open", "server RSS before MiB", "server RSS after MiB", "server RSS/conn B",
     "client RSS/conn B", "MemAvailable drop MiB", "MemAvailable drop/conn B",
+];
+
+#[rustfmt::skip]
+const PRESENCE: &[&str] = &[
+    "run", "presence", "storm", "clients in", "failed", "all in / all ended s", "connects/s",
+    "records published (by agreement)", "others agreed s", "first server CPU s",
+    "CPU per client µs", "presence adds µs", "other work cores", "listen overflows",
 ];
 
 fn idle_row(r: &Value) -> Vec<String> {
@@ -285,6 +295,71 @@ fn replica_rows(r: &Value) -> Vec<Vec<String>> {
         mib(&m["drop_kib"]),
         txt(&m["drop_per_connection_bytes"]),
     ]);
+    rows
+}
+
+/// A row per run (presence on, off) and storm (connect, disconnect).
+fn presence_rows(r: &Value) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    for (mode, run) in r["runs"].as_object().into_iter().flatten() {
+        for (storm, extra) in [
+            ("connect", "cpu_per_connect_us"),
+            ("disconnect", "cpu_per_disconnect_us"),
+        ] {
+            let (p, first) = (&run[storm], &run[storm]["first_server"]);
+            let connect = &run["connect"];
+            let agreed: Vec<String> = p["others"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|o| txt(&o["agreed_s"]))
+                .collect();
+            rows.push(vec![
+                txt(&r["label"]),
+                mode.clone(),
+                storm.into(),
+                format!(
+                    "{} of {}",
+                    txt(&connect["joined"]),
+                    txt(&connect["clients"])
+                ),
+                if storm == "connect" {
+                    reasons(&p["failures"])
+                } else {
+                    "-".into()
+                },
+                txt(if storm == "connect" {
+                    &p["all_joined_s"]
+                } else {
+                    &p["sessions_ended_s"]
+                }),
+                if storm == "connect" {
+                    txt(&p["connects_per_s"])
+                } else {
+                    "-".into()
+                },
+                format!(
+                    "{} ({})",
+                    txt(&p["records_published"]),
+                    txt(&p["records_published_by_agreement"])
+                ),
+                if agreed.is_empty() {
+                    "-".into()
+                } else {
+                    slashed(&agreed)
+                },
+                txt(&first["cpu_s"]),
+                txt(&first["cpu_per_client_us"]),
+                if mode == "on" {
+                    txt(&r["extra"][extra])
+                } else {
+                    "-".into()
+                },
+                txt(&p["other_work_cores"]),
+                txt(&p["kernel_tcp"]["ListenOverflows"]),
+            ]);
+        }
+    }
     rows
 }
 
@@ -617,6 +692,44 @@ mod tests {
             "| slow | roomcast | 9900 | 100 | 1.50 | 171.00 | 250.00 | 990000 | 0 of 5 | 0 | 100 |"
         );
         assert_eq!(lines.len(), 9, "{out}");
+    }
+
+    #[test]
+    fn a_presence_storm_has_a_row_per_run_and_storm() {
+        let storm = |agreed: Value, cpu: f64| {
+            json!({"clients": 10, "joined": 10, "failures": {}, "all_joined_s": 0.5,
+                   "sessions_ended_s": 0.1, "connects_per_s": 20.0, "records_published": 4.0,
+                   "records_published_by_agreement": 2.0, "others": agreed, "other_work_cores": 0.25,
+                   "kernel_tcp": {"ListenOverflows": 7},
+                   "first_server": {"cpu_s": 0.02, "cpu_per_client_us": cpu}})
+        };
+        let r = json!({
+            "mode": "presence-storm", "label": "p",
+            "extra": {"cpu_per_connect_us": 30.0, "cpu_per_disconnect_us": 5.5},
+            "runs": {
+                "on": {"connect": storm(json!([{"agreed_s": 0.9}, {"agreed_s": 1.1}]), 100.0),
+                       "disconnect": storm(json!([{"agreed_s": 0.3}, {"agreed_s": null}]), 20.0)},
+                "off": {"connect": storm(json!([]), 70.0), "disconnect": storm(json!([]), 14.5)},
+            },
+        });
+        let mut t = Tables::default();
+        t.add(&r);
+        let out = t.render();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], format!("| {} |", PRESENCE.join(" | ")));
+        assert_eq!(
+            lines[2],
+            "| p | on | connect | 10 of 10 | - | 0.5 | 20.0 | 4.0 (2.0) | 0.9 / 1.1 | 0.02 | 100.0 | 30.0 | 0.25 | 7 |"
+        );
+        assert_eq!(
+            lines[3],
+            "| p | on | disconnect | 10 of 10 | - | 0.1 | - | 4.0 (2.0) | 0.3 / - | 0.02 | 20.0 | 5.5 | 0.25 | 7 |"
+        );
+        assert_eq!(
+            lines[5],
+            "| p | off | disconnect | 10 of 10 | - | 0.1 | - | 4.0 (2.0) | - | 0.02 | 14.5 | - | 0.25 | 7 |"
+        );
+        assert_eq!(lines.len(), 7, "{out}");
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub struct Spec {
     pub log: PathBuf,
     /// Written with the pid of every server started, so a calling script can clean up.
     pub pidfile: Option<PathBuf>,
+    /// `ROOMCAST_*` overrides of the config file (its name, listeners, presence), for
+    /// replicas that share one file.
+    pub env: Vec<(String, String)>,
 }
 
 pub struct Server {
@@ -57,6 +60,7 @@ impl Spec {
             .arg("--config")
             .arg(&self.config)
             .env("ROOMCAST_LOG_FORMAT", "json")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -115,6 +119,28 @@ impl Spec {
         }
         Ok(server)
     }
+}
+
+impl Spec {
+    /// The spec of replica `i` of several started from one config: its log and pid files
+    /// numbered (`server.log` -> `server-2.log`), `env` added to the overrides.
+    pub fn replica(&self, i: usize, env: Vec<(String, String)>) -> Spec {
+        let mut spec = self.clone();
+        spec.log = numbered(&self.log, i);
+        spec.pidfile = self.pidfile.as_deref().map(|p| numbered(p, i));
+        spec.env.extend(env);
+        spec
+    }
+}
+
+/// `dir/name.ext` as `dir/name-i.ext`.
+fn numbered(path: &std::path::Path, i: usize) -> PathBuf {
+    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+    let name = match path.extension() {
+        Some(ext) => format!("{stem}-{i}.{}", ext.to_string_lossy()),
+        None => format!("{stem}-{i}"),
+    };
+    path.with_file_name(name)
 }
 
 impl Server {
@@ -233,5 +259,31 @@ mod tests {
             Some("127.0.0.1:4101".parse().unwrap())
         );
         assert_eq!(addr_field(line, "other"), None);
+    }
+
+    #[test]
+    fn replicas_get_numbered_files_and_their_own_overrides() {
+        let base = Spec {
+            bin: "roomcast".into(),
+            config: "bench.toml".into(),
+            log: "out/server.log".into(),
+            pidfile: Some("out/server.pid".into()),
+            env: vec![("ROOMCAST_LOG_LEVEL".into(), "info".into())],
+        };
+        let two = base.replica(2, vec![("ROOMCAST_SERVER_NAME".into(), "r2".into())]);
+        assert_eq!(two.log, PathBuf::from("out/server-2.log"));
+        assert_eq!(two.pidfile, Some(PathBuf::from("out/server-2.pid")));
+        assert_eq!(two.config, base.config);
+        assert_eq!(
+            two.env,
+            [
+                ("ROOMCAST_LOG_LEVEL".to_string(), "info".to_string()),
+                ("ROOMCAST_SERVER_NAME".to_string(), "r2".to_string())
+            ]
+        );
+        assert_eq!(
+            numbered(std::path::Path::new("log"), 3),
+            PathBuf::from("log-3")
+        );
     }
 }

@@ -220,6 +220,14 @@ impl Conn {
         self.tcp.write_all(&masked(PONG, &[], key)).await
     }
 
+    /// Sends a close frame with `code`, as a client that goes away does.
+    pub async fn send_close(&mut self, code: u16) -> io::Result<()> {
+        let key = self.key();
+        self.tcp
+            .write_all(&masked(CLOSE, &code.to_be_bytes(), key))
+            .await
+    }
+
     fn key(&mut self) -> [u8; 4] {
         // xorshift32: masking keys only need to vary, not to be secret, in a load generator.
         let mut x = self.next_key;
@@ -390,6 +398,17 @@ mod tests {
             .expect("the ping is answered")
             .unwrap();
         assert_eq!(unmask(&pong), (0x8A, b"hi".to_vec()));
+    }
+
+    #[tokio::test]
+    async fn a_close_frame_carries_its_code() {
+        let (client, mut server) = pair().await;
+        let mut conn = Conn::new(client, 64, 7);
+        conn.send_close(1000).await.unwrap();
+        drop(conn);
+        let mut sent = Vec::new();
+        server.read_to_end(&mut sent).await.unwrap();
+        assert_eq!(unmask(&sent), (0x88, vec![0x03, 0xE8]));
     }
 
     #[tokio::test]
