@@ -211,7 +211,8 @@ async fn read(
             message = consumer.recv() => match message {
                 Ok(m) => {
                     let value = m.payload().unwrap_or_default();
-                    let read = Read { value, timestamp: m.timestamp().to_millis() };
+                    let own = m.key().is_some_and(|k| Record::is_key_of(k, &presence.origin.replica));
+                    let read = Read { value, timestamp: m.timestamp().to_millis(), own };
                     consume(&presence, &metrics, read);
                     next.store(m.offset() + 1, Ordering::Relaxed);
                     if !presence.is_ready() && m.offset() + 1 >= end {
@@ -281,11 +282,20 @@ async fn start_reading(consumer: &Arc<StreamConsumer>, topic: &str) -> i64 {
 struct Read<'a> {
     value: &'a [u8],
     timestamp: Option<i64>,
+    /// Written under one of this replica's keys.
+    own: bool,
 }
 
 fn consume(presence: &Presence, metrics: &Metrics, read: Read<'_>) {
-    let outcome = match record::decode(read.value) {
-        Ok(record) => {
+    // This replica's own, by their key: applied when published, or an earlier incarnation's.
+    let decoded = if read.own {
+        Ok(None)
+    } else {
+        record::decode(read.value).map(Some)
+    };
+    let outcome = match decoded {
+        Ok(None) => "own",
+        Ok(Some(record)) => {
             let age = read
                 .timestamp
                 .map_or(0, |ts| (crate::unix_millis() - ts).max(0));

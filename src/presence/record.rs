@@ -58,6 +58,21 @@ impl Record {
         }
     }
 
+    /// Whether `key` is one `replica`'s records are written under: its own records read back
+    /// are skipped by their key, before the cost of decoding them.
+    pub fn is_key_of(key: &[u8], replica: &str) -> bool {
+        let Some(rest) = key
+            .strip_prefix(replica.as_bytes())
+            .and_then(|r| r.strip_prefix(b"/"))
+        else {
+            return false;
+        };
+        match rest.strip_prefix(b"snapshot/") {
+            Some(part) => !part.is_empty() && part.iter().all(u8::is_ascii_digit),
+            None => rest == b"changes",
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(&Wire::from(self)).expect("a record always serializes")
     }
@@ -458,6 +473,32 @@ mod tests {
         assert_eq!((goodbye.seq, goodbye.lease), (1, Duration::ZERO));
         assert_eq!(goodbye.key(), "roomcast-0/snapshot/0");
         assert_eq!(decode(&goodbye.encode()).unwrap(), goodbye);
+    }
+
+    #[test]
+    fn a_replica_s_keys_are_told_from_those_of_a_replica_named_like_them() {
+        let mut writer = writer(0);
+        let changes = writer.records(&Batch {
+            kind: Kind::Changes,
+            counts: Counts::new(),
+        });
+        let snapshot = writer.goodbye();
+        for record in [&changes[0], &snapshot] {
+            assert!(Record::is_key_of(record.key().as_bytes(), "roomcast-0"));
+            assert!(!Record::is_key_of(record.key().as_bytes(), "roomcast"));
+        }
+        for other in [
+            "roomcast-0/snapshot/changes",
+            "roomcast-0/snapshot/1/changes",
+            "roomcast-0/x",
+        ] {
+            assert!(
+                !Record::is_key_of(other.as_bytes(), "roomcast-0"),
+                "{other}"
+            );
+        }
+        assert!(Record::is_key_of(b"a/b/changes", "a/b"));
+        assert!(!Record::is_key_of(b"a/b/changes", "a"));
     }
 
     #[test]
