@@ -10,6 +10,7 @@
 //! is never older than an event sent before it.
 
 use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -89,10 +90,14 @@ impl Presence {
         std::thread::Builder::new()
             .name("presence-teller".into())
             .spawn(move || loop {
-                let told = presence.pending().blocking_recv();
-                match told {
-                    Some(told) => presence.tell_one(told, &*audience),
-                    None => return,
+                let Some(told) = presence.pending().blocking_recv() else {
+                    return;
+                };
+                // One change that cannot be told must not end the telling: the queue would
+                // grow for ever, and no query would be answered again.
+                let tell = AssertUnwindSafe(|| presence.tell_one(told, &*audience));
+                if std::panic::catch_unwind(tell).is_err() {
+                    tracing::error!("presence: a change could not be told; going on");
                 }
             })
             .map(drop)
@@ -452,6 +457,31 @@ mod tests {
                 "went Some(\"r\")".to_string(),
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn the_teller_goes_on_after_a_change_it_could_not_tell() {
+        struct Fails;
+        impl Audience for Fails {
+            fn tell(&self, _: &[Transition]) {
+                panic!("an audience that fails");
+            }
+        }
+        let a = Presence::new(origin("a"));
+        let b = Arc::new(Presence::new(origin("b")));
+        b.caught_up();
+        b.start_teller(Arc::new(Fails)).unwrap();
+        let mut writer = Writer::new(a.origin.clone(), Duration::from_secs(10), 0);
+        a.local.connected(None, "1");
+        for record in writer.records(&a.local.drain(Kind::Snapshot)) {
+            b.apply_read(record, Duration::ZERO);
+        }
+        let (answered, answer) = std::sync::mpsc::channel();
+        b.query((None, "r"), 10, move |view| {
+            answered.send(view.ready).unwrap()
+        });
+        let ready = answer.recv_timeout(Duration::from_secs(10));
+        assert_eq!(ready, Ok(true), "the answer behind the failed change");
     }
 
     struct Told(Arc<Mutex<Vec<String>>>);
