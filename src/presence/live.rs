@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -43,7 +44,17 @@ pub struct Presence {
     queue: mpsc::UnboundedSender<Told>,
     /// The queue's other end, until the teller takes it.
     pending: Mutex<mpsc::UnboundedReceiver<Told>>,
+    /// Users in the answers queued and not yet sent: bounds what queries can hold in memory
+    /// while the teller is busy with a storm.
+    queued_users: Arc<AtomicUsize>,
 }
+
+/// The most users queued answers may hold at once (tens of megabytes).
+const MAX_QUEUED_USERS: usize = 1_000_000;
+
+/// A query refused: answers already queued hold too many users.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Busy;
 
 /// The answer to a client's query of a room.
 #[derive(Debug, PartialEq, Eq)]
@@ -79,6 +90,7 @@ impl Presence {
             table: Mutex::new(Table::default()),
             queue,
             pending: Mutex::new(pending),
+            queued_users: Arc::default(),
         }
     }
 
@@ -187,17 +199,27 @@ impl Presence {
         (tenant, room): (Option<&str>, &str),
         max: usize,
         answer: impl FnOnce(RoomView) + Send + 'static,
-    ) {
+    ) -> Result<(), Busy> {
         let table = self.table();
         let (users, truncated) = table.room_within(tenant, room, max);
+        let n = users.len().max(1);
+        let queued = self.queued_users.fetch_add(n, Ordering::AcqRel);
+        if queued + n > MAX_QUEUED_USERS {
+            self.queued_users.fetch_sub(n, Ordering::AcqRel);
+            return Err(Busy);
+        }
         let view = RoomView {
             users,
             ready: table.is_ready(),
             truncated,
         };
-        let _ = self
-            .queue
-            .send(Told::Answer(Box::new(move || answer(view))));
+        let queued_users = self.queued_users.clone();
+        let told = move || {
+            queued_users.fetch_sub(n, Ordering::AcqRel);
+            answer(view);
+        };
+        let _ = self.queue.send(Told::Answer(Box::new(told)));
+        Ok(())
     }
 
     fn change(&self, apply: impl FnOnce(&mut Table) -> Vec<Transition>) {
@@ -482,6 +504,33 @@ mod tests {
         });
         let ready = answer.recv_timeout(Duration::from_secs(10));
         assert_eq!(ready, Ok(true), "the answer behind the failed change");
+    }
+
+    #[tokio::test]
+    async fn answers_waiting_to_be_sent_are_bounded() {
+        let a = Presence::new(origin("a"));
+        let b = Presence::new(origin("b"));
+        b.caught_up();
+        let mut writer = Writer::new(a.origin.clone(), Duration::from_secs(10), 0);
+        for user in ["1", "2"] {
+            a.local.connected(None, user);
+            a.local.joined(None, "r", user);
+        }
+        for record in writer.records(&a.local.drain(Kind::Snapshot)) {
+            b.apply_read(record, Duration::ZERO);
+        }
+        b.tell_pending(&Heard::default());
+        b.queued_users
+            .store(MAX_QUEUED_USERS - 1, Ordering::Release);
+        assert_eq!(
+            b.query((None, "r"), 10, |_| {}),
+            Err(Busy),
+            "two more are over"
+        );
+        assert_eq!(b.query((None, "r"), 1, |_| {}), Ok(()), "one more is not");
+        assert_eq!(b.queued_users.load(Ordering::Acquire), MAX_QUEUED_USERS);
+        b.tell_pending(&Heard::default());
+        assert_eq!(b.queued_users.load(Ordering::Acquire), MAX_QUEUED_USERS - 1);
     }
 
     struct Told(Arc<Mutex<Vec<String>>>);

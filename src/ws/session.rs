@@ -77,17 +77,21 @@ struct Session {
     /// Set when the client asked to resume (`?resume=1`): the positions of the welcome's
     /// instant (not sent to it), and no room joined yet, until its first frame.
     awaiting_resume: Option<PositionMap>,
-    /// Whether the hub still holds this connection (rooms, session table, presence): cleared
-    /// by `forget`, which a session dropped half way (a panic, an aborted task) runs on drop,
-    /// so that no room keeps a dead member and no user stays online for ever.
+    /// Whether the hub holds this connection (rooms, session table, presence): set by the
+    /// welcome, cleared by `forget`, which a session dropped half way (a panic, an aborted
+    /// task) runs on drop, so that no room keeps a dead member and no user stays online.
     known: bool,
     /// This connection's share of the connection limits, given back when the session ends.
     _admission: Admission,
 }
 
 impl Drop for Session {
+    /// Ended or dropped half way, a session leaves nothing behind: its writer is told to go
+    /// (a no-op after the usual end), the hub forgets it, and it is counted out once.
     fn drop(&mut self) {
+        self.peer.close(close::INTERNAL, "", false);
         self.forget();
+        self.hub.metrics.connections.dec();
     }
 }
 
@@ -136,7 +140,7 @@ pub fn run(
         room_changes: Allowance::new(Instant::now()),
         // Filled with the welcome's positions.
         awaiting_resume: resume_requested.then(PositionMap::new),
-        known: true,
+        known: false,
         _admission: admission,
     };
     hub.metrics.connections.inc();
@@ -230,7 +234,6 @@ impl Session {
                 writer::ABNORMAL
             }
         };
-        hub.metrics.connections.dec();
         hub.metrics
             .connections_closed
             .with_label_values(&[&code.to_string()])
@@ -265,6 +268,7 @@ impl Session {
     /// joins nothing until its resume, and is told no positions: it has received nothing up
     /// to them, and keeps its own map until the resume's cut.
     async fn welcome(&mut self) {
+        self.known = true;
         // Online before any of its rooms: a drain between the two tells them in this order.
         if let Some(presence) = &self.hub.presence {
             presence
@@ -799,12 +803,21 @@ impl Session {
             let message = "presence is not kept for this room (presence.rooms)";
             return self.peer.reply(protocol::error(id, code, None, message));
         }
-        let (peer, id, name) = (self.peer.clone(), id.clone(), room.to_string());
+        // Nobody to answer: nothing copied, nothing queued.
+        if self.peer.is_closing() {
+            return;
+        }
         let max = self.hub.config.presence.max_query_users;
         let tenant = self.identity.tenant.as_deref();
-        presence.query((tenant, room), max, move |view| {
-            peer.reply(protocol::presence_ok(&id, &name, &view));
+        let (peer, asked, name) = (self.peer.clone(), id.clone(), room.to_string());
+        let queued = presence.query((tenant, room), max, move |view| {
+            peer.reply(protocol::presence_ok(&asked, &name, &view));
         });
+        if queued.is_err() {
+            let message = "too many presence answers waiting to be sent: query again later";
+            let code = ErrorCode::RateLimited;
+            self.peer.reply(protocol::error(id, code, None, message));
+        }
     }
 
     fn admit(&self, room: &str, grants: &[Pattern]) -> Result<(), (ErrorCode, &'static str)> {
@@ -1173,6 +1186,17 @@ mod tests {
         let presence = hub.presence.as_ref().unwrap();
         let batch = presence.local.drain(crate::presence::local::Kind::Snapshot);
         assert!(batch.counts.is_empty(), "still counted: {:?}", batch.counts);
+        assert_eq!(hub.metrics.connections.get(), 0);
+        // Its writer is told to go: the client sees the connection end, not a silent socket.
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).expect("the connection ends");
+        assert!(
+            rest.starts_with(b"\x88\x02\x03\xf3"),
+            "a close 1011: {rest:?}"
+        );
     }
 
     /// The conformance harness's session: no welcome, each message sent back as it came,
