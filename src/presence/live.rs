@@ -463,7 +463,8 @@ mod tests {
                 .lock()
                 .unwrap()
                 .push(format!("answer {:?}", view.users));
-        });
+        })
+        .unwrap();
         a.local.left(None, "r", "1");
         for record in writer.records(&a.local.drain(Kind::Changes)) {
             b.apply_read(record, Duration::ZERO);
@@ -501,7 +502,8 @@ mod tests {
         let (answered, answer) = std::sync::mpsc::channel();
         b.query((None, "r"), 10, move |view| {
             answered.send(view.ready).unwrap()
-        });
+        })
+        .unwrap();
         let ready = answer.recv_timeout(Duration::from_secs(10));
         assert_eq!(ready, Ok(true), "the answer behind the failed change");
     }
