@@ -297,14 +297,18 @@ impl<P: Clone> Registry<P> {
 
 /// Shrinks `map` when over three quarters of its capacity stand empty (and it is not small).
 pub fn shrink_map<K: Eq + std::hash::Hash, V>(map: &DashMap<K, V>) -> bool {
-    const SMALL: usize = 4096;
-    let capacity = map.capacity();
-    if capacity > SMALL && capacity > 4 * map.len() {
+    let worth = worth_shrinking(map.capacity(), map.len());
+    if worth {
         map.shrink_to_fit();
-        true
-    } else {
-        false
     }
+    worth
+}
+
+/// Whether a table of `capacity` holding `len` gives enough back to be shrunk: over three
+/// quarters of it empty, and not small.
+pub fn worth_shrinking(capacity: usize, len: usize) -> bool {
+    const SMALL: usize = 4096;
+    capacity > SMALL && capacity > 4 * len
 }
 
 #[cfg(test)]

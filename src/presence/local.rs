@@ -70,14 +70,11 @@ impl State {
 }
 
 fn shrink(map: &mut HashMap<Key, u32>) -> bool {
-    const SMALL: usize = 4096;
-    let capacity = map.capacity();
-    if capacity > SMALL && capacity > 4 * map.len() {
+    let worth = crate::registry::worth_shrinking(map.capacity(), map.len());
+    if worth {
         map.shrink_to_fit();
-        true
-    } else {
-        false
     }
+    worth
 }
 
 /// The counts of this replica's connections, shared by its sessions and its publisher.

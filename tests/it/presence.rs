@@ -23,7 +23,7 @@ fn presence_section(topic: &str, lease: Duration) -> String {
 
 const LEASE: Duration = Duration::from_secs(3);
 
-fn tenant_token(tenant: &str, sub: &str, rooms: &[&str]) -> String {
+pub fn tenant_token(tenant: &str, sub: &str, rooms: &[&str]) -> String {
     token_with(Claims {
         sub: sub.into(),
         tenant: Some(tenant.into()),

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use roomcast::auth::{now_secs, Claims};
 use serde_json::{json, Value};
 
+use crate::presence::tenant_token;
 use crate::support::*;
 
 fn presence_section(topic: &str) -> String {
@@ -13,16 +13,6 @@ fn presence_section(topic: &str) -> String {
         "[presence]\nenabled = true\ntopic = \"{topic}\"\ninterval_seconds = 0.05\n\
          renew_seconds = 0.5\nexpiry_seconds = 3\n"
     )
-}
-
-fn tenant_token(tenant: &str, sub: &str, rooms: &[&str]) -> String {
-    token_with(Claims {
-        sub: sub.into(),
-        tenant: Some(tenant.into()),
-        exp: now_secs() + 3600,
-        rooms: rooms.iter().map(|r| r.to_string()).collect(),
-        ..Claims::default()
-    })
 }
 
 async fn replicas() -> (Server, Server) {
