@@ -1133,18 +1133,24 @@ mod tests {
         let hub = hub(Config::default());
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let (server, _client) = pair(&listener);
+        let session = user_session(&hub, server);
+        let size = std::mem::size_of_val(&session);
+        assert!(size <= 1072, "a session's future takes {size} bytes");
+    }
+
+    /// User `u`'s session on `server`, holding one of the hub's permits.
+    fn user_session(hub: &Arc<Hub>, server: TcpStream) -> impl Future<Output = ()> + Send {
         let permit = hub.limit.clone().try_acquire_owned().unwrap();
-        let identity = identity(&hub, "u");
-        let session = run(
+        let identity = identity(hub, "u");
+        let admission = Admission::permit_only(permit);
+        run(
             hub.clone(),
             server,
             Bytes::new(),
             identity,
-            Admission::permit_only(permit),
+            admission,
             false,
-        );
-        let size = std::mem::size_of_val(&session);
-        assert!(size <= 1072, "a session's future takes {size} bytes");
+        )
     }
 
     /// A session whose task is aborted (or panics) half way still leaves its rooms and the
@@ -1162,16 +1168,7 @@ mod tests {
         let hub = Arc::new(inner);
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let (server, mut client) = pair(&listener);
-        let permit = hub.limit.clone().try_acquire_owned().unwrap();
-        let identity = identity(&hub, "u");
-        let session = runtime.spawn(run(
-            hub.clone(),
-            server,
-            Bytes::new(),
-            identity,
-            Admission::permit_only(permit),
-            false,
-        ));
+        let session = runtime.spawn(user_session(&hub, server));
         assert_eq!(read_json(&mut client)["type"], "welcome");
         assert_eq!(hub.sessions.len(), 1);
         assert!(hub.registry.room_count() > 0);
@@ -1210,16 +1207,7 @@ mod tests {
         let hub = Arc::new(echo);
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let (server, mut client) = pair(&listener);
-        let permit = hub.limit.clone().try_acquire_owned().unwrap();
-        let identity = identity(&hub, "u");
-        runtime.spawn(run(
-            hub.clone(),
-            server,
-            Bytes::new(),
-            identity,
-            Admission::permit_only(permit),
-            false,
-        ));
+        runtime.spawn(user_session(&hub, server));
         // Masked with a zero key, which leaves the payload as it is.
         let text = b"\x81\x85\0\0\0\0hello";
         let binary = b"\x82\x83\0\0\0\0\0\xff\x80";
